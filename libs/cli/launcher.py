@@ -1,0 +1,258 @@
+"""`surveyor run`: the handler and every stage's processes as children of one launcher.
+
+It restarts a child that dies (with back-off when it keeps dying), shows the scan's progress,
+writes summary.json, and on Ctrl-C or when the scans are done asks the handler to shut everything
+down, then makes sure no child is left behind. Children run in their own session, so a Ctrl-C at
+the terminal reaches only the launcher, which then stops them in order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from libs.common import client
+from libs.common.logs import log_path
+from libs.common.pipeline import Pipeline
+
+logger = logging.getLogger(__name__)
+console = Console(stderr=True)
+
+RESTART_BACKOFF_MAX_S = 10.0
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    process: subprocess.Popen | None = None
+    started: float = 0.0
+    restarts: int = 0
+    backoff: float = 0.5
+    not_before: float = 0.0
+
+    def start(self) -> None:
+        path = log_path(self.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab") as log:
+            self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        self.started = time.monotonic()
+
+
+@dataclass
+class Launcher:
+    pipeline_file: str
+    pipeline: Pipeline
+    overrides: list[str]
+    children: dict[str, Child] = field(default_factory=dict)
+    stopping: bool = False
+
+    def __post_init__(self) -> None:
+        cli = [sys.executable, "-m", "libs.cli.main"]
+        sets = [arg for override in self.overrides for arg in ("--set", override)]
+        self.children["handler"] = Child("handler", [*cli, "handler", self.pipeline_file, *sets])
+        endpoint = self.pipeline.handler.command
+        for stage_name in self.pipeline.topological_order:
+            for index in range(1, self.pipeline.stages[stage_name].processes + 1):
+                name = f"{stage_name}.{index}"
+                self.children[name] = Child(name, [*cli, "service", stage_name, "--pipeline", self.pipeline_file,
+                                                   "--handler", endpoint, "--name", name, *sets])
+
+    @property
+    def endpoint(self) -> str:
+        return self.pipeline.handler.command
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        """Start the handler, wait for it, start the services, wait until all have registered."""
+        self.children["handler"].start()
+        self._wait(lambda: client.call(self.endpoint, "ping", timeout_s=1.0).ok, timeout_s,
+                   "the handler did not answer ping")
+        for child in self.children.values():
+            if child.process is None:
+                child.start()
+        expected = sum(stage.processes for stage in self.pipeline.stages.values())
+        self._wait(lambda: self.services_up() >= expected, timeout_s,
+                   f"not all {expected} service processes registered with the handler")
+
+    def services_up(self) -> int:
+        reply = client.call(self.endpoint, "status", timeout_s=2.0)
+        return sum(1 for s in reply.result["services"] if s["state"] == "up")
+
+    def _wait(self, condition: Any, timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.supervise()
+            try:
+                if condition():
+                    return
+            except client.NoReply:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{what} within {timeout_s:.0f} s; see the logs in {log_path('handler').parent}")
+
+    def supervise(self) -> None:
+        """Restart every child that has exited, unless we are stopping."""
+        now = time.monotonic()
+        for child in self.children.values():
+            if self.stopping or child.process is None or child.process.poll() is None:
+                continue
+            if child.not_before == 0.0:
+                code = child.process.returncode
+                quick = now - child.started < 5.0
+                child.backoff = min(child.backoff * 2, RESTART_BACKOFF_MAX_S) if quick else 0.5
+                child.not_before = now + (child.backoff if quick else 0.0)
+                console.log(f"[yellow]{child.name} exited with code {code}; restarting")
+            if now >= child.not_before:
+                child.not_before = 0.0
+                child.restarts += 1
+                child.start()
+
+    def restarts(self) -> dict[str, int]:
+        return {name: child.restarts for name, child in self.children.items()}
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        self.stopping = True
+        try:
+            client.call(self.endpoint, "shutdown", timeout_s=timeout_s)
+        except client.NoReply:
+            console.log("[yellow]the handler did not answer shutdown; stopping the processes directly")
+        deadline = time.monotonic() + timeout_s
+        for child in self.children.values():
+            if child.process is None:
+                continue
+            try:
+                child.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.process.terminate()
+        for child in self.children.values():
+            if child.process is not None and child.process.poll() is None:
+                try:
+                    child.process.wait(3.0)
+                except subprocess.TimeoutExpired:
+                    child.process.kill()
+
+
+def unique_scan_id(prefix: str, out: Path) -> str:
+    """The first `<prefix>_NNNN` with no file in `out`, so a new run never overwrites an old one."""
+    for number in range(1, 100000):
+        scan_id = f"{prefix}_{number:04d}"
+        if not any(out.glob(f"{scan_id}*")):
+            return scan_id
+    raise RuntimeError(f"no free scan id {prefix}_NNNN left in {out}")
+
+
+class ScanWatcher:
+    """Follows the handler's status feed: scan events and progress for the console."""
+
+    def __init__(self, endpoint: str) -> None:
+        self._socket = zmq.Context.instance().socket(zmq.SUB)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        for topic in (b"event", b"status"):
+            self._socket.setsockopt(zmq.SUBSCRIBE, topic)
+        self._socket.connect(endpoint)
+        self.status: dict[str, Any] | None = None
+
+    def events(self, timeout_s: float) -> list[dict[str, Any]]:
+        found = []
+        if self._socket.poll(timeout_s * 1000):
+            while self._socket.poll(0):
+                topic, body = self._socket.recv_multipart()[:2]
+                message = json.loads(body)
+                if topic == b"status":
+                    self.status = message
+                else:
+                    found.append(message)
+        return found
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+
+
+def run(*, pipeline_file: str, pipeline: Pipeline, overrides: list[str], simulate: bool, scans: int | None,
+        out: Path, summary_path: Path) -> int:
+    launcher = Launcher(pipeline_file, pipeline, overrides)
+    watcher = ScanWatcher(pipeline.handler.status)
+    finished: list[dict[str, Any]] = []
+    code = 0
+    try:
+        with console.status("starting the handler and services"):
+            launcher.start()
+        console.log(f"pipeline {pipeline.name}: {len(launcher.children) - 1} service processes up")
+        wanted = 1 if simulate else scans
+        if simulate:
+            simulation = pipeline.simulation
+            scan_id = unique_scan_id(simulation.scan_id, out)
+            reply = client.call(launcher.endpoint, "start_scan", {
+                "scan_id": scan_id, "technique": simulation.technique, "n_frames": simulation.frames})
+            if not reply.ok:
+                raise RuntimeError(f"start_scan refused: {reply.error}")
+        code = _follow(launcher, watcher, finished, wanted)
+    except KeyboardInterrupt:
+        console.log("[yellow]interrupted; stopping the pipeline")
+        code = 130
+    except RuntimeError as exc:
+        console.log(f"[red]{exc}")
+        code = 1
+    finally:
+        launcher.shutdown()
+        watcher.close()
+        summary = {"pipeline": pipeline.name, "scans": finished,
+                   "stages": stage_totals(pipeline, finished), "restarts": launcher.restarts()}
+        summary_path.parent.mkdir(parents=True, exist_ok=True)
+        summary_path.write_text(json.dumps(summary, indent=2))
+        console.log(f"summary written to {summary_path}")
+    return code
+
+
+def stage_totals(pipeline: Pipeline, scans: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per stage, what its processes did over every scan of the run."""
+    totals = {}
+    for name, stage in pipeline.stages.items():
+        per_scan = [scan["stages"][name] for scan in scans if "stages" in scan]
+        totals[name] = {"processes": stage.processes,
+                        "frames_in": sum(s["frames_in"] for s in per_scan),
+                        "frames_out": sum(s["frames_out"] for s in per_scan),
+                        "busy_s": round(sum(s["busy_s"] for s in per_scan), 3)}
+    return totals
+
+
+def _follow(launcher: Launcher, watcher: ScanWatcher, finished: list[dict[str, Any]], wanted: int | None) -> int:
+    """Supervise and show progress until `wanted` scans have ended (forever if None)."""
+    code = 0
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("waiting for a scan", total=None)
+        while wanted is None or len(finished) < wanted:
+            launcher.supervise()
+            for event in watcher.events(0.2):
+                kind = event.get("kind")
+                if kind in ("service_down", "service_up", "scan_started"):
+                    console.log(f"{event['service']}: {event['message']}")
+                if kind == "scan_finished":
+                    record = event["summary"]
+                    finished.append(record)
+                    console.log(f"scan {record['scan_id']}: {record['frames_received']} frames received, "
+                                f"{record['frames_lost']} lost, {record['rate_hz']} Hz")
+                    if record["frames_lost"]:
+                        code = 1
+                elif kind == "scan_aborted":
+                    finished.append({"scan_id": event.get("scan_id"), "state": "aborted"})
+                    code = 1
+            scan = (watcher.status or {}).get("scan")
+            if scan:
+                sources = launcher.pipeline.sources()
+                received = sum(scan["stages"][s]["frames_out"] for s in sources)
+                progress.update(task, description=f"scan {scan['scan_id']}", total=scan.get("n_frames"),
+                                completed=received)
+    return code

@@ -1,0 +1,195 @@
+"""The `surveyor` command line (INTERFACES.md): one entry point for people and for process managers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from libs.common import client, logs
+from libs.common.errors import PipelineError
+from libs.common.pipeline import HandlerConfig, Pipeline, load, service_class
+
+
+def _pipeline(path: str, overrides: list[str]) -> Pipeline:
+    try:
+        return load(path, overrides)
+    except PipelineError as exc:
+        sys.exit(f"surveyor: {exc}")
+
+
+def _handler_endpoint(args: argparse.Namespace) -> str:
+    if args.handler:
+        return args.handler
+    if getattr(args, "pipeline", None):
+        return _pipeline(args.pipeline, []).handler.command
+    return HandlerConfig().command
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from libs.cli import launcher
+
+    out = Path(args.out)
+    overrides = list(args.set)
+    if args.frames is not None:
+        overrides.append(f"simulation.frames={args.frames}")
+    if args.rate is not None:
+        overrides.append(f"simulation.rate_hz={args.rate}")
+    pipeline = _pipeline(args.pipeline, overrides)
+    writer = pipeline.stages.get("writer")
+    if writer is not None and not any(o.startswith("stages.writer.params.output_dir") for o in overrides):
+        overrides.append(f"stages.writer.params.output_dir={json.dumps(str(out))}")
+        pipeline = _pipeline(args.pipeline, overrides)
+    return launcher.run(pipeline_file=args.pipeline, pipeline=pipeline, overrides=overrides,
+                        simulate=args.simulate, scans=args.scans, out=out,
+                        summary_path=Path(args.summary) if args.summary else out / "summary.json")
+
+
+def cmd_handler(args: argparse.Namespace) -> int:
+    from services.handler.service import Handler
+
+    pipeline = _pipeline(args.pipeline, args.set)
+    logs.configure("handler")
+    return Handler(pipeline).run()
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    pipeline = _pipeline(args.pipeline, args.set)
+    if args.stage not in pipeline.stages:
+        sys.exit(f"surveyor: stage {args.stage!r} is not in {args.pipeline}; stages are {sorted(pipeline.stages)}")
+    name = (args.name or os.environ.get("SUPERVISOR_PROCESS_NAME") or os.environ.get("HONCHO_PROCESS_NAME")
+            or f"{args.stage}.{os.getpid()}")
+    logs.configure(name)
+    service = service_class(pipeline.stages[args.stage].service)
+    return service(pipeline=pipeline, stage=args.stage, name=name,
+                   handler=args.handler or pipeline.handler.command).run()
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    try:
+        command_args = json.loads(args.args) if args.args else {}
+    except ValueError as exc:
+        sys.exit(f"surveyor ctl: --args is not JSON: {exc}")
+    try:
+        reply = client.call(_handler_endpoint(args), args.cmd, command_args, timeout_s=args.timeout)
+    except client.NoReply as exc:
+        sys.exit(f"surveyor ctl: {exc}")
+    print(json.dumps(reply.model_dump(), indent=2))
+    return 0 if reply.ok else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from libs.cli import status_view
+
+    endpoint = _handler_endpoint(args)
+    if args.watch:
+        status = _pipeline(args.pipeline, []).handler.status if args.pipeline else HandlerConfig().status
+        return status_view.watch(status)
+    try:
+        reply = client.call(endpoint, "status", timeout_s=args.timeout)
+    except client.NoReply as exc:
+        sys.exit(f"surveyor status: {exc}")
+    status_view.show(reply.result)
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    directory = logs.log_dir()
+    path = logs.log_path(args.service)
+    if not path.exists():
+        matches = sorted(directory.glob(f"{args.service}*.log"))
+        if len(matches) != 1:
+            known = ", ".join(p.stem for p in sorted(directory.glob("*.log"))) or "none"
+            sys.exit(f"surveyor logs: no log {path}; logs in {directory}: {known}")
+        path = matches[0]
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        sys.stdout.write(handle.read())
+        sys.stdout.flush()
+        while args.follow:
+            line = handle.readline()
+            if line:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            else:
+                time.sleep(0.2)
+    return 0
+
+
+def cmd_supervisor_conf(args: argparse.Namespace) -> int:
+    from libs.cli.supervisor_conf import render
+
+    print(render(args.pipeline, _pipeline(args.pipeline, args.set), log_dir=Path(args.log_dir).resolve()))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="surveyor", description=__doc__)
+    commands = top.add_subparsers(dest="command", required=True)
+
+    def overrides(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a key of the pipeline file by its dotted path (value read as TOML)")
+
+    p = commands.add_parser("run", help="start the handler and every stage on this machine")
+    p.add_argument("pipeline")
+    p.add_argument("--simulate", action="store_true", help="run one scan from the built-in simulated detector")
+    p.add_argument("--frames", type=int, help="frames in the simulated scan")
+    p.add_argument("--rate", type=float, help="simulated frame rate in Hz (0 = as fast as the pipeline takes)")
+    p.add_argument("--scans", type=int, help="exit after this many scans (default: until interrupted)")
+    p.add_argument("--out", default="out", help="output directory (default ./out)")
+    p.add_argument("--summary", help="summary JSON path (default OUT/summary.json)")
+    overrides(p)
+    p.set_defaults(func=cmd_run)
+
+    p = commands.add_parser("handler", help="the handler alone")
+    p.add_argument("pipeline")
+    overrides(p)
+    p.set_defaults(func=cmd_handler)
+
+    p = commands.add_parser("service", help="one process of one stage")
+    p.add_argument("stage")
+    p.add_argument("--pipeline", required=True)
+    p.add_argument("--handler", help="handler command endpoint (default: the pipeline's)")
+    p.add_argument("--name", help="process name for logs and status (default: from supervisord/honcho, or STAGE.PID)")
+    overrides(p)
+    p.set_defaults(func=cmd_service)
+
+    for name, func, text in (("ctl", cmd_ctl, "send one command to the handler"),
+                             ("status", cmd_status, "services, health, rates, queues, current scan")):
+        p = commands.add_parser(name, help=text)
+        p.add_argument("--handler", help="handler command endpoint (default tcp://127.0.0.1:5550)")
+        p.add_argument("--pipeline", help="take the handler's endpoints from this pipeline file")
+        p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply")
+        p.set_defaults(func=func)
+        if name == "ctl":
+            p.add_argument("cmd")
+            p.add_argument("--args", help="command arguments as a JSON object")
+        else:
+            p.add_argument("--watch", action="store_true", help="follow the live status feed")
+
+    p = commands.add_parser("logs", help="print (or follow) one service's log")
+    p.add_argument("service")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.set_defaults(func=cmd_logs)
+
+    p = commands.add_parser("supervisor-conf", help="a supervisord configuration for a pipeline")
+    p.add_argument("pipeline")
+    p.add_argument("--log-dir", default="logs")
+    overrides(p)
+    p.set_defaults(func=cmd_supervisor_conf)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""Reliable frame delivery between the processes of neighbouring stages.
+
+Every producing process binds one ROUTER (`Outlet`); every consuming process connects one DEALER
+to each live producer of its input stages (`Inlet`). The consumer grants credit ("send me n more")
+and acknowledges frames; the producer sends a frame only to a consumer that has credit, least
+recently served first. So a slow process gets fewer frames, nothing piles up in a dead process's
+socket buffers, and the producer's ledger knows exactly which frames each consumer holds: when the
+handler declares a consumer dead, its unacknowledged frames go back to the front of the queue for
+the others (reference/zmq_patterns.md, sections 3.2-3.4).
+
+Acknowledgements are chained: a worker acknowledges its input only when everything it derived from
+it has been acknowledged downstream, so an acknowledged frame at the source is one that reached
+every sink. Re-sent frames may arrive twice; consumers drop duplicates by (epoch, frame).
+
+Edges with delivery `latest` (live monitoring) keep a short queue, drop the oldest frame when it is
+full and count the drop; they are never acknowledged.
+
+Wire (consumer -> producer): [b"H", msgpack {stage, credit}] once, then [b"C", msgpack {credit,
+ack: [[epoch, frame], ...]}]. Producer -> consumer: [b"F", *frame parts].
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import msgpack
+import zmq
+
+from libs.common.frames import FrameKey
+
+logger = logging.getLogger(__name__)
+
+HELLO, CREDIT, FRAME = b"H", b"C", b"F"
+
+
+@dataclass
+class _Item:
+    key: FrameKey
+    parts: list[Any]
+    parent: Any
+
+
+@dataclass
+class _Consumer:
+    identity: bytes
+    credit: int = 0
+    inflight: dict[FrameKey, _Item] = field(default_factory=dict)
+
+
+@dataclass
+class _Route:
+    """One downstream stage: its queue and the processes that serve it."""
+
+    stage: str
+    latest: bool
+    depth: int
+    pending: deque[_Item] = field(default_factory=deque)
+    consumers: OrderedDict[bytes, _Consumer] = field(default_factory=OrderedDict)
+    dropped: int = 0
+
+
+class Outlet:
+    """Producer side: queues, credit-based least-recently-served dispatch, in-flight ledger."""
+
+    def __init__(self, context: zmq.Context, *, host: str, on_delivered: Callable[[Any], None],
+                 max_pending: int = 4) -> None:
+        self.socket = context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.SNDHWM, 64)
+        port = self.socket.bind_to_random_port(f"tcp://{host}")
+        self.endpoint = f"tcp://{host}:{port}"
+        self.routes: dict[str, _Route] = {}
+        self._owner: dict[bytes, _Route] = {}
+        self._on_delivered = on_delivered
+        self.max_pending = max_pending
+
+    def add_route(self, stage: str, *, latest: bool, depth: int) -> None:
+        """Serve a downstream stage (again: an existing queue is kept, its policy updated)."""
+        route = self.routes.setdefault(stage, _Route(stage, latest, depth))
+        route.latest, route.depth = latest, depth
+
+    # --- producing ---------------------------------------------------------------------------
+
+    def send(self, key: FrameKey, parts: list[Any], parent: Any = None) -> int:
+        """Queue a frame for every downstream stage; returns how many acknowledgements to expect."""
+        expected = 0
+        for route in self.routes.values():
+            if route.latest:
+                if len(route.pending) >= route.depth:
+                    route.pending.popleft()
+                    route.dropped += 1
+                route.pending.append(_Item(key, parts, None))
+            else:
+                route.pending.append(_Item(key, parts, parent))
+                expected += 1
+            self._dispatch(route)
+        return expected
+
+    def full(self) -> bool:
+        """True while a stage that needs every frame cannot take more: time to stop producing."""
+        return any(len(r.pending) >= self.max_pending for r in self.routes.values() if not r.latest)
+
+    def outstanding(self, epoch: int) -> int:
+        """Frames of `epoch` not yet acknowledged by every stage that needs them."""
+        count = 0
+        for route in self.routes.values():
+            if route.latest:
+                continue
+            count += sum(1 for item in route.pending if item.key[0] == epoch)
+            for consumer in route.consumers.values():
+                count += sum(1 for key in consumer.inflight if key[0] == epoch)
+        return count
+
+    @property
+    def pending(self) -> int:
+        return sum(len(r.pending) for r in self.routes.values())
+
+    @property
+    def inflight(self) -> int:
+        return sum(len(c.inflight) for r in self.routes.values() for c in r.consumers.values())
+
+    @property
+    def dropped(self) -> int:
+        return sum(r.dropped for r in self.routes.values())
+
+    # --- consumers ---------------------------------------------------------------------------
+
+    def receive(self) -> None:
+        """Handle every waiting message from consumers (hello, credit, acknowledgements)."""
+        while True:
+            try:
+                identity, tag, payload = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ValueError:
+                logger.warning("ignored a data-port message with the wrong number of parts")
+                continue
+            try:
+                body = msgpack.unpackb(payload)
+                if tag == HELLO:
+                    self._hello(identity, body["stage"], int(body["credit"]))
+                elif tag == CREDIT:
+                    self._credit(identity, int(body["credit"]), body["ack"])
+                else:
+                    logger.warning("ignored data-port message with tag %r from %r", tag, identity)
+            except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
+                logger.warning("ignored malformed data-port message from %r: %s", identity, exc)
+
+    def _hello(self, identity: bytes, stage: str, credit: int) -> None:
+        route = self.routes.get(stage)
+        if route is None:
+            logger.warning("consumer %s of stage %r is not downstream of this stage; ignored",
+                           identity.decode(errors="replace"), stage)
+            return
+        consumer = route.consumers.setdefault(identity, _Consumer(identity))
+        consumer.credit = credit
+        self._owner[identity] = route
+        logger.info("consumer %s of stage %s connected with credit %d",
+                    identity.decode(errors="replace"), stage, credit)
+        self._dispatch(route)
+
+    def _credit(self, identity: bytes, credit: int, acks: Iterable[Any]) -> None:
+        route = self._owner.get(identity)
+        if route is None:
+            return
+        consumer = route.consumers[identity]
+        consumer.credit += credit
+        for epoch, frame in acks:
+            item = consumer.inflight.pop((epoch, frame), None)
+            if item is not None and item.parent is not None:
+                self._on_delivered(item.parent)
+        self._dispatch(route)
+
+    def consumer_lost(self, identity: bytes) -> int:
+        """Forget a dead consumer and queue its unacknowledged frames first; returns how many."""
+        route = self._owner.pop(identity, None)
+        if route is None:
+            return 0
+        consumer = route.consumers.pop(identity)
+        items = sorted(consumer.inflight.values(), key=lambda item: item.key, reverse=True)
+        route.pending.extendleft(items)
+        if items:
+            logger.warning("re-sending %d frames that %s held to the other processes of %s",
+                           len(items), identity.decode(errors="replace"), route.stage)
+        self._dispatch(route)
+        return len(items)
+
+    def consumers(self) -> list[bytes]:
+        return list(self._owner)
+
+    def drop_before(self, epoch: int) -> int:
+        """Drop every queued or in-flight frame of an older epoch; returns how many."""
+        dropped = 0
+        for route in self.routes.values():
+            keep = deque(item for item in route.pending if item.key[0] >= epoch)
+            dropped += len(route.pending) - len(keep)
+            route.pending = keep
+            for consumer in route.consumers.values():
+                stale = [key for key in consumer.inflight if key[0] < epoch]
+                for key in stale:
+                    del consumer.inflight[key]
+                dropped += len(stale)
+        return dropped
+
+    def _dispatch(self, route: _Route) -> None:
+        while route.pending:
+            consumer = next((c for c in route.consumers.values() if c.credit > 0), None)
+            if consumer is None:
+                return
+            item = route.pending.popleft()
+            try:
+                self.socket.send_multipart([consumer.identity, FRAME, *item.parts], copy=False)
+            except zmq.ZMQError as exc:
+                route.pending.appendleft(item)
+                if exc.errno == zmq.EAGAIN:
+                    return
+                logger.warning("consumer %s unreachable (%s)", consumer.identity.decode(errors="replace"), exc)
+                self.consumer_lost(consumer.identity)
+                continue
+            consumer.credit -= 1
+            if not route.latest:
+                consumer.inflight[item.key] = item
+            route.consumers.move_to_end(consumer.identity)
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+class Inlet:
+    """Consumer side: one DEALER per producer process, credit and acknowledgements coalesced."""
+
+    def __init__(self, context: zmq.Context, poller: zmq.Poller, *, identity: bytes, stage: str,
+                 credit: int) -> None:
+        self._context = context
+        self._poller = poller
+        self._identity = identity
+        self._stage = stage
+        self.credit = credit
+        self.links: dict[zmq.Socket, str] = {}
+        self._by_producer: dict[str, zmq.Socket] = {}
+        self._grant: dict[str, int] = {}
+        self._acks: dict[str, list[FrameKey]] = {}
+
+    def connect(self, producer: str, endpoint: str) -> None:
+        if producer in self._by_producer:
+            return
+        socket = self._context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.ROUTING_ID, self._identity)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.RCVHWM, 64)
+        socket.connect(endpoint)
+        socket.send_multipart([HELLO, msgpack.packb({"stage": self._stage, "credit": self.credit})])
+        self._poller.register(socket, zmq.POLLIN)
+        self.links[socket] = producer
+        self._by_producer[producer] = socket
+        logger.info("connected to producer %s at %s", producer, endpoint)
+
+    def disconnect(self, producer: str) -> None:
+        socket = self._by_producer.pop(producer, None)
+        if socket is None:
+            return
+        self._poller.unregister(socket)
+        del self.links[socket]
+        self._grant.pop(producer, None)
+        self._acks.pop(producer, None)
+        socket.close(linger=0)
+        logger.info("disconnected from producer %s", producer)
+
+    def producers(self) -> list[str]:
+        return list(self._by_producer)
+
+    def receive(self, socket: zmq.Socket) -> list[Any] | None:
+        """One frame message (parts after the tag) from this link, or None when none waits."""
+        try:
+            parts = socket.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return None
+        if parts[0].bytes != FRAME:
+            logger.warning("ignored a data message without the frame tag from %s", self.links[socket])
+            return []
+        return parts[1:]
+
+    def grant(self, producer: str, credit: int = 1) -> None:
+        if producer in self._by_producer:
+            self._grant[producer] = self._grant.get(producer, 0) + credit
+
+    def ack(self, producer: str, key: FrameKey) -> None:
+        if producer in self._by_producer:
+            self._acks.setdefault(producer, []).append(key)
+
+    def flush(self) -> None:
+        """Send the credit and acknowledgements gathered since the last flush, one message per link."""
+        for producer in set(self._grant) | set(self._acks):
+            socket = self._by_producer.get(producer)
+            if socket is None:
+                continue
+            body = {"credit": self._grant.get(producer, 0), "ack": self._acks.get(producer, [])}
+            try:
+                socket.send_multipart([CREDIT, msgpack.packb(body)], zmq.NOBLOCK)
+            except zmq.Again:
+                logger.warning("producer %s is not reading credit; retrying", producer)
+                continue
+            self._grant.pop(producer, None)
+            self._acks.pop(producer, None)
+
+    def close(self) -> None:
+        for producer in list(self._by_producer):
+            self.disconnect(producer)

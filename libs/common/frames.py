@@ -1,0 +1,146 @@
+"""The frame envelope: a small msgpack header, then each array's bytes as its own ZeroMQ part.
+
+    part 0   msgpack header, e.g. {"scan_id": "s1", "epoch": 3, "frame": 17, "origin": "receiver.1",
+             "arrays": [{"name": "data", "dtype": "<u2", "shape": [512, 512], "compression": "none"}],
+             "meta": {}}
+    part 1+  one buffer per entry of `arrays`, in order
+
+Buffers are never pickled or copied into the header: they go out with `copy=False` and come back as
+`zmq.Frame`s whose memory numpy views directly. Compressed blobs (`bslz4`, `lz4`) travel as they
+arrived; only a stage that needs pixels decodes them. (epoch, frame) is the identity of a frame
+everywhere: ledgers, acknowledgements and duplicate detection all key on it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+import msgpack
+import numpy as np
+from pydantic import Field, ValidationError, field_validator
+
+from libs.common.errors import FrameError
+from libs.common.messages import Epoch, FrameNumber, Strict, describe
+
+Compression = Literal["none", "bslz4", "lz4"]
+FrameKey = tuple[int, int]
+
+
+class ArraySpec(Strict):
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    compression: Compression = "none"
+
+    @field_validator("dtype")
+    @classmethod
+    def _numeric(cls, value: str) -> str:
+        try:
+            kind = np.dtype(value).kind
+        except TypeError:
+            raise ValueError(f"{value!r} is not a numpy dtype") from None
+        if kind not in "biufc":
+            raise ValueError(f"{value!r} is not a numeric dtype")
+        return value
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+
+class FrameHeader(Strict):
+    scan_id: str
+    epoch: Epoch
+    frame: FrameNumber = Field(ge=0)
+    origin: str
+    arrays: tuple[ArraySpec, ...] = ()
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+def view(part: Any) -> memoryview:
+    """The bytes of a received part (zmq.Frame) or of any buffer, without copying."""
+    buffer = getattr(part, "buffer", None)
+    return buffer if buffer is not None else memoryview(part).cast("B")
+
+
+@dataclass
+class Frame:
+    """A header plus its buffers; arrays are views into the received message memory."""
+
+    header: FrameHeader
+    buffers: Sequence[Any] = field(default_factory=list)
+
+    @property
+    def key(self) -> FrameKey:
+        return (self.header.epoch, self.header.frame)
+
+    @classmethod
+    def from_arrays(cls, *, scan_id: str, epoch: int, frame: int, origin: str,
+                    arrays: dict[str, np.ndarray], meta: dict[str, Any] | None = None) -> Frame:
+        contiguous = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
+        specs = tuple(ArraySpec(name=name, dtype=a.dtype.str, shape=a.shape)
+                      for name, a in contiguous.items())
+        header = FrameHeader(scan_id=scan_id, epoch=epoch, frame=frame, origin=origin,
+                             arrays=specs, meta=meta or {})
+        return cls(header, list(contiguous.values()))
+
+    def spec(self, name: str = "data") -> ArraySpec:
+        for spec in self.header.arrays:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"frame {self.header.frame} has no array {name!r}")
+
+    def raw(self, name: str = "data") -> memoryview:
+        """The named array's bytes as they travel (compressed or not)."""
+        for spec, buffer in zip(self.header.arrays, self.buffers):
+            if spec.name == name:
+                return view(buffer)
+        raise KeyError(f"frame {self.header.frame} has no array {name!r}")
+
+    def array(self, name: str = "data") -> np.ndarray:
+        """The named uncompressed array as a read-only view of the message memory."""
+        spec = self.spec(name)
+        if spec.compression != "none":
+            raise FrameError(f"array {name!r} of frame {self.header.frame} is {spec.compression}-"
+                             "compressed: decode it with libs.common.codecs first")
+        return np.frombuffer(self.raw(name), dtype=spec.dtype).reshape(spec.shape)
+
+    def replace(self, *, origin: str | None = None, arrays: dict[str, np.ndarray] | None = None,
+                meta: dict[str, Any] | None = None) -> Frame:
+        """The same frame identity with new content: what a worker emits for the frame it got."""
+        if arrays is None:
+            header = self.header.model_copy(update={"origin": origin or self.header.origin,
+                                                    "meta": meta if meta is not None else self.header.meta})
+            return Frame(header, self.buffers)
+        return Frame.from_arrays(scan_id=self.header.scan_id, epoch=self.header.epoch,
+                                 frame=self.header.frame, origin=origin or self.header.origin,
+                                 arrays=arrays, meta=meta if meta is not None else self.header.meta)
+
+    def encode(self) -> list[Any]:
+        return [msgpack.packb(self.header.model_dump(mode="json")), *self.buffers]
+
+
+def decode(parts: Sequence[Any]) -> Frame:
+    """Check and wrap a received multipart message; FrameError says what is wrong with it."""
+    if not parts:
+        raise FrameError("empty data message")
+    try:
+        raw = msgpack.unpackb(view(parts[0]))
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise FrameError(f"frame header is not msgpack: {exc}") from None
+    try:
+        header = FrameHeader.model_validate(raw)
+    except ValidationError as exc:
+        raise FrameError(f"bad frame header: {describe(exc)}") from None
+    buffers = list(parts[1:])
+    if len(buffers) != len(header.arrays):
+        raise FrameError(f"frame {header.frame}: header lists {len(header.arrays)} arrays, "
+                         f"message carries {len(buffers)} buffers")
+    for spec, buffer in zip(header.arrays, buffers):
+        size = len(view(buffer))
+        if spec.compression == "none" and size != spec.nbytes:
+            raise FrameError(f"frame {header.frame}: array {spec.name!r} {spec.dtype}{list(spec.shape)} "
+                             f"needs {spec.nbytes} bytes, got {size}")
+    return Frame(header, buffers)

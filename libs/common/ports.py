@@ -1,0 +1,73 @@
+"""The JSON command port every Surveyor process serves (a bound ROUTER).
+
+A client may be a REQ socket (envelope `[identity, b""]`) or a DEALER (`[identity]`); the reply
+goes back with whatever envelope came in. Whatever arrives, the answer is an `ok: false` reply
+naming the problem, or, for a message with no room for a reply, a log line; the port never raises.
+A handler may return `DEFERRED` and call `reply` later (the handler waits for its services).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import zmq
+from pydantic import TypeAdapter
+
+from libs.common import messages
+from libs.common.errors import SurveyorError
+
+logger = logging.getLogger(__name__)
+
+DEFERRED = object()
+"""Returned by a command handler that will answer later through `CommandPort.reply`."""
+
+Envelope = list[bytes]
+Dispatch = Callable[[Any, Envelope], Any]
+
+
+class CommandPort:
+    def __init__(self, socket: zmq.Socket, adapter: TypeAdapter, dispatch: Dispatch) -> None:
+        self.socket = socket
+        self.adapter = adapter
+        self.dispatch = dispatch
+
+    def drain(self) -> int:
+        """Serve every request waiting on the socket; returns how many were served."""
+        served = 0
+        while True:
+            try:
+                parts = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return served
+            served += 1
+            if len(parts) < 2:
+                logger.warning("dropped a command message of %d part(s): no room for a reply", len(parts))
+                continue
+            self.serve(parts[:-1], parts[-1])
+
+    def serve(self, envelope: Envelope, payload: bytes) -> None:
+        try:
+            request = messages.parse_request(payload, self.adapter)
+        except SurveyorError as exc:
+            logger.info("refused a command: %s", exc)
+            self.reply(envelope, messages.error(messages.request_id(payload), exc))
+            return
+        try:
+            result = self.dispatch(request, envelope)
+        except SurveyorError as exc:
+            logger.warning("command %s refused: %s", request.cmd, exc)
+            self.reply(envelope, messages.error(request.id, exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - a bug in one command must not end the service
+            logger.exception("command %s failed", request.cmd)
+            self.reply(envelope, messages.error(request.id, exc))
+            return
+        if result is not DEFERRED:
+            self.reply(envelope, messages.ok(request.id, result))
+
+    def reply(self, envelope: Envelope, payload: bytes) -> None:
+        try:
+            self.socket.send_multipart([*envelope, payload], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            logger.warning("could not send a reply (%s); the client has gone", exc)

@@ -1,0 +1,524 @@
+"""The service runtime: what every Surveyor process but the handler runs.
+
+A service subclasses `Service`, names its `Params` model and implements `on_frame` (workers and
+sinks) or `produce` (sources), plus the scan hooks it needs. The runtime owns the rest:
+
+- one `zmq.Poller` loop; commands are drained before every data frame, so a command waits at most
+  one frame's processing time (an asyncio loop would starve them: reference/zmq_patterns.md 3.5);
+- a link to the handler (a DEALER on its command endpoint): registration, a heartbeat every
+  `heartbeat_s`, and the handler's requests (topology, scan start/end, abort, configure, shutdown);
+  a silent handler is re-registered with, with back-off, while data keeps flowing;
+- a JSON command port of its own (ping, status, configure, abort, shutdown);
+- data: an `Inlet` from every live producer of its input stages and an `Outlet` to its consumers
+  (libs/common/flow.py), chained acknowledgements, duplicate and stale-epoch dropping;
+- per-scan counters, reported with heartbeats and when the scan ends;
+- SIGTERM / SIGINT / `shutdown`: leave the loop, tell the handler, close every socket.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket as net
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, ClassVar
+
+import zmq
+from pydantic import BaseModel, ValidationError
+
+from libs.common import messages
+from libs.common.errors import FrameError, MessageError, ParameterError
+from libs.common.flow import Inlet, Outlet
+from libs.common.frames import Frame, FrameKey, decode
+from libs.common.messages import (Abort, Configure, Ping, ScanCounters, ScanDescription, ScanEnd,
+                                  ScanStart, ServiceIdentity, ServiceStats, Shutdown, Status, Topology)
+from libs.common.pipeline import NoParams, Pipeline, from_dict
+from libs.common.ports import CommandPort
+
+logger = logging.getLogger(__name__)
+
+Token = tuple[str, FrameKey]
+"""A frame being worked on: (producer instance, (epoch, frame))."""
+
+
+@dataclass
+class Counters:
+    frames_in: int = 0
+    frames_out: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    dropped: int = 0
+    written: int = 0
+    busy_s: float = 0.0
+    outputs: list[str] = field(default_factory=list)
+
+
+def advertised(host: str) -> str:
+    """The address others use to reach a port bound on `host`."""
+    return net.gethostname() if host in ("0.0.0.0", "*", "") else host
+
+
+class Service:
+    """Base of every Surveyor service process; see the module docstring for the contract."""
+
+    Params: ClassVar[type[BaseModel]] = NoParams
+
+    def __init__(self, *, pipeline: Pipeline, stage: str, name: str, handler: str,
+                 context: zmq.Context | None = None) -> None:
+        self.pipeline = pipeline
+        self.stage = stage
+        self.name = name
+        self.instance = f"{name}-{uuid.uuid4().hex[:8]}"
+        self.params: BaseModel = self.Params.model_validate(pipeline.stages[stage].params)
+        self.epoch = 0
+        self.scan: ScanDescription | None = None
+        self.totals = Counters()
+        self.counters = Counters()
+        self._context = context or zmq.Context()
+        self._own_context = context is None
+        self._poller = zmq.Poller()
+        self._stopping = False
+        self._handler_endpoint = handler
+        self._registered = False
+        self._next_heartbeat = 0.0
+        self._handler_seen = time.monotonic()
+        self._backoff = pipeline.handler.heartbeat_s
+        self._topology_version = -1
+        self._waiting: dict[str, Callable[[messages.Reply], None]] = {}
+        self._sequence = 0
+        self._producer_stage: dict[str, str] = {}
+        self._children: dict[Token, int] = {}
+        self._current: Token | None = None
+        self._owed: dict[str, int] = {}
+        self._seen: dict[str, set[int]] = {}
+        self._source_done: tuple[int, int] | None = None
+        self._next_produce: float | None = None
+
+        host = pipeline.handler.data_host
+        self._command_socket = self._context.socket(zmq.ROUTER)
+        self._command_socket.setsockopt(zmq.LINGER, 0)
+        self._command_socket.setsockopt(zmq.MAXMSGSIZE, 16 * messages.MAX_COMMAND_BYTES)
+        port = self._command_socket.bind_to_random_port(f"tcp://{host}")
+        self.command_endpoint = f"tcp://{advertised(host)}:{port}"
+        self._commands = CommandPort(self._command_socket, messages.SERVICE_REQUESTS, self._dispatch)
+        self._poller.register(self._command_socket, zmq.POLLIN)
+
+        self.outlet = Outlet(self._context, host=host, on_delivered=self._delivered)
+        self._poller.register(self.outlet.socket, zmq.POLLIN)
+        self.inlet = Inlet(self._context, self._poller, identity=self.instance.encode(), stage=stage,
+                           credit=pipeline.stages[stage].credit)
+        self._link: zmq.Socket | None = None
+        self._link_port: CommandPort | None = None
+        self._connect_handler()
+
+    # --- hooks for services -------------------------------------------------------------------
+
+    def on_frame(self, frame: Frame) -> None:
+        """Handle one input frame; call `emit` for what goes downstream."""
+
+    def produce(self) -> float | None:
+        """Sources: emit the next frames of the current scan. Return seconds until the next call
+        is wanted (0 = at once), or None when there is nothing to do until something changes."""
+        return None
+
+    def on_scan_start(self, scan: ScanDescription) -> None:
+        """A scan starts; `self.scan` and `self.epoch` are already set."""
+
+    def on_scan_end(self) -> None:
+        """Every frame of the scan has been delivered; finish its outputs (counters in `self.counters`)."""
+
+    def on_abort(self) -> int:
+        """Drop what the service holds of the current scan; return how many frames that was."""
+        return 0
+
+    def on_configure(self, params: BaseModel) -> None:
+        """New parameters are in force from the next frame (`self.params` is already `params`)."""
+
+    def close(self) -> None:
+        """Release what the service opened (files); called once when the loop ends."""
+
+    # --- API for services ---------------------------------------------------------------------
+
+    def emit(self, frame: Frame) -> None:
+        """Send a frame downstream, as a child of the frame being handled (if any)."""
+        expected = self.outlet.send(frame.key, frame.encode(), parent=self._current)
+        if expected and self._current is not None:
+            self._children[self._current] = self._children.get(self._current, 0) + expected
+        self.counters.frames_out += 1
+        self.totals.frames_out += 1
+
+    def finish_source(self, frames: int) -> None:
+        """Sources: every frame of the current scan is emitted; the handler hears of it once
+        all of them are delivered."""
+        self._source_done = (self.epoch, frames)
+
+    def can_produce(self) -> bool:
+        return self._registered and not self.outlet.full()
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    # --- loop -----------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop())
+        logger.info("%s starting: stage %s, commands at %s, data out at %s, handler %s",
+                    self.name, self.stage, self.command_endpoint, self.outlet.endpoint,
+                    self._handler_endpoint)
+        try:
+            while not self._stopping:
+                self._step()
+        finally:
+            self._leave()
+        return 0
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        wait = max(0.0, self._next_heartbeat - now)
+        if self._next_produce is not None and self.can_produce():
+            wait = min(wait, max(0.0, self._next_produce - now))
+        events = dict(self._poller.poll(min(wait, 0.1) * 1000))
+        self._drain_control()
+        if self.outlet.socket in events:
+            self.outlet.receive()
+        for sock in [s for s in events if s in self.inlet.links]:
+            producer = self.inlet.links.get(sock)
+            parts = self.inlet.receive(sock) if producer else None
+            if parts is not None:
+                self._on_data(producer, parts)
+                self._drain_control()
+        if self._next_produce is not None and self.can_produce() and time.monotonic() >= self._next_produce:
+            started = time.perf_counter()
+            self._next_produce = self._call_produce()
+            self._busy(time.perf_counter() - started)
+        self._settle()
+        if time.monotonic() >= self._next_heartbeat:
+            self._heartbeat()
+
+    def _call_produce(self) -> float | None:
+        try:
+            delay = self.produce()
+        except Exception:  # noqa: BLE001 - a source bug is logged, the service stays up
+            logger.exception("producing frames of scan %s failed; the source stops for this scan",
+                             self.scan.scan_id if self.scan else None)
+            return None
+        return None if delay is None else time.monotonic() + delay
+
+    def _drain_control(self) -> None:
+        self._commands.drain()
+        self._drain_link()
+
+    def _settle(self) -> None:
+        """Grant the credit owed once there is room downstream, send acks, report a finished source."""
+        if self._owed and not self.outlet.full():
+            for producer, credit in self._owed.items():
+                self.inlet.grant(producer, credit)
+            self._owed.clear()
+        self.inlet.flush()
+        if self._source_done and self._source_done[0] == self.epoch \
+                and self.outlet.outstanding(self.epoch) == 0:
+            epoch, frames = self._source_done
+            self._source_done = None
+            self._send("source_done", {"instance": self.instance, "epoch": epoch, "frames": frames})
+            logger.info("scan %s: all %d frames delivered", self.scan.scan_id if self.scan else "?", frames)
+
+    def _busy(self, seconds: float) -> None:
+        self.totals.busy_s += seconds
+        self.counters.busy_s += seconds
+
+    # --- data -----------------------------------------------------------------------------------
+
+    def _on_data(self, producer: str, parts: list[Any]) -> None:
+        self._owed[producer] = self._owed.get(producer, 0) + 1
+        if not parts:
+            return
+        try:
+            frame = decode(parts)
+        except FrameError as exc:
+            self._count("rejected")
+            logger.warning("rejected a frame from %s: %s", producer, exc)
+            return
+        epoch, number = frame.key
+        if epoch < self.epoch:
+            self._count("dropped")
+            self.inlet.ack(producer, frame.key)
+            return
+        if epoch > self.epoch:
+            logger.warning("frame %d of epoch %d arrived before the scan start; taking it", number, epoch)
+            self._new_epoch(epoch)
+        seen = self._seen.setdefault(self._producer_stage.get(producer, ""), set())
+        if number in seen:
+            self._count("duplicates")
+            self.inlet.ack(producer, frame.key)
+            logger.debug("dropped duplicate of frame %d of scan %s", number, frame.header.scan_id)
+            return
+        seen.add(number)
+        self._count("frames_in")
+        token = (producer, frame.key)
+        self._current = token
+        started = time.perf_counter()
+        try:
+            self.on_frame(frame)
+        except Exception:  # noqa: BLE001 - one bad frame must not end the service
+            self._count("rejected")
+            logger.exception("frame %d of scan %s failed in %s", number, frame.header.scan_id, self.stage)
+        finally:
+            self._current = None
+            self._busy(time.perf_counter() - started)
+        if not self._children.get(token):
+            self._children.pop(token, None)
+            self.inlet.ack(producer, frame.key)
+
+    def _delivered(self, parent: Token) -> None:
+        left = self._children.get(parent)
+        if left is None:
+            return
+        if left > 1:
+            self._children[parent] = left - 1
+        else:
+            del self._children[parent]
+            self.inlet.ack(*parent)
+
+    def _count(self, name: str, n: int = 1) -> None:
+        setattr(self.counters, name, getattr(self.counters, name) + n)
+        setattr(self.totals, name, getattr(self.totals, name) + n)
+
+    def _new_epoch(self, epoch: int) -> int:
+        dropped = self.outlet.drop_before(epoch) + self.on_abort()
+        self._children = {t: n for t, n in self._children.items() if t[1][0] >= epoch}
+        self._seen.clear()
+        self._source_done = None
+        self._next_produce = None
+        self.epoch = epoch
+        self.counters = Counters()
+        return dropped
+
+    def _wire(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        for name, stage in pipeline.downstream(self.stage).items():
+            self.outlet.add_route(name, latest=stage.delivery == "latest", depth=stage.queue)
+
+    # --- handler link ------------------------------------------------------------------------
+
+    def _connect_handler(self) -> None:
+        if self._link is not None:
+            self._poller.unregister(self._link)
+            self._link.close(linger=0)
+        self._link = self._context.socket(zmq.DEALER)
+        self._link.setsockopt(zmq.ROUTING_ID, self.instance.encode())
+        self._link.setsockopt(zmq.LINGER, 0)
+        self._link.connect(self._handler_endpoint)
+        self._link_port = CommandPort(self._link, messages.SERVICE_REQUESTS, self._dispatch)
+        self._poller.register(self._link, zmq.POLLIN)
+        self._registered = False
+        self._waiting.clear()
+
+    def _send(self, cmd: str, args: dict[str, Any], on_reply: Callable[[messages.Reply], None] | None = None) -> None:
+        self._sequence += 1
+        rid = f"{cmd}-{self._sequence}"
+        if on_reply is not None:
+            self._waiting[rid] = on_reply
+        try:
+            self._link.send(messages.request(cmd, args, rid), zmq.NOBLOCK)
+        except zmq.Again:
+            logger.warning("handler link is full; %s not sent", cmd)
+
+    def _drain_link(self) -> None:
+        while True:
+            try:
+                parts = self._link.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._handler_seen = time.monotonic()
+            payload = parts[-1]
+            try:
+                body = json.loads(payload)
+            except ValueError:
+                body = None
+            if isinstance(body, dict) and "ok" in body:
+                try:
+                    reply = messages.REPLIES.validate_python(body)
+                except ValidationError as exc:
+                    logger.warning("ignored a malformed reply from the handler: %s", messages.describe(exc))
+                    continue
+                callback = self._waiting.pop(reply.id, None)
+                if callback is not None:
+                    callback(reply)
+            else:
+                self._link_port.serve(parts[:-1], payload)
+
+    def _heartbeat(self) -> None:
+        config = self.pipeline.handler
+        now = time.monotonic()
+        if now - self._handler_seen > config.heartbeat_s * config.liveness:
+            logger.warning("handler at %s silent for %.1f s; reconnecting in %.0f s",
+                           self._handler_endpoint, now - self._handler_seen, self._backoff)
+            self._connect_handler()
+            self._handler_seen = now + self._backoff
+            self._next_heartbeat = now + self._backoff
+            self._backoff = min(self._backoff * 2, 32.0)
+            return
+        self._next_heartbeat = now + config.heartbeat_s
+        if not self._registered:
+            identity = ServiceIdentity(name=self.name, stage=self.stage, instance=self.instance,
+                                       host=net.gethostname(), pid=os.getpid(),
+                                       command_endpoint=self.command_endpoint,
+                                       data_endpoint=self.outlet.endpoint)
+            self._send("register", identity.model_dump(), self._on_registered)
+            return
+        self._send("heartbeat", {"instance": self.instance, "topology_version": self._topology_version,
+                                 "stats": self.stats().model_dump()}, self._on_heartbeat_reply)
+
+    def _on_registered(self, reply: messages.Reply) -> None:
+        if not reply.ok:
+            logger.error("the handler refused registration: %s", reply.error)
+            self.stop()
+            return
+        result = reply.result
+        pipeline = from_dict(result["pipeline"], origin="pipeline from the handler")
+        self._wire(pipeline)
+        self.params = self.Params.model_validate(pipeline.stages[self.stage].params)
+        self._registered = True
+        self._backoff = pipeline.handler.heartbeat_s
+        logger.info("registered with the handler as %s (epoch %d)", self.instance, result["epoch"])
+        if result["epoch"] != self.epoch:
+            self._new_epoch(result["epoch"])
+        if result.get("scan"):
+            self._start_scan(ScanDescription.model_validate(result["scan"]))
+        self._apply_topology(messages.TopologyArgs.model_validate(result["topology"]))
+
+    def _on_heartbeat_reply(self, reply: messages.Reply) -> None:
+        if not reply.ok:
+            logger.warning("the handler does not know this process (%s); registering again",
+                           reply.error.get("message") if reply.error else "")
+            self._registered = False
+            self._next_heartbeat = 0.0
+
+    def _apply_topology(self, topology: messages.TopologyArgs) -> None:
+        self._topology_version = topology.version
+        inputs = set(self.pipeline.stages[self.stage].inputs)
+        for service in topology.services:
+            if service.state == "dead":
+                self.inlet.disconnect(service.instance)
+                self._forget_producer(service.instance)
+                self.outlet.consumer_lost(service.instance.encode())
+            elif service.stage in inputs and service.data_endpoint:
+                self._producer_stage[service.instance] = service.stage
+                self.inlet.connect(service.instance, service.data_endpoint)
+
+    def _forget_producer(self, producer: str) -> None:
+        """Frames from a dead producer will be sent again by nobody; stop waiting to ack them."""
+        self._children = {t: n for t, n in self._children.items() if t[0] != producer}
+        self._owed.pop(producer, None)
+        self._producer_stage.pop(producer, None)
+
+    # --- commands -----------------------------------------------------------------------------
+
+    def _dispatch(self, request: Any, envelope: list[bytes]) -> dict[str, Any] | None:
+        handler = {Ping: self._cmd_ping, Status: self._cmd_status, Configure: self._cmd_configure,
+                   Abort: self._cmd_abort, Shutdown: self._cmd_shutdown, Topology: self._cmd_topology,
+                   ScanStart: self._cmd_scan_start, ScanEnd: self._cmd_scan_end}[type(request)]
+        return handler(request.args)
+
+    def _cmd_ping(self, _: Any) -> dict[str, Any]:
+        return {"pong": True, "version": messages.VERSION, "service": self.name}
+
+    def _cmd_status(self, _: Any) -> dict[str, Any]:
+        return {"service": self.name, "stage": self.stage, "instance": self.instance,
+                "epoch": self.epoch, "scan": self.scan.scan_id if self.scan else None,
+                "params": self.params.model_dump(mode="json"), "stats": self.stats().model_dump()}
+
+    def _cmd_configure(self, args: messages.ConfigureArgs) -> dict[str, Any]:
+        if args.stage is not None and args.stage != self.stage:
+            raise MessageError(f"this process serves stage {self.stage!r}, not {args.stage!r}")
+        merged = {**self.params.model_dump(), **args.params}
+        try:
+            params = self.Params.model_validate(merged)
+        except ValidationError as exc:
+            raise ParameterError(f"stage {self.stage}: {messages.describe(exc)}; "
+                                 "the parameters in force did not change") from None
+        self.params = params
+        self.on_configure(params)
+        logger.info("parameters now %s", params.model_dump(mode="json"))
+        return {"stage": self.stage, "params": params.model_dump(mode="json")}
+
+    def _cmd_abort(self, args: messages.AbortArgs) -> dict[str, Any]:
+        if args.epoch is None:
+            raise MessageError("a service aborts to a new epoch: args.epoch is required "
+                               "(send abort to the handler to abort the scan everywhere)")
+        scan = self.scan.scan_id if self.scan else None
+        dropped = self._new_epoch(max(args.epoch, self.epoch))
+        self.scan = None
+        logger.info("scan %s aborted: dropped %d frames; now at epoch %d", scan, dropped, self.epoch)
+        return {"dropped": dropped}
+
+    def _cmd_shutdown(self, _: Any) -> dict[str, Any]:
+        logger.info("shutdown requested")
+        self.stop()
+        return {}
+
+    def _cmd_topology(self, args: messages.TopologyArgs) -> dict[str, Any]:
+        self._apply_topology(args)
+        return {}
+
+    def _cmd_scan_start(self, args: messages.ScanStartArgs) -> dict[str, Any]:
+        if args.epoch != self.epoch:
+            self._new_epoch(args.epoch)
+        self._start_scan(args.scan)
+        return {}
+
+    def _start_scan(self, scan: ScanDescription) -> None:
+        self.scan = scan
+        self.counters = Counters()
+        logger.info("scan %s started (epoch %d)", scan.scan_id, self.epoch)
+        self.on_scan_start(scan)
+        self._next_produce = time.monotonic()
+
+    def _cmd_scan_end(self, args: messages.EpochArgs) -> dict[str, Any]:
+        if args.epoch != self.epoch or self.scan is None:
+            return ScanCounters().model_dump()
+        self.on_scan_end()
+        counters = self.scan_counters()
+        logger.info("scan %s ended: %s", self.scan.scan_id, counters.model_dump())
+        self.scan = None
+        self._next_produce = None
+        return counters.model_dump()
+
+    # --- reporting ------------------------------------------------------------------------------
+
+    def scan_counters(self) -> ScanCounters:
+        c = self.counters
+        return ScanCounters(frames_in=c.frames_in, frames_out=c.frames_out, rejected=c.rejected,
+                            duplicates=c.duplicates, dropped=c.dropped, written=c.written,
+                            busy_s=round(c.busy_s, 4), outputs=list(c.outputs))
+
+    def stats(self) -> ServiceStats:
+        t = self.totals
+        state = "running" if self.scan else "idle"
+        return ServiceStats(state=state, frames_in=t.frames_in, frames_out=t.frames_out,
+                            queue_depth=self.outlet.pending, inflight=self.outlet.inflight,
+                            rejected=t.rejected, duplicates=t.duplicates,
+                            dropped=t.dropped + self.outlet.dropped, busy_s=round(t.busy_s, 3),
+                            scan=self.scan_counters())
+
+    def _leave(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            logger.exception("closing %s failed", self.name)
+        if self._registered:
+            self._send("unregister", {"instance": self.instance})
+        self.inlet.close()
+        self.outlet.close()
+        self._link.close(linger=200)
+        self._command_socket.close(linger=0)
+        if self._own_context:
+            self._context.term()
+        logger.info("%s stopped", self.name)

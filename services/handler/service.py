@@ -1,0 +1,430 @@
+"""The handler: the pipeline's control plane. Frames never pass through it.
+
+It reads the pipeline graph, lets service processes register (any number per stage, from any
+host), pushes the topology to them so they wire their data links themselves, declares silent
+processes dead, runs scans (epochs, start, end, abort), forwards live parameter changes, and
+publishes status and events for front-ends (INTERFACES.md).
+
+Commands that involve the services (start_scan, abort, configure, shutdown) are answered once
+every live process concerned has answered, or its time is up: a `Barrier`. They run one at a time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import signal
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import zmq
+from pydantic import ValidationError
+
+from libs.common import messages
+from libs.common.errors import MessageError, ParameterError
+from libs.common.messages import (Abort, Configure, Heartbeat, Ping, Register, ScanCounters,
+                                  ScanDescription, Shutdown, SourceDone, StartScan, Status, Unregister)
+from libs.common.pipeline import Pipeline, service_class
+from libs.common.ports import DEFERRED, CommandPort, Envelope
+from services.handler.registry import Registry
+from services.handler.scans import ScanBook, ScanRecord
+
+logger = logging.getLogger(__name__)
+
+STATUS_PERIOD_S = 1.0
+SERVICE_TIMEOUT_S = 10.0
+
+
+@dataclass
+class Barrier:
+    waiting: set[str]
+    deadline: float
+    on_done: Callable[[dict[str, messages.Reply], set[str]], None]
+    replies: dict[str, messages.Reply] = field(default_factory=dict)
+
+
+class Handler:
+    def __init__(self, pipeline: Pipeline, context: zmq.Context | None = None) -> None:
+        self.pipeline = pipeline
+        self.registry = Registry()
+        self.scans = ScanBook()
+        self._context = context or zmq.Context()
+        self._stopping = False
+        self._barriers: dict[str, Barrier] = {}
+        self._ids = itertools.count(1)
+        self._operations: deque[Callable[[], None]] = deque()
+        self._busy = False
+        self._next_status = 0.0
+        self._shutting_down = False
+
+        self._command_socket = self._context.socket(zmq.ROUTER)
+        self._command_socket.setsockopt(zmq.LINGER, 0)
+        self._command_socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._command_socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self._command_socket.setsockopt(zmq.MAXMSGSIZE, 16 * messages.MAX_COMMAND_BYTES)
+        self._command_socket.bind(pipeline.handler.command)
+        self._status_socket = self._context.socket(zmq.PUB)
+        self._status_socket.setsockopt(zmq.LINGER, 0)
+        self._status_socket.setsockopt(zmq.SNDHWM, 100)
+        self._status_socket.bind(pipeline.handler.status)
+        self._port = CommandPort(self._command_socket, messages.HANDLER_REQUESTS, self._dispatch)
+        self._commands = {Ping: self.on_ping, Status: self.on_status, StartScan: self.on_start_scan,
+                          Abort: self.on_abort, Configure: self.on_configure, Shutdown: self.on_shutdown,
+                          Register: self.on_register, Heartbeat: self.on_heartbeat,
+                          Unregister: self.on_unregister, SourceDone: self.on_source_done}
+
+    # --- loop -------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop())
+        logger.info("handler for pipeline %s: commands at %s, status at %s", self.pipeline.name,
+                    self.pipeline.handler.command, self.pipeline.handler.status)
+        poller = zmq.Poller()
+        poller.register(self._command_socket, zmq.POLLIN)
+        try:
+            while not self._stopping:
+                poller.poll(100)
+                self._receive()
+                self._housekeeping()
+        finally:
+            self._command_socket.close(linger=0)
+            self._status_socket.close(linger=0)
+            self._context.term()
+            logger.info("handler stopped")
+        return 0
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                parts = self._command_socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(parts) < 2:
+                logger.warning("dropped a command message of %d part(s): no room for a reply", len(parts))
+                continue
+            if not self._take_reply(parts[0], parts[-1]):
+                self._port.serve(parts[:-1], parts[-1])
+
+    def _take_reply(self, identity: bytes, payload: bytes) -> bool:
+        """A service's reply to one of our barrier requests? Then record it."""
+        if not payload.startswith(b'{"ok"'):
+            return False
+        try:
+            reply = messages.REPLIES.validate_json(payload)
+        except ValidationError:
+            return False
+        instance = identity.decode(errors="replace")
+        self.registry.seen(instance)
+        barrier = self._barriers.get(str(reply.id))
+        if barrier is not None and instance in barrier.waiting:
+            barrier.waiting.discard(instance)
+            barrier.replies[instance] = reply
+            self._settle(str(reply.id))
+        return True
+
+    def _housekeeping(self) -> None:
+        config = self.pipeline.handler
+        for member in self.registry.expire(config.heartbeat_s * config.liveness):
+            self._service_down(member.identity.instance, member.identity.name, member.cause)
+        now = time.monotonic()
+        for rid, barrier in list(self._barriers.items()):
+            if now > barrier.deadline:
+                logger.warning("no answer from %s in time", sorted(barrier.waiting))
+                self._settle(rid, force=True)
+        if now >= self._next_status:
+            self._next_status = now + STATUS_PERIOD_S
+            self._publish("status", self.snapshot())
+
+    # --- talking to services -------------------------------------------------------------------
+
+    def _request_all(self, instances: list[str], cmd: str, args: dict[str, Any], timeout_s: float,
+                     on_done: Callable[[dict[str, messages.Reply], set[str]], None]) -> None:
+        rid = f"h{next(self._ids)}"
+        barrier = Barrier(set(), time.monotonic() + timeout_s, on_done)
+        self._barriers[rid] = barrier
+        payload = messages.request(cmd, args, rid)
+        for instance in instances:
+            try:
+                self._command_socket.send_multipart([instance.encode(), payload], zmq.NOBLOCK)
+                barrier.waiting.add(instance)
+            except zmq.ZMQError as exc:
+                logger.warning("cannot reach %s for %s: %s", instance, cmd, exc)
+        self._settle(rid)
+
+    def _settle(self, rid: str, force: bool = False) -> None:
+        barrier = self._barriers.get(rid)
+        if barrier is None or (barrier.waiting and not force):
+            return
+        del self._barriers[rid]
+        barrier.on_done(barrier.replies, barrier.waiting)
+
+    def _broadcast_topology(self) -> None:
+        topology = self.registry.topology().model_dump()
+        payload = messages.request("topology", topology, "topology")
+        for member in self.registry.up():
+            try:
+                self._command_socket.send_multipart([member.identity.instance.encode(), payload], zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                logger.warning("cannot send the topology to %s: %s", member.identity.name, exc)
+
+    def _service_down(self, instance: str, name: str, cause: str) -> None:
+        logger.log(logging.INFO if self._shutting_down else logging.WARNING,
+                   "service %s (%s) is down: %s", name, instance, cause)
+        for barrier in self._barriers.values():
+            barrier.waiting.discard(instance)
+        for rid in list(self._barriers):
+            self._settle(rid)
+        if not self._shutting_down:
+            self._broadcast_topology()
+        self._event("service_down", service=name, message=cause, instance=instance)
+        self._maybe_end_scan()
+
+    # --- one operation at a time ----------------------------------------------------------------
+
+    def _exclusive(self, operation: Callable[[], None]) -> None:
+        self._operations.append(operation)
+        if not self._busy:
+            self._next_operation()
+
+    def _next_operation(self) -> None:
+        self._busy = bool(self._operations)
+        if self._operations:
+            self._operations.popleft()()
+
+    # --- commands ------------------------------------------------------------------------------
+
+    def _dispatch(self, request: Any, envelope: Envelope) -> Any:
+        return self._commands[type(request)](request, envelope)
+
+    def _answer(self, envelope: Envelope, rid: Any, result: dict[str, Any] | Exception) -> None:
+        if isinstance(result, Exception):
+            self._port.reply(envelope, messages.error(rid, result))
+        else:
+            self._port.reply(envelope, messages.ok(rid, result))
+
+    def on_ping(self, request: Ping, envelope: Envelope) -> dict[str, Any]:
+        return {"pong": True, "version": messages.VERSION}
+
+    def on_status(self, request: Status, envelope: Envelope) -> dict[str, Any]:
+        return self.snapshot()
+
+    def on_register(self, request: Register, envelope: Envelope) -> dict[str, Any]:
+        identity = request.args
+        if identity.stage not in self.pipeline.stages:
+            raise MessageError(f"stage {identity.stage!r} is not in pipeline {self.pipeline.name!r}; "
+                               f"its stages are {sorted(self.pipeline.stages)}")
+        self.registry.register(identity)
+        logger.info("service %s of stage %s registered from %s pid %d", identity.name, identity.stage,
+                    identity.host, identity.pid)
+        self._broadcast_topology()
+        self._event("service_up", service=identity.name, instance=identity.instance,
+                    message=f"{identity.name} joined stage {identity.stage} on {identity.host}")
+        record = self.scans.current
+        return {"pipeline": self.pipeline.model_dump(mode="json"), "epoch": self.scans.epoch,
+                "scan": record.scan.model_dump(mode="json") if record and record.state != "starting" else None,
+                "topology": self.registry.topology().model_dump()}
+
+    def on_heartbeat(self, request: Heartbeat, envelope: Envelope) -> dict[str, Any]:
+        if not self.registry.heartbeat(request.args.instance, request.args.stats):
+            raise MessageError(f"unknown service instance {request.args.instance}: register again")
+        return {"epoch": self.scans.epoch, "topology_version": self.registry.version}
+
+    def on_unregister(self, request: Unregister, envelope: Envelope) -> dict[str, Any]:
+        member = self.registry.mark_dead(request.args.instance, "exited")
+        if member is not None:
+            self._service_down(member.identity.instance, member.identity.name, "exited")
+        return {}
+
+    def on_start_scan(self, request: StartScan, envelope: Envelope) -> Any:
+        self._exclusive(lambda: self._start_scan(request.args, request.id, envelope))
+        return DEFERRED
+
+    def _start_scan(self, scan: ScanDescription, rid: Any, envelope: Envelope) -> None:
+        current = self.scans.current
+        if current is not None:
+            self._answer(envelope, rid, MessageError(
+                f"scan {current.scan.scan_id} is still {current.state}: wait for it to finish or abort it"))
+            self._next_operation()
+            return
+        record = self.scans.start(scan)
+        sources = set(self.pipeline.sources())
+        args = {"epoch": record.epoch, "scan": scan.model_dump(mode="json")}
+        arm = [m.identity.instance for m in self.registry.up() if m.identity.stage not in sources]
+
+        def go(replies: dict, missing: set[str]) -> None:
+            record.state = "running"
+            trigger = [m.identity.instance for m in self.registry.up() if m.identity.stage in sources]
+            self._request_all(trigger, "scan_start", args, SERVICE_TIMEOUT_S, started)
+
+        def started(replies: dict, missing: set[str]) -> None:
+            logger.info("scan %s started, epoch %d", scan.scan_id, record.epoch)
+            self._event("scan_started", scan_id=scan.scan_id, epoch=record.epoch,
+                        message=f"scan {scan.scan_id} started ({scan.technique})")
+            self._answer(envelope, rid, {"scan_id": scan.scan_id, "epoch": record.epoch})
+            self._next_operation()
+
+        # Everything downstream is told first, so no frame of the scan meets a stage that has not
+        # heard of it; then the sources start.
+        self._request_all(arm, "scan_start", args, SERVICE_TIMEOUT_S, go)
+
+    def on_source_done(self, request: SourceDone, envelope: Envelope) -> dict[str, Any]:
+        record = self.scans.current
+        if record is not None and record.epoch == request.args.epoch:
+            record.sources_done[request.args.instance] = request.args.frames
+            self._maybe_end_scan()
+        return {}
+
+    def _maybe_end_scan(self) -> None:
+        record = self.scans.current
+        if record is None or record.state != "running":
+            return
+        sources = [m.identity.instance for s in self.pipeline.sources() for m in self.registry.up(s)]
+        if sources and all(instance in record.sources_done for instance in sources):
+            record.state = "ending"
+            self._exclusive(lambda: self._end_scan(record, list(self.pipeline.topological_order)))
+
+    def _end_scan(self, record: ScanRecord, stages: list[str]) -> None:
+        """Ask each stage in graph order to finish the scan; every frame has been delivered."""
+        if self.scans.current is not record:
+            self._next_operation()
+            return
+        if not stages:
+            self.scans.finish(record)
+            summary = record.summary(self.pipeline)
+            logger.info("scan %s finished: %s", record.scan.scan_id, summary)
+            self._event("scan_finished", scan_id=record.scan.scan_id, epoch=record.epoch,
+                        message=f"scan {record.scan.scan_id} finished", summary=summary)
+            self._next_operation()
+            return
+        stage, rest = stages[0], stages[1:]
+
+        def collected(replies: dict[str, messages.Reply], missing: set[str]) -> None:
+            for instance, reply in replies.items():
+                if reply.ok:
+                    record.counters[instance] = (stage, ScanCounters.model_validate(reply.result))
+            self._end_scan(record, rest)
+
+        members = [m.identity.instance for m in self.registry.up(stage)]
+        self._request_all(members, "scan_end", {"epoch": record.epoch},
+                          self.pipeline.handler.scan_end_timeout_s, collected)
+
+    def on_abort(self, request: Abort, envelope: Envelope) -> Any:
+        current = self.scans.current
+        wanted = request.args.scan_id
+        if wanted is not None and (current is None or current.scan.scan_id != wanted):
+            raise MessageError(f"scan {wanted!r} is not running; the current scan is "
+                               f"{current.scan.scan_id if current else None!r}")
+        self._exclusive(lambda: self._abort(request.id, envelope))
+        return DEFERRED
+
+    def _abort(self, rid: Any, envelope: Envelope) -> None:
+        record = self.scans.abort()
+        scan_id = record.scan.scan_id if record else None
+
+        def dropped(replies: dict[str, messages.Reply], missing: set[str]) -> None:
+            total = sum(int(r.result.get("dropped", 0)) for r in replies.values() if r.ok)
+            logger.info("scan %s aborted; %d frames dropped; epoch now %d", scan_id, total, self.scans.epoch)
+            self._event("scan_aborted", scan_id=scan_id, epoch=self.scans.epoch,
+                        message=f"scan {scan_id} aborted, {total} frames dropped", dropped=total)
+            self._answer(envelope, rid, {"scan_id": scan_id, "dropped": total})
+            self._next_operation()
+
+        members = [m.identity.instance for m in self.registry.up()]
+        self._request_all(members, "abort", {"epoch": self.scans.epoch}, SERVICE_TIMEOUT_S, dropped)
+
+    def on_configure(self, request: Configure, envelope: Envelope) -> Any:
+        name = request.args.stage
+        if name is None:
+            raise MessageError("args.stage is required: {\"stage\": NAME, \"params\": {...}}")
+        stage = self.pipeline.stages.get(name)
+        if stage is None:
+            raise MessageError(f"no stage {name!r}; stages are {sorted(self.pipeline.stages)}")
+        merged = {**stage.params, **request.args.params}
+        try:
+            params = service_class(stage.service).Params.model_validate(merged)
+        except ValidationError as exc:
+            raise ParameterError(f"stage {name}: {messages.describe(exc)}; "
+                                 "the parameters in force did not change") from None
+        self._exclusive(lambda: self._configure(name, params.model_dump(mode="json"), request.id, envelope))
+        return DEFERRED
+
+    def _configure(self, name: str, params: dict[str, Any], rid: Any, envelope: Envelope) -> None:
+        stages = dict(self.pipeline.stages)
+        stages[name] = stages[name].model_copy(update={"params": params})
+        self.pipeline = self.pipeline.model_copy(update={"stages": stages})
+
+        def applied(replies: dict[str, messages.Reply], missing: set[str]) -> None:
+            refused = {i: r.error for i, r in replies.items() if not r.ok}
+            if refused:
+                self._answer(envelope, rid, ParameterError(f"stage {name}: refused by {refused}"))
+            else:
+                logger.info("stage %s parameters now %s", name, params)
+                self._event("config_changed", message=f"stage {name} parameters changed",
+                            stage=name, params=params)
+                self._answer(envelope, rid, {"stage": name, "params": params})
+            self._next_operation()
+
+        members = [m.identity.instance for m in self.registry.up(name)]
+        self._request_all(members, "configure", {"stage": name, "params": params}, SERVICE_TIMEOUT_S, applied)
+
+    def on_shutdown(self, request: Shutdown, envelope: Envelope) -> Any:
+        self._shutting_down = True
+
+        def done(replies: dict[str, messages.Reply], missing: set[str]) -> None:
+            logger.info("shutdown: %d services acknowledged, %d did not answer", len(replies), len(missing))
+            self._answer(envelope, request.id, {})
+            self.stop()
+
+        self._request_all([m.identity.instance for m in self.registry.up()], "shutdown", {}, 5.0, done)
+        return DEFERRED
+
+    # --- status --------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        now = time.monotonic()
+        services = []
+        for member in self.registry.members.values():
+            identity, stats = member.identity, member.stats
+            services.append({
+                "name": identity.name, "stage": identity.stage, "host": identity.host,
+                "pid": identity.pid, "instance": identity.instance,
+                "state": "up" if member.alive else "dead",
+                "heartbeat_age_s": round(now - member.last_seen, 2),
+                "frames_in": stats.frames_in, "frames_out": stats.frames_out,
+                "queue_depth": stats.queue_depth, "inflight": stats.inflight,
+                "busy_s": stats.busy_s, "command_endpoint": identity.command_endpoint,
+            })
+        record = self.scans.current
+        scan = None
+        if record is not None:
+            scan = {"scan_id": record.scan.scan_id, "epoch": record.epoch, "state": record.state,
+                    "n_frames": record.scan.n_frames,
+                    "stages": {name: {key: sum(getattr(m.stats.scan, key) for m in self.registry.up(name))
+                                      for key in ("frames_in", "frames_out", "written", "rejected")}
+                               for name in self.pipeline.stages}}
+        return {
+            "time": time.time(), "version": messages.VERSION, "pipeline": self.pipeline.name,
+            "epoch": self.scans.epoch, "services": services,
+            "stages": {name: self.registry.stage_totals(name) for name in self.pipeline.stages},
+            "scan": scan,
+            "scans": [r.summary(self.pipeline) for r in self.scans.history],
+        }
+
+    def _publish(self, topic: str, body: dict[str, Any]) -> None:
+        try:
+            self._status_socket.send_multipart([topic.encode(), json.dumps(body).encode()], zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def _event(self, kind: str, *, message: str, service: str = "handler", **extra: Any) -> None:
+        self._publish("event", {"time": time.time(), "kind": kind, "service": service,
+                                "message": message, **extra})
