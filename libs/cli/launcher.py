@@ -8,8 +8,10 @@ the terminal reaches only the launcher, which then stops them in order.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import signal
 import subprocess
 import sys
 import time
@@ -29,6 +31,15 @@ logger = logging.getLogger(__name__)
 console = Console(stderr=True)
 
 RESTART_BACKOFF_MAX_S = 10.0
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Linux: a child gets SIGTERM if the launcher dies, so no orphan outlives a killed launcher."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
 
 
 @dataclass
@@ -46,7 +57,8 @@ class Child:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "ab") as log:
             self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+                                            stdin=subprocess.DEVNULL, start_new_session=True,
+                                            preexec_fn=_die_with_parent)
         self.started = time.monotonic()
 
 
@@ -181,6 +193,7 @@ class ScanWatcher:
 
 def run(*, pipeline_file: str, pipeline: Pipeline, overrides: list[str], simulate: bool, scans: int | None,
         out: Path, summary_path: Path) -> int:
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     launcher = Launcher(pipeline_file, pipeline, overrides)
     watcher = ScanWatcher(pipeline.handler.status)
     finished: list[dict[str, Any]] = []

@@ -124,6 +124,7 @@ class ServiceStats(Strict):
     duplicates: int = 0
     dropped: int = 0
     busy_s: float = 0.0
+    epoch: int = 0
     scan: ScanCounters = ScanCounters()
 
 
@@ -287,7 +288,7 @@ def parse_request(raw: bytes, adapter: TypeAdapter) -> Any:
         if any(p["type"] == "json_invalid" for p in error.errors()):
             raise MessageError("not a JSON document: a request is "
                                "{\"cmd\": NAME, \"id\": ..., \"args\": {...}}") from None
-        if any(p["type"] == "model_type" and not p["loc"] for p in error.errors()):
+        if any(p["type"] in ("model_type", "dict_type") and not p["loc"] for p in error.errors()):
             raise MessageError("a request must be a JSON object {\"cmd\": NAME, \"args\": {...}}") from None
         raise MessageError(describe(error)) from None
 

@@ -506,7 +506,7 @@ class Service:
                             queue_depth=self.outlet.pending, inflight=self.outlet.inflight,
                             rejected=t.rejected, duplicates=t.duplicates,
                             dropped=t.dropped + self.outlet.dropped, busy_s=round(t.busy_s, 3),
-                            scan=self.scan_counters())
+                            epoch=self.epoch, scan=self.scan_counters())
 
     def _leave(self) -> None:
         try:

@@ -302,15 +302,17 @@ class Handler:
             summary = record.summary(self.pipeline)
             logger.info("scan %s finished: %s", record.scan.scan_id, summary)
             self._event("scan_finished", scan_id=record.scan.scan_id, epoch=record.epoch,
-                        message=f"scan {record.scan.scan_id} finished", summary=summary)
+                        message=f"scan {record.scan.scan_id} finished", summary=summary,
+                        services={name: counters.model_dump() for name, (_, counters) in record.counters.items()})
             self._next_operation()
             return
         stage, rest = stages[0], stages[1:]
 
         def collected(replies: dict[str, messages.Reply], missing: set[str]) -> None:
             for instance, reply in replies.items():
-                if reply.ok:
-                    record.counters[instance] = (stage, ScanCounters.model_validate(reply.result))
+                member = self.registry.members.get(instance)
+                if reply.ok and member is not None:
+                    record.counters[member.identity.name] = (stage, ScanCounters.model_validate(reply.result))
             self._end_scan(record, rest)
 
         members = [m.identity.instance for m in self.registry.up(stage)]
@@ -406,10 +408,14 @@ class Handler:
         record = self.scans.current
         scan = None
         if record is not None:
+            def scan_sum(stage: str, key: str) -> int:
+                return sum(getattr(m.stats.scan, key) for m in self.registry.up(stage)
+                           if m.stats.epoch == record.epoch)
+
             scan = {"scan_id": record.scan.scan_id, "epoch": record.epoch, "state": record.state,
                     "n_frames": record.scan.n_frames,
-                    "stages": {name: {key: sum(getattr(m.stats.scan, key) for m in self.registry.up(name))
-                                      for key in ("frames_in", "frames_out", "written", "rejected")}
+                    "stages": {name: {key: scan_sum(name, key) for key in ("frames_in", "frames_out", "written",
+                                                                           "rejected")}
                                for name in self.pipeline.stages}}
         return {
             "time": time.time(), "version": messages.VERSION, "pipeline": self.pipeline.name,

@@ -1,0 +1,179 @@
+"""Shared test tools: pipelines on free ports in a temp dir, `surveyor run` as a real process,
+a subscriber to the handler's status feed. Every wait polls a condition to a deadline."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import zmq
+
+from libs.common import client
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def synthetic_pipeline(directory: Path, *, frames: int = 200, rate_hz: float = 0, shape=(64, 64),
+                       workers: int = 2, worker_params: str = "{}", extra: str = "") -> Path:
+    """A receiver -> worker (pass-through) -> writer pipeline file on free ports."""
+    path = directory / "pipeline.toml"
+    path.write_text(f"""
+[handler]
+command = "tcp://127.0.0.1:{free_port()}"
+status = "tcp://127.0.0.1:{free_port()}"
+
+[simulation]
+frames = {frames}
+rate_hz = {rate_hz}
+scan_id = "t"
+shape = {list(shape)}
+dtype = "uint16"
+
+[stages.receiver]
+service = "receiver"
+
+[stages.worker]
+service = "passthrough"
+processes = {workers}
+inputs = ["receiver"]
+params = {worker_params}
+
+[stages.writer]
+service = "writer"
+inputs = ["worker"]
+params = {{ output_dir = "{directory / 'out'}" }}
+{extra}
+""")
+    return path
+
+
+class Feed:
+    """Subscriber to the handler's status PUB; keeps every event it has seen."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.socket = zmq.Context.instance().socket(zmq.SUB)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.SUBSCRIBE, b"event")
+        self.socket.connect(endpoint)
+        self.events: list[dict[str, Any]] = []
+
+    def pump(self) -> None:
+        while self.socket.poll(0):
+            self.events.append(json.loads(self.socket.recv_multipart()[1]))
+
+    def wait(self, kind: str, timeout_s: float = 30.0, **match: Any) -> dict[str, Any]:
+        def found() -> dict[str, Any] | None:
+            self.pump()
+            return next((e for e in self.events
+                         if e["kind"] == kind and all(e.get(k) == v for k, v in match.items())), None)
+        return wait_for(found, timeout_s, f"event {kind} {match}")
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+class Run:
+    """`surveyor run` as a child process, with its handler endpoints."""
+
+    def __init__(self, pipeline: Path, *args: str, cwd: Path) -> None:
+        from libs.common.pipeline import load
+
+        self.pipeline = load(pipeline)
+        self.endpoint = self.pipeline.handler.command
+        self.feed = Feed(self.pipeline.handler.status)
+        self.out = cwd / "out"
+        env = {**os.environ, "SURVEYOR_LOG_DIR": str(cwd / "logs")}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "libs.cli.main", "run", str(pipeline), "--out", str(self.out), *args],
+            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def ctl(self, cmd: str, args: dict[str, Any] | None = None, timeout_s: float = 10.0) -> Any:
+        return client.call(self.endpoint, cmd, args, timeout_s=timeout_s)
+
+    def wait_ready(self, services: int, timeout_s: float = 60.0) -> None:
+        def ready() -> bool:
+            try:
+                status = self.ctl("status", timeout_s=1.0).result
+            except client.NoReply:
+                return False
+            return sum(s["state"] == "up" for s in status["services"]) >= services
+        wait_for(ready, timeout_s, f"{services} services up")
+
+    def service(self, name: str) -> dict[str, Any]:
+        status = self.ctl("status").result
+        return next(s for s in status["services"] if s["name"] == name and s["state"] == "up")
+
+    def wait_scan(self, scan_id: str, timeout_s: float = 30.0) -> dict[str, Any]:
+        """The scan_finished event of `scan_id`; on timeout, what every service holds."""
+        try:
+            return self.feed.wait("scan_finished", timeout_s=timeout_s, scan_id=scan_id)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; services: {self.diagnose()}") from None
+
+    def diagnose(self) -> list[dict[str, Any]]:
+        found = []
+        for service in self.ctl("status").result["services"]:
+            if service["state"] == "up":
+                try:
+                    found.append(client.call(service["command_endpoint"], "status", timeout_s=2).result)
+                except client.NoReply:
+                    found.append({"service": service["name"], "status": "no reply"})
+        return found
+
+    def finish(self, timeout_s: float = 120.0) -> tuple[int, str]:
+        try:
+            output, _ = self.process.communicate(timeout=timeout_s)
+        finally:
+            self.feed.close()
+        return self.process.returncode, output
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.feed.close()
+
+    def summary(self) -> dict[str, Any]:
+        return json.loads((self.out / "summary.json").read_text())
+
+
+@pytest.fixture
+def start_run(tmp_path: Path):
+    runs: list[Run] = []
+
+    def start(pipeline: Path, *args: str) -> Run:
+        run = Run(pipeline, *args, cwd=tmp_path)
+        runs.append(run)
+        return run
+
+    yield start
+    for run in runs:
+        run.stop()

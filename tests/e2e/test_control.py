@@ -1,0 +1,118 @@
+"""Commands against a running pipeline: garbage, abort mid-stream, live configuration."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import h5py
+import numpy as np
+import pytest
+import zmq
+
+from libs.common import client
+from tests.conftest import Run, synthetic_pipeline, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("control")
+    pipeline = synthetic_pipeline(directory, frames=300, rate_hz=500)
+    run = Run(pipeline, cwd=directory)
+    run.wait_ready(4)
+    yield run
+    run.stop()
+
+
+def garbage(rng: random.Random) -> list[bytes]:
+    """One malformed command message, of many kinds."""
+    kinds = [
+        lambda: [b"not json at all"],
+        lambda: [bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 200)))],
+        lambda: [b"[1, 2, 3]"],
+        lambda: [b'"just a string"'],
+        lambda: [b"{}"],
+        lambda: [json.dumps({"cmd": "explode", "id": 3}).encode()],
+        lambda: [json.dumps({"cmd": 42}).encode()],
+        lambda: [json.dumps({"cmd": "start_scan", "args": {"scan_id": 5}}).encode()],
+        lambda: [json.dumps({"cmd": "start_scan", "args": {"scan_id": "../../etc/passwd"}}).encode()],
+        lambda: [json.dumps({"cmd": "start_scan", "args": {"scan_id": "x", "n_frames": -3}}).encode()],
+        lambda: [json.dumps({"cmd": "configure", "args": {"stage": "worker", "params": "fast"}}).encode()],
+        lambda: [json.dumps({"cmd": "configure", "args": {"stage": "nope", "params": {}}}).encode()],
+        lambda: [json.dumps({"cmd": "ping", "args": {"extra": 1}}).encode()],
+        lambda: [json.dumps({"cmd": "abort", "args": {"scan_id": "not-running"}}).encode()],
+        lambda: [json.dumps({"cmd": "heartbeat", "args": {"instance": "ghost"}}).encode()],
+        lambda: [json.dumps({"cmd": "ping", "args": [1]}).encode()],
+        lambda: [b'{"cmd": "ping", "id": ' + b"[" * 5000 + b"]" * 5000 + b"}"],
+        lambda: [b"{" * 100_000],
+        lambda: [json.dumps({"cmd": "status", "pad": "x" * (2 << 20)}).encode()],
+        lambda: [b"\xff\xfe\x00garbage", b"second part", b"third"],
+        lambda: [b""],
+    ]
+    return rng.choice(kinds)()
+
+
+@pytest.mark.parametrize("target", ["handler", "worker.1"])
+def test_malformed_commands_get_errors_and_nothing_dies(run, target):
+    endpoint = run.endpoint if target == "handler" else run.service(target)["command_endpoint"]
+    rng = random.Random(7)
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(endpoint)
+    sent = 500
+    for _ in range(sent):
+        socket.send_multipart(garbage(rng))
+    replies = []
+    while len(replies) < sent and socket.poll(5000):
+        replies.append(json.loads(socket.recv_multipart()[-1]))
+    socket.close()
+    assert len(replies) == sent, f"{sent - len(replies)} malformed commands got no reply"
+    assert all(r["ok"] is False and r["error"]["message"] for r in replies)
+    assert {r["error"]["type"] for r in replies} >= {"MessageError", "UnknownCommand"}
+    for service in run.ctl("status").result["services"]:
+        if service["state"] == "up":
+            assert client.call(service["command_endpoint"], "ping", timeout_s=2).result["pong"]
+    assert run.ctl("ping").result["pong"]
+
+
+def test_abort_drops_the_scan_everywhere_and_the_next_scan_runs(run):
+    assert run.ctl("start_scan", {"scan_id": "doomed", "n_frames": 5000}).ok
+    wait_for(lambda: run.ctl("status").result["scan"]["stages"]["writer"]["written"] > 50, 20,
+             "frames at the writer")
+    reply = run.ctl("abort", {"scan_id": "doomed"})
+    assert reply.ok and reply.result["scan_id"] == "doomed"
+    aborted = run.out / "doomed_raw.cxi"
+    with h5py.File(aborted, "r") as f:
+        kept = len(f["entry_1/data_1/frame_number"])
+    assert 50 < kept < 5000
+    assert run.ctl("start_scan", {"scan_id": "after", "n_frames": 300}).ok
+    finished = run.wait_scan("after")
+    assert finished["summary"]["frames_written"] == 300 and finished["summary"]["frames_lost"] == 0
+    with h5py.File(aborted, "r") as f:
+        assert len(f["entry_1/data_1/frame_number"]) == kept, "the aborted scan's file changed after abort"
+    with h5py.File(run.out / "after_raw.cxi", "r") as f:
+        np.testing.assert_array_equal(f["entry_1/data_1/frame_number"][...], np.arange(300))
+
+
+def test_configure_changes_the_following_frames_and_refuses_bad_values(run):
+    assert run.ctl("start_scan", {"scan_id": "tuned", "n_frames": 600}).ok
+    wait_for(lambda: run.ctl("status").result["scan"]["stages"]["writer"]["written"] > 100, 20,
+             "frames at the writer")
+    reply = run.ctl("configure", {"stage": "worker", "params": {"offset": 100}})
+    assert reply.ok and reply.result["params"]["offset"] == 100
+    for bad in ({"offset": -5}, {"offset": "lots"}, {"no_such_param": 1}):
+        refused = run.ctl("configure", {"stage": "worker", "params": bad})
+        assert not refused.ok and refused.error["type"] == "ParameterError", refused
+    for service in run.ctl("status").result["services"]:
+        if service["stage"] == "worker" and service["state"] == "up":
+            status = client.call(service["command_endpoint"], "status").result
+            assert status["params"]["offset"] == 100
+    run.wait_scan("tuned")
+    with h5py.File(run.out / "tuned_raw.cxi", "r") as f:
+        corner = f["entry_1/data_1/data"][:, -1, -1].astype(int)
+    offset = corner - np.arange(600) % 251
+    assert set(offset) == {0, 100}
+    assert offset[:50].max() == 0 and offset[-50:].min() == 100
+    assert run.ctl("configure", {"stage": "worker", "params": {"offset": 0}}).ok
