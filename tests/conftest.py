@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-import zmq
 
 from libs.common import client
 
@@ -72,29 +71,9 @@ params = {{ output_dir = "{directory / 'out'}" }}
     return path
 
 
-class Feed:
-    """Subscriber to the handler's status PUB; keeps every event it has seen."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.socket = zmq.Context.instance().socket(zmq.SUB)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.SUBSCRIBE, b"event")
-        self.socket.connect(endpoint)
-        self.events: list[dict[str, Any]] = []
-
-    def pump(self) -> None:
-        while self.socket.poll(0):
-            self.events.append(json.loads(self.socket.recv_multipart()[1]))
-
+class Feed(client.StatusFeed):
     def wait(self, kind: str, timeout_s: float = 30.0, **match: Any) -> dict[str, Any]:
-        def found() -> dict[str, Any] | None:
-            self.pump()
-            return next((e for e in self.events
-                         if e["kind"] == kind and all(e.get(k) == v for k, v in match.items())), None)
-        return wait_for(found, timeout_s, f"event {kind} {match}")
-
-    def close(self) -> None:
-        self.socket.close(linger=0)
+        return wait_for(lambda: self.find(kind, **match), timeout_s, f"event {kind} {match}")
 
 
 class Run:

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import zmq
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -164,38 +163,11 @@ def unique_scan_id(prefix: str, out: Path) -> str:
     raise RuntimeError(f"no free scan id {prefix}_NNNN left in {out}")
 
 
-class ScanWatcher:
-    """Follows the handler's status feed: scan events and progress for the console."""
-
-    def __init__(self, endpoint: str) -> None:
-        self._socket = zmq.Context.instance().socket(zmq.SUB)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        for topic in (b"event", b"status"):
-            self._socket.setsockopt(zmq.SUBSCRIBE, topic)
-        self._socket.connect(endpoint)
-        self.status: dict[str, Any] | None = None
-
-    def events(self, timeout_s: float) -> list[dict[str, Any]]:
-        found = []
-        if self._socket.poll(timeout_s * 1000):
-            while self._socket.poll(0):
-                topic, body = self._socket.recv_multipart()[:2]
-                message = json.loads(body)
-                if topic == b"status":
-                    self.status = message
-                else:
-                    found.append(message)
-        return found
-
-    def close(self) -> None:
-        self._socket.close(linger=0)
-
-
 def run(*, pipeline_file: str, pipeline: Pipeline, overrides: list[str], simulate: bool, scans: int | None,
         out: Path, summary_path: Path) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     launcher = Launcher(pipeline_file, pipeline, overrides)
-    watcher = ScanWatcher(pipeline.handler.status)
+    watcher = client.StatusFeed(pipeline.handler.status)
     finished: list[dict[str, Any]] = []
     code = 0
     try:
@@ -240,7 +212,7 @@ def stage_totals(pipeline: Pipeline, scans: list[dict[str, Any]]) -> dict[str, d
     return totals
 
 
-def _follow(launcher: Launcher, watcher: ScanWatcher, finished: list[dict[str, Any]], wanted: int | None) -> int:
+def _follow(launcher: Launcher, watcher: client.StatusFeed, finished: list[dict[str, Any]], wanted: int | None) -> int:
     """Supervise and show progress until `wanted` scans have ended (forever if None)."""
     code = 0
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -248,7 +220,7 @@ def _follow(launcher: Launcher, watcher: ScanWatcher, finished: list[dict[str, A
         task = progress.add_task("waiting for a scan", total=None)
         while wanted is None or len(finished) < wanted:
             launcher.supervise()
-            for event in watcher.events(0.2):
+            for event in watcher.pump(0.2):
                 kind = event.get("kind")
                 if kind in ("service_down", "service_up", "scan_started"):
                     console.log(f"{event['service']}: {event['message']}")

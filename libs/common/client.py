@@ -6,6 +6,7 @@ A fresh DEALER per call (the Lazy Pirate way): a lost reply never poisons the ne
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from typing import Any
 
@@ -41,3 +42,39 @@ def send_raw(endpoint: str, payload: bytes | list[bytes], *, timeout_s: float = 
         return messages.REPLIES.validate_json(socket.recv_multipart()[-1])
     finally:
         socket.close(linger=0)
+
+
+class StatusFeed:
+    """A subscriber to the handler's status PUB: keeps the newest snapshot and every event seen."""
+
+    def __init__(self, endpoint: str, topics: tuple[bytes, ...] = (b"event", b"status"),
+                 context: zmq.Context | None = None) -> None:
+        self._socket = (context or zmq.Context.instance()).socket(zmq.SUB)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        for topic in topics:
+            self._socket.setsockopt(zmq.SUBSCRIBE, topic)
+        self._socket.connect(endpoint)
+        self.status: dict[str, Any] | None = None
+        self.events: list[dict[str, Any]] = []
+
+    def pump(self, timeout_s: float = 0.0) -> list[dict[str, Any]]:
+        """Read what has arrived (waiting up to `timeout_s` for the first message); the new events."""
+        new: list[dict[str, Any]] = []
+        if self._socket.poll(timeout_s * 1000):
+            while self._socket.poll(0):
+                topic, body = self._socket.recv_multipart()[:2]
+                message = json.loads(body)
+                if topic == b"status":
+                    self.status = message
+                else:
+                    new.append(message)
+        self.events.extend(new)
+        return new
+
+    def find(self, kind: str, **match: Any) -> dict[str, Any] | None:
+        self.pump()
+        return next((e for e in self.events
+                     if e["kind"] == kind and all(e.get(k) == v for k, v in match.items())), None)
+
+    def close(self) -> None:
+        self._socket.close(linger=0)

@@ -22,6 +22,8 @@ ack: [[epoch, frame], ...]}]. Producer -> consumer: [b"F", *frame parts].
 from __future__ import annotations
 
 import logging
+import tempfile
+import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -73,8 +75,14 @@ class Outlet:
         self.socket.setsockopt(zmq.SNDHWM, 64)
         port = self.socket.bind_to_random_port(f"tcp://{host}")
         self.endpoint = f"tcp://{host}:{port}"
+        # Consumers on this host connect over a Unix socket instead: same semantics, less work
+        # per byte than loopback TCP (reference/zmq_patterns.md 3.1).
+        self.local_endpoint = f"ipc://{tempfile.gettempdir()}/surveyor-{uuid.uuid4().hex}.ipc"
+        self.socket.bind(self.local_endpoint)
         self.routes: dict[str, _Route] = {}
         self._owner: dict[bytes, _Route] = {}
+        self._strangers: dict[bytes, tuple[str, int]] = {}
+        """Consumers that said hello for a stage this outlet does not serve yet (wiring races)."""
         self._on_delivered = on_delivered
         self.max_pending = max_pending
 
@@ -82,6 +90,10 @@ class Outlet:
         """Serve a downstream stage (again: an existing queue is kept, its policy updated)."""
         route = self.routes.setdefault(stage, _Route(stage, latest, depth))
         route.latest, route.depth = latest, depth
+        for identity, (wanted, credit) in list(self._strangers.items()):
+            if wanted == stage:
+                del self._strangers[identity]
+                self._hello(identity, stage, credit)
 
     # --- producing ---------------------------------------------------------------------------
 
@@ -153,8 +165,9 @@ class Outlet:
     def _hello(self, identity: bytes, stage: str, credit: int) -> None:
         route = self.routes.get(stage)
         if route is None:
-            logger.warning("consumer %s of stage %r is not downstream of this stage; ignored",
+            logger.warning("consumer %s of stage %r is not (yet) downstream of this stage",
                            identity.decode(errors="replace"), stage)
+            self._strangers[identity] = (stage, credit)
             return
         consumer = route.consumers.setdefault(identity, _Consumer(identity))
         consumer.credit = credit
@@ -177,6 +190,7 @@ class Outlet:
 
     def consumer_lost(self, identity: bytes) -> int:
         """Forget a dead consumer and queue its unacknowledged frames first; returns how many."""
+        self._strangers.pop(identity, None)
         route = self._owner.pop(identity, None)
         if route is None:
             return 0

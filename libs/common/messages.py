@@ -93,6 +93,8 @@ class ServiceIdentity(Strict):
     pid: int
     command_endpoint: str
     data_endpoint: str | None = None
+    data_endpoint_local: str | None = None
+    """The same data port over a Unix socket, for consumers on the same host."""
 
 
 class ServiceInfo(ServiceIdentity):

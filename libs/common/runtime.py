@@ -42,6 +42,9 @@ from libs.common.ports import CommandPort
 
 logger = logging.getLogger(__name__)
 
+FRAMES_PER_TURN = 8
+"""Frames taken from one producer link per loop turn; commands are still served between frames."""
+
 Token = tuple[str, FrameKey]
 """A frame being worked on: (producer instance, (epoch, frame))."""
 
@@ -110,6 +113,7 @@ class Service:
 
         self.outlet = Outlet(self._context, host=host, on_delivered=self._delivered)
         self._poller.register(self.outlet.socket, zmq.POLLIN)
+        self._wire(pipeline)
         self.inlet = Inlet(self._context, self._poller, identity=self.instance.encode(), stage=stage,
                            credit=pipeline.stages[stage].credit)
         self._link: zmq.Socket | None = None
@@ -189,9 +193,11 @@ class Service:
         if self.outlet.socket in events:
             self.outlet.receive()
         for sock in [s for s in events if s in self.inlet.links]:
-            producer = self.inlet.links.get(sock)
-            parts = self.inlet.receive(sock) if producer else None
-            if parts is not None:
+            for _ in range(FRAMES_PER_TURN):
+                producer = self.inlet.links.get(sock)
+                parts = self.inlet.receive(sock) if producer else None
+                if parts is None:
+                    break
                 self._on_data(producer, parts)
                 self._drain_control()
         if self._next_produce is not None and self.can_produce() and time.monotonic() >= self._next_produce:
@@ -212,8 +218,11 @@ class Service:
         return None if delay is None else time.monotonic() + delay
 
     def _drain_control(self) -> None:
-        self._commands.drain()
-        self._drain_link()
+        """Serve waiting commands; checking EVENTS first keeps this cheap between frames."""
+        if self._command_socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._commands.drain()
+        if self._link.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._drain_link()
 
     def _settle(self) -> None:
         """Grant the credit owed once there is room downstream, send acks, report a finished source."""
@@ -370,7 +379,8 @@ class Service:
             identity = ServiceIdentity(name=self.name, stage=self.stage, instance=self.instance,
                                        host=net.gethostname(), pid=os.getpid(),
                                        command_endpoint=self.command_endpoint,
-                                       data_endpoint=self.outlet.endpoint)
+                                       data_endpoint=self.outlet.endpoint,
+                                       data_endpoint_local=self.outlet.local_endpoint)
             self._send("register", identity.model_dump(), self._on_registered)
             return
         self._send("heartbeat", {"instance": self.instance, "topology_version": self._topology_version,
@@ -411,7 +421,8 @@ class Service:
                 self.outlet.consumer_lost(service.instance.encode())
             elif service.stage in inputs and service.data_endpoint:
                 self._producer_stage[service.instance] = service.stage
-                self.inlet.connect(service.instance, service.data_endpoint)
+                local = service.host == net.gethostname() and service.data_endpoint_local
+                self.inlet.connect(service.instance, local or service.data_endpoint)
 
     def _forget_producer(self, producer: str) -> None:
         """Frames from a dead producer will be sent again by nobody; stop waiting to ack them."""
