@@ -37,7 +37,8 @@ def render(status: dict[str, Any]) -> Group:
 
 
 def show(status: dict[str, Any]) -> None:
-    console.print(render(status))
+    # Piped into a file or another program, keep every column whole.
+    (console if console.is_terminal else Console(width=200)).print(render(status))
 
 
 def watch(endpoint: str) -> int:

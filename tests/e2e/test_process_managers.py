@@ -1,0 +1,61 @@
+"""The same pipeline under supervisord (generated configuration) and the CLI around it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from libs.common import client
+from libs.common.pipeline import load
+from tests.conftest import synthetic_pipeline, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def surveyor(*args: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "libs.cli.main", *args], capture_output=True, text=True,
+                          timeout=60, env=env)
+
+
+def test_supervisord_runs_restarts_and_logs_the_pipeline(tmp_path):
+    pipeline_path = synthetic_pipeline(tmp_path, frames=300)
+    endpoint = load(pipeline_path).handler.command
+    conf = tmp_path / "surveyor.conf"
+    generated = surveyor("supervisor-conf", str(pipeline_path), "--log-dir", str(tmp_path / "logs"))
+    assert generated.returncode == 0, generated.stderr
+    conf.write_text(generated.stdout)
+    (tmp_path / "logs").mkdir()
+    daemon = subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def services():
+            try:
+                found = client.call(endpoint, "status", timeout_s=1).result["services"]
+            except client.NoReply:
+                return []
+            return [s for s in found if s["state"] == "up"]
+        up = wait_for(lambda: len(services()) == 4 and services(), 60, "4 services under supervisord")
+        assert sorted(s["name"] for s in up) == ["receiver.1", "worker.1", "worker.2", "writer.1"]
+        victim = next(s for s in up if s["name"] == "worker.2")
+        os.kill(victim["pid"], signal.SIGKILL)
+        wait_for(lambda: any(s["name"] == "worker.2" and s["pid"] != victim["pid"] for s in services()), 30,
+                 "supervisord to restart worker.2")
+        assert client.call(endpoint, "start_scan", {"scan_id": "supervised", "n_frames": 300}).ok
+        wait_for(lambda: any(scan["scan_id"] == "supervised" and scan["frames_written"] == 300
+                             for scan in client.call(endpoint, "status").result["scans"]), 30, "the scan to finish")
+        env = {**os.environ, "SURVEYOR_LOG_DIR": str(tmp_path / "logs")}
+        logs = surveyor("logs", "worker.2", env=env)
+        assert logs.returncode == 0 and "registered with the handler" in logs.stdout
+        ping = surveyor("ctl", "--handler", endpoint, "ping")
+        assert ping.returncode == 0 and '"pong": true' in ping.stdout
+        wrong = surveyor("ctl", "--handler", endpoint, "explode")
+        assert wrong.returncode == 1 and "UnknownCommand" in wrong.stdout
+        status = surveyor("status", "--handler", endpoint)
+        assert status.returncode == 0 and "worker.2" in status.stdout
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(30)
