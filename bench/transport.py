@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from libs.common import client  # noqa: E402
 from services.receiver.synthetic import synthetic_frame  # noqa: E402
-from tests.conftest import free_port, wait_for  # noqa: E402
+from tests.conftest import free_port, synthetic_pipeline, wait_for  # noqa: E402
 
 SIZES = {"1MiB": (512, 1024), "8MiB": (2048, 2048)}
 
@@ -97,29 +97,6 @@ def raw_pyzmq(shape: tuple[int, int], frames: int, *, transport: str, forwarders
     return {"frames_per_s": round(rate, 1), "MB_per_s": round(rate * np.prod(shape) * 2 / 1e6, 1)}
 
 
-def pipeline_file(directory: Path, shape: tuple[int, int], frames: int) -> Path:
-    path = directory / "bench.toml"
-    path.write_text(f"""
-[handler]
-command = "tcp://127.0.0.1:{free_port()}"
-status = "tcp://127.0.0.1:{free_port()}"
-[simulation]
-frames = {frames}
-shape = {list(shape)}
-dtype = "uint16"
-[stages.receiver]
-service = "receiver"
-[stages.worker]
-service = "passthrough"
-processes = 2
-inputs = ["receiver"]
-[stages.sink]
-service = "passthrough"
-inputs = ["worker"]
-""")
-    return path
-
-
 def percentile(values: list[float], q: float) -> float:
     return round(float(np.percentile(values, q)) * 1000, 2) if values else float("nan")
 
@@ -127,7 +104,7 @@ def percentile(values: list[float], q: float) -> float:
 def surveyor_pipeline(shape: tuple[int, int], frames: int) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        path = pipeline_file(directory, shape, frames)
+        path = synthetic_pipeline(directory, frames=frames, shape=shape, sink="passthrough")
         from libs.common.pipeline import load
 
         handler = load(path).handler
@@ -164,9 +141,9 @@ def surveyor_pipeline(shape: tuple[int, int], frames: int) -> dict[str, object]:
             feed.close()
             run.wait(60)
         summary = finished["summary"]
-        rate = summary["stages"]["sink"]["frames_in"] / summary["wall_s"]
+        rate = summary["stages"]["writer"]["frames_in"] / summary["wall_s"]
         return {"frames_per_s": round(rate, 1), "MB_per_s": round(rate * np.prod(shape) * 2 / 1e6, 1),
-                "frames_at_sink": summary["stages"]["sink"]["frames_in"], "frames_lost": summary["frames_lost"],
+                "frames_at_sink": summary["stages"]["writer"]["frames_in"], "frames_lost": summary["frames_lost"],
                 "pings_unanswered": unanswered,
                 "ping_ms": {name: {"median": percentile(v, 50), "p99": percentile(v, 99), "n": len(v)}
                             for name, v in rtt.items()}}

@@ -38,9 +38,11 @@ def wait_for(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
 
 
 def synthetic_pipeline(directory: Path, *, frames: int = 200, rate_hz: float = 0, shape=(64, 64),
-                       workers: int = 2, worker_params: str = "{}", extra: str = "") -> Path:
-    """A receiver -> worker (pass-through) -> writer pipeline file on free ports."""
+                       workers: int = 2, worker_params: str = "{}", sink: str = "writer") -> Path:
+    """A receiver -> worker (pass-through) -> sink pipeline file on free ports; the sink stage is
+    called `writer` and runs the writer service, or another (`passthrough`) to measure transport."""
     path = directory / "pipeline.toml"
+    sink_params = f'{{ output_dir = "{directory / "out"}" }}' if sink == "writer" else "{}"
     path.write_text(f"""
 [handler]
 command = "tcp://127.0.0.1:{free_port()}"
@@ -63,10 +65,9 @@ inputs = ["receiver"]
 params = {worker_params}
 
 [stages.writer]
-service = "writer"
+service = "{sink}"
 inputs = ["worker"]
-params = {{ output_dir = "{directory / 'out'}" }}
-{extra}
+params = {sink_params}
 """)
     return path
 

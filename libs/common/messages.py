@@ -101,8 +101,12 @@ class ServiceInfo(ServiceIdentity):
     state: Literal["up", "dead"] = "up"
 
 
-class ScanCounters(Strict):
-    """What one service did for one scan; returned when the scan ends."""
+class ScanCounters(BaseModel):
+    """What one service did: for one scan (returned when it ends) or since it started.
+
+    Mutable: the runtime counts into it as frames go by."""
+
+    model_config = ConfigDict(extra="forbid")
 
     frames_in: int = 0
     frames_out: int = 0

@@ -25,7 +25,6 @@ import socket as net
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, ClassVar
 
 import zmq
@@ -49,18 +48,6 @@ Token = tuple[str, FrameKey]
 """A frame being worked on: (producer instance, (epoch, frame))."""
 
 
-@dataclass
-class Counters:
-    frames_in: int = 0
-    frames_out: int = 0
-    rejected: int = 0
-    duplicates: int = 0
-    dropped: int = 0
-    written: int = 0
-    busy_s: float = 0.0
-    outputs: list[str] = field(default_factory=list)
-
-
 def advertised(host: str) -> str:
     """The address others use to reach a port bound on `host`."""
     return net.gethostname() if host in ("0.0.0.0", "*", "") else host
@@ -80,8 +67,8 @@ class Service:
         self.params: BaseModel = self.Params.model_validate(pipeline.stages[stage].params)
         self.epoch = 0
         self.scan: ScanDescription | None = None
-        self.totals = Counters()
-        self.counters = Counters()
+        self.totals = ScanCounters()
+        self.counters = ScanCounters()
         self._context = context or zmq.Context()
         self._own_context = context is None
         self._poller = zmq.Poller()
@@ -306,7 +293,7 @@ class Service:
         self._source_done = None
         self._next_produce = None
         self.epoch = epoch
-        self.counters = Counters()
+        self.counters = ScanCounters()
         return dropped
 
     def _wire(self, pipeline: Pipeline) -> None:
@@ -487,7 +474,7 @@ class Service:
 
     def _start_scan(self, scan: ScanDescription) -> None:
         self.scan = scan
-        self.counters = Counters()
+        self.counters = ScanCounters()
         logger.info("scan %s started (epoch %d)", scan.scan_id, self.epoch)
         self.on_scan_start(scan)
         self._next_produce = time.monotonic()
@@ -505,10 +492,8 @@ class Service:
     # --- reporting ------------------------------------------------------------------------------
 
     def scan_counters(self) -> ScanCounters:
-        c = self.counters
-        return ScanCounters(frames_in=c.frames_in, frames_out=c.frames_out, rejected=c.rejected,
-                            duplicates=c.duplicates, dropped=c.dropped, written=c.written,
-                            busy_s=round(c.busy_s, 4), outputs=list(c.outputs))
+        return self.counters.model_copy(update={"busy_s": round(self.counters.busy_s, 4),
+                                                "outputs": list(self.counters.outputs)})
 
     def stats(self) -> ServiceStats:
         t = self.totals
