@@ -1,7 +1,8 @@
 """The writer stage: every frame of a scan into `<output_dir>/<scan_id>_raw.cxi`.
 
 The file opens with the first frame (its shape and dtype come with it) and closes when the scan
-ends or is aborted; `written` and the file path go into the scan's counters.
+ends or is aborted; `written` and the file path go into the scan's counters. A writer restarted
+mid-scan continues in `<scan_id>_raw.part2.cxi` rather than overwrite what is on disk.
 """
 
 from __future__ import annotations
@@ -25,6 +26,16 @@ class Params(BaseModel):
     output_dir: str = "out"
 
 
+def free_path(directory: Path, stem: str) -> Path:
+    """`stem.cxi`, or `stem.partN.cxi` when a writer restarted mid-scan: never overwrite a file."""
+    path = directory / f"{stem}.cxi"
+    part = 1
+    while path.exists():
+        part += 1
+        path = directory / f"{stem}.part{part}.cxi"
+    return path
+
+
 class Service(Runtime):
     Params = Params
     _raw: RawFile | None = None
@@ -34,7 +45,7 @@ class Service(Runtime):
         if spec.compression != "none":
             raise FrameError(f"frame {frame.header.frame}: {spec.compression} frames are not written yet")
         if self._raw is None:
-            path = Path(self.params.output_dir) / f"{frame.header.scan_id}_raw.cxi"
+            path = free_path(Path(self.params.output_dir), f"{frame.header.scan_id}_raw")
             self._raw = RawFile(path, shape=spec.shape, dtype=spec.dtype)
             logger.info("scan %s: writing %s", frame.header.scan_id, path)
             self.counters.outputs.append(str(path))
