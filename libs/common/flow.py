@@ -26,6 +26,7 @@ import tempfile
 import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import msgpack
@@ -242,6 +243,7 @@ class Outlet:
 
     def close(self) -> None:
         self.socket.close(linger=0)
+        Path(self.local_endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
 
 
 class Inlet:

@@ -95,3 +95,15 @@ def test_back_pressure_and_dropping_old_epochs(context):
     outlet.send(frame(0, epoch=2).key, frame(0, epoch=2).encode())
     assert outlet.drop_before(2) == 3 and outlet.pending == 1 and not outlet.full()
     outlet.close()
+
+
+def test_a_consumer_that_says_hello_before_the_route_exists_is_served_once_it_does(context):
+    outlet = Outlet(context, host="127.0.0.1", on_delivered=lambda parent: None)
+    early = Consumer(context, outlet, "early", credit=2)
+    settle(outlet, [early], acks=[True], seconds=0.2)  # hello arrives, no route yet
+    outlet.add_route("w", latest=False, depth=2)
+    outlet.send(frame(0).key, frame(0).encode(), parent=0)
+    settle(outlet, [early], acks=[True], seconds=0.3)
+    assert early.received == [0] and outlet.outstanding(1) == 0
+    outlet.close()
+    early.inlet.close()
