@@ -227,6 +227,7 @@ def _follow(launcher: Launcher, watcher: client.StatusFeed, finished: list[dict[
                 if kind == "scan_finished":
                     record = event["summary"]
                     finished.append(record)
+                    progress.update(task, total=record["frames_received"], completed=record["frames_received"])
                     console.log(f"scan {record['scan_id']}: {record['frames_received']} frames received, "
                                 f"{record['frames_lost']} lost, {record['rate_hz']} Hz")
                     if record["frames_lost"]:
