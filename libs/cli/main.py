@@ -40,7 +40,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"simulation.rate_hz={args.rate}")
     pipeline = _pipeline(args.pipeline, overrides)
     writer = pipeline.stages.get("writer")
-    if writer is not None and writer.service == "writer" and not any(o.startswith("stages.writer.params.output_dir") for o in overrides):
+    chosen = any(o.startswith("stages.writer.params.output_dir") for o in overrides)
+    if writer is not None and writer.service == "writer" and not chosen:
         overrides.append(f"stages.writer.params.output_dir={json.dumps(str(out))}")
         pipeline = _pipeline(args.pipeline, overrides)
     return launcher.run(pipeline_file=args.pipeline, pipeline=pipeline, overrides=overrides,

@@ -94,7 +94,7 @@ class Frame:
 
     def raw(self, name: str = "data") -> memoryview:
         """The named array's bytes as they travel (compressed or not)."""
-        for spec, buffer in zip(self.header.arrays, self.buffers):
+        for spec, buffer in zip(self.header.arrays, self.buffers, strict=True):
             if spec.name == name:
                 return view(buffer)
         raise KeyError(f"frame {self.header.frame} has no array {name!r}")
@@ -138,7 +138,7 @@ def decode(parts: Sequence[Any]) -> Frame:
     if len(buffers) != len(header.arrays):
         raise FrameError(f"frame {header.frame}: header lists {len(header.arrays)} arrays, "
                          f"message carries {len(buffers)} buffers")
-    for spec, buffer in zip(header.arrays, buffers):
+    for spec, buffer in zip(header.arrays, buffers, strict=True):
         size = len(view(buffer))
         if spec.compression == "none" and size != spec.nbytes:
             raise FrameError(f"frame {header.frame}: array {spec.name!r} {spec.dtype}{list(spec.shape)} "

@@ -68,7 +68,7 @@ class Pipeline(Strict):
                 if source not in self.stages:
                     raise ValueError(f"stages.{name}.inputs names {source!r}, which is not a stage; "
                                      f"stages are {sorted(self.stages)}")
-        self.topological_order  # raises on a cycle
+        _ = self.topological_order  # computing the order raises on a cycle
         return self
 
     @cached_property

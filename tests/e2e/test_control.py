@@ -92,6 +92,7 @@ def test_abort_drops_the_scan_everywhere_and_the_next_scan_runs(run):
     assert finished["summary"]["frames_written"] == 300 and finished["summary"]["frames_lost"] == 0
     with h5py.File(aborted, "r") as f:
         assert len(f["entry_1/data_1/frame_number"]) == kept, "the aborted scan's file changed after abort"
+    assert not list(run.out.glob("doomed_raw.part*")), "frames of the aborted epoch reached the writer"
     with h5py.File(run.out / "after_raw.cxi", "r") as f:
         np.testing.assert_array_equal(f["entry_1/data_1/frame_number"][...], np.arange(300))
 
