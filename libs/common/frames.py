@@ -21,6 +21,7 @@ import msgpack
 import numpy as np
 from pydantic import Field, ValidationError, field_validator
 
+from libs.common import codecs
 from libs.common.errors import FrameError
 from libs.common.messages import Epoch, FrameNumber, Strict, describe
 
@@ -71,6 +72,7 @@ class Frame:
 
     header: FrameHeader
     buffers: Sequence[Any] = field(default_factory=list)
+    _decoded: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def key(self) -> FrameKey:
@@ -80,11 +82,17 @@ class Frame:
     def from_arrays(cls, *, scan_id: str, epoch: int, frame: int, origin: str,
                     arrays: dict[str, np.ndarray], meta: dict[str, Any] | None = None) -> Frame:
         contiguous = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
-        specs = tuple(ArraySpec(name=name, dtype=a.dtype.str, shape=a.shape)
-                      for name, a in contiguous.items())
+        specs = [ArraySpec(name=name, dtype=a.dtype.str, shape=a.shape) for name, a in contiguous.items()]
+        return cls.from_blobs(scan_id=scan_id, epoch=epoch, frame=frame, origin=origin,
+                              blobs=list(zip(specs, contiguous.values(), strict=True)), meta=meta)
+
+    @classmethod
+    def from_blobs(cls, *, scan_id: str, epoch: int, frame: int, origin: str,
+                   blobs: Sequence[tuple[ArraySpec, Any]], meta: dict[str, Any] | None = None) -> Frame:
+        """A frame of buffers that travel as they are (compressed blobs from a detector)."""
         header = FrameHeader(scan_id=scan_id, epoch=epoch, frame=frame, origin=origin,
-                             arrays=specs, meta=meta or {})
-        return cls(header, list(contiguous.values()))
+                             arrays=tuple(spec for spec, _ in blobs), meta=meta or {})
+        return cls(header, [buffer for _, buffer in blobs])
 
     def spec(self, name: str = "data") -> ArraySpec:
         for spec in self.header.arrays:
@@ -100,12 +108,14 @@ class Frame:
         raise KeyError(f"frame {self.header.frame} has no array {name!r}")
 
     def array(self, name: str = "data") -> np.ndarray:
-        """The named uncompressed array as a read-only view of the message memory."""
+        """The named array's pixels: a read-only view of the message memory when it travels
+        uncompressed, else decoded once (FrameError if the blob is damaged)."""
         spec = self.spec(name)
-        if spec.compression != "none":
-            raise FrameError(f"array {name!r} of frame {self.header.frame} is {spec.compression}-"
-                             "compressed: decode it with libs.common.codecs first")
-        return np.frombuffer(self.raw(name), dtype=spec.dtype).reshape(spec.shape)
+        if spec.compression == "none":
+            return np.frombuffer(self.raw(name), dtype=spec.dtype).reshape(spec.shape)
+        if name not in self._decoded:
+            self._decoded[name] = codecs.decompress(self.raw(name), spec.compression, spec.shape, spec.dtype)
+        return self._decoded[name]
 
     def replace(self, *, origin: str | None = None, arrays: dict[str, np.ndarray] | None = None,
                 meta: dict[str, Any] | None = None) -> Frame:

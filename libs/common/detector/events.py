@@ -1,0 +1,122 @@
+"""The three things a detector stream says, whatever its format: a series starts, an image, it ends."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import numpy as np
+from pydantic import Field
+
+from libs.common import codecs
+from libs.common.errors import FrameError
+from libs.common.frames import ArraySpec
+from libs.common.messages import Strict
+
+
+class StreamError(FrameError):
+    """A detector message that cannot be used; the reason goes to status and the event stream."""
+
+
+class DetectorInfo(Strict):
+    """What the series header says about the detector and the beam, in SI units and numpy order."""
+
+    shape: tuple[int, int] | None = None
+    dtype: str | None = None
+    n_images: int | None = Field(None, ge=0)
+    energy_ev: float | None = None
+    distance_m: float | None = None
+    pixel_size_m: tuple[float, float] | None = None
+    beam_center_px: tuple[float, float] | None = None
+    count_time_s: float | None = None
+    frame_time_s: float | None = None
+    threshold_energy_ev: float | None = None
+    sensor_material: str | None = None
+    sensor_thickness_m: float | None = None
+    description: str | None = None
+    serial_number: str | None = None
+
+    def scan_fields(self) -> dict[str, Any]:
+        """The ScanDescription fields this header can fill."""
+        fields = {"energy_ev": self.energy_ev, "distance_m": self.distance_m,
+                  "pixel_size_m": self.pixel_size_m[1] if self.pixel_size_m else None,
+                  "beam_center_px": self.beam_center_px}
+        return {k: v for k, v in fields.items() if v not in (None, 0, 0.0, (0.0, 0.0))}
+
+
+@dataclass
+class SeriesStart:
+    series: str
+    info: DetectorInfo = field(default_factory=DetectorInfo)
+    config: dict[str, Any] = field(default_factory=dict)
+    """Everything else the header said, JSON-safe, as the detector named it."""
+    flatfield: dict[str, np.ndarray] = field(default_factory=dict)
+    pixel_mask: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class Image:
+    series: str | None
+    frame: int
+    blobs: list[tuple[ArraySpec, Any]]
+    """(spec, bytes) per channel; the first is named `data`, further thresholds by channel name."""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SeriesEnd:
+    series: str | None
+
+
+Event = Union[SeriesStart, Image, SeriesEnd]
+
+
+def parse_json(part: Any, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(bytes(part))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise StreamError(f"{what} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise StreamError(f"{what} is JSON but not an object")
+    return value
+
+
+def checked_blob(name: str, blob: Any, shape: Any, dtype: Any, compression: str) -> tuple[ArraySpec, Any]:
+    """Validate a pixel blob against what its message declares and give it a spec."""
+    if (not isinstance(shape, (list, tuple)) or len(shape) != 2
+            or not all(isinstance(n, int) and 0 < n <= 1 << 16 for n in shape)):
+        raise StreamError(f"image shape {shape!r} is not two sizes between 1 and 65536")
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise StreamError(f"image type {dtype!r} is not a pixel type") from None
+    if dt.kind not in "uif" or dt.itemsize > 8:
+        raise StreamError(f"image type {dtype!r} is not a pixel type")
+    spec = ArraySpec(name=name, dtype=dt.newbyteorder("<").str, shape=tuple(shape), compression=compression)
+    if compression == "none":
+        if len(blob) != math.prod(shape) * dt.itemsize:
+            raise StreamError(f"image of {dt.name}{list(shape)} needs {spec.nbytes} bytes, got {len(blob)}")
+    else:
+        try:
+            codecs.check(blob, compression, spec.shape, spec.dtype)
+        except FrameError as exc:
+            raise StreamError(f"image blob: {exc}") from None
+    return spec, blob
+
+
+def json_safe(value: Any) -> Any:
+    """Header values as JSON can hold them (arrays and byte strings summarised)."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, np.ndarray):
+        return f"<array {value.dtype}{list(value.shape)}>"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"<{len(value)} bytes>"
+    return str(value)

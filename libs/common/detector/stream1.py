@@ -1,0 +1,214 @@
+"""DECTRIS Stream V1 ("legacy"): JSON multipart messages (reference/detector_streams.md section 1).
+
+Header parts are located by their `htype`, never by index, so `header_detail` all, basic and none,
+with or without an appendix, all decode. Shapes on the wire are [x, y]; numpy's are (y, x).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+
+from libs.common.codecs import HEADER, frame_lz4
+from libs.common.detector.events import (DetectorInfo, Event, Image, SeriesEnd, SeriesStart, StreamError,
+                                         checked_blob, json_safe, parse_json)
+from libs.common.frames import view
+
+ENCODINGS = {"bs32-lz4<": ("bslz4", 4), "bs16-lz4<": ("bslz4", 2), "bs8-lz4<": ("bslz4", 1),
+             "lz4<": ("lz4", None), "<": ("none", None)}
+TYPES = {"uint8", "uint16", "uint32", "int8", "int16", "int32", "float32"}
+MAX_PARTS = 16
+
+
+def decode(parts: list[Any]) -> Event:
+    if not 1 <= len(parts) <= MAX_PARTS:
+        raise StreamError(f"Stream V1 message of {len(parts)} parts")
+    first = parse_json(view(parts[0]), "part 0")
+    htype = first.get("htype")
+    if htype == "dimage-1.0":
+        return _image(first, parts)
+    if htype == "dheader-1.0":
+        return _header(first, parts)
+    if htype == "dseries_end-1.0":
+        return SeriesEnd(series=_series(first))
+    raise StreamError(f"part 0 has htype {htype!r}, not dheader-1.0, dimage-1.0 or dseries_end-1.0")
+
+
+def _series(part: dict[str, Any]) -> str:
+    series = part.get("series")
+    if not isinstance(series, (int, str)) or isinstance(series, bool):
+        raise StreamError(f"series {series!r} is not a number")
+    return str(series)
+
+
+def _image(first: dict[str, Any], parts: list[Any]) -> Image:
+    if len(parts) < 3:
+        raise StreamError(f"dimage-1.0 message of {len(parts)} parts; needs dimage_d-1.0 and the pixels")
+    frame = first.get("frame")
+    if not isinstance(frame, int) or isinstance(frame, bool) or frame < 0:
+        raise StreamError(f"dimage-1.0 frame {frame!r} is not a frame number")
+    described = parse_json(view(parts[1]), "part 1 (dimage_d-1.0)")
+    if described.get("htype") != "dimage_d-1.0":
+        raise StreamError(f"part 1 has htype {described.get('htype')!r}, not dimage_d-1.0")
+    encoding = described.get("encoding")
+    if encoding not in ENCODINGS:
+        raise StreamError(f"encoding {encoding!r} is not one of {sorted(ENCODINGS)}")
+    compression, element = ENCODINGS[encoding]
+    dtype = described.get("type")
+    if dtype not in TYPES:
+        raise StreamError(f"pixel type {dtype!r} is not one of {sorted(TYPES)}")
+    if element is not None and element != np.dtype(dtype).itemsize:
+        raise StreamError(f"encoding {encoding} does not fit {dtype} pixels")
+    blob = view(parts[2])
+    if described.get("size", len(blob)) != len(blob):
+        raise StreamError(f"dimage_d-1.0 says {described.get('size')} bytes, part 2 has {len(blob)}")
+    shape = described.get("shape")
+    yx = list(reversed(shape)) if isinstance(shape, list) else shape
+    if compression == "lz4":
+        if not isinstance(yx, list) or not all(isinstance(n, int) and n > 0 for n in yx) or len(yx) != 2:
+            raise StreamError(f"image shape {shape!r} is not two sizes")
+        blob = frame_lz4(blob, yx[0] * yx[1] * np.dtype(dtype).itemsize)
+    spec = checked_blob("data", blob, yx, dtype, compression)
+    meta: dict[str, Any] = {}
+    for part in parts[3:]:
+        extra = parse_json(view(part), "image part")
+        if extra.get("htype") == "dconfig-1.0":
+            meta.update({k: extra[k] for k in ("start_time", "stop_time", "real_time") if k in extra})
+        else:
+            meta["appendix"] = json_safe(extra)
+    return Image(series=_series(first), frame=frame, blobs=[spec], meta=meta)
+
+
+def _header(first: dict[str, Any], parts: list[Any]) -> SeriesStart:
+    start = SeriesStart(series=_series(first))
+    config: dict[str, Any] = {}
+    index = 1
+    while index < len(parts):
+        part = parse_json(view(parts[index]), f"header part {index}")
+        htype = part.get("htype")
+        if htype in ("dflatfield-1.0", "dpixelmask-1.0", "dcountrate_table-1.0"):
+            if index + 1 >= len(parts):
+                raise StreamError(f"{htype} announces a blob that is missing")
+            array = _header_array(part, view(parts[index + 1]), htype)
+            if htype == "dflatfield-1.0":
+                start.flatfield["data"] = array
+            elif htype == "dpixelmask-1.0":
+                start.pixel_mask["data"] = array
+            index += 2
+            continue
+        if htype is None and index == 1 and first.get("header_detail") in ("basic", "all"):
+            config = part
+        elif htype is None:
+            start.config["appendix"] = json_safe(part)
+        index += 1
+    start.config.update(json_safe(config))
+    start.info = info_from_config(config)
+    return start
+
+
+def _header_array(part: dict[str, Any], blob: memoryview, htype: str) -> np.ndarray:
+    shape, dtype = part.get("shape"), part.get("type")
+    if dtype not in TYPES or not isinstance(shape, list) or len(shape) != 2 \
+            or not all(isinstance(n, int) and n > 0 for n in shape):
+        raise StreamError(f"{htype} declares shape {shape!r} of type {dtype!r}")
+    expected = shape[0] * shape[1] * np.dtype(dtype).itemsize
+    if len(blob) != expected:
+        raise StreamError(f"{htype} blob has {len(blob)} bytes, its shape needs {expected}")
+    return np.frombuffer(blob, np.dtype(dtype).newbyteorder("<")).reshape(shape[::-1]).copy()
+
+
+def info_from_config(config: dict[str, Any]) -> DetectorInfo:
+    """SIMPLON detector configuration keys (eV, m, pixels) as DetectorInfo."""
+    def number(key: str) -> float | None:
+        value = config.get(key)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    nx, ny = config.get("x_pixels_in_detector"), config.get("y_pixels_in_detector")
+    bx, by = number("beam_center_x"), number("beam_center_y")
+    px, py = number("x_pixel_size"), number("y_pixel_size")
+    depth = config.get("bit_depth_image")
+    n_images = config.get("nimages")
+    if isinstance(n_images, int) and isinstance(config.get("ntrigger"), int):
+        n_images *= config["ntrigger"]
+    return DetectorInfo(
+        shape=(ny, nx) if isinstance(nx, int) and isinstance(ny, int) else None,
+        dtype={8: "<u1", 16: "<u2", 32: "<u4"}.get(depth) if isinstance(depth, int) else None,
+        n_images=n_images if isinstance(n_images, int) and n_images >= 0 else None,
+        energy_ev=number("photon_energy"), distance_m=number("detector_distance"),
+        pixel_size_m=(py, px) if px and py else None,
+        beam_center_px=(by, bx) if bx is not None and by is not None else None,
+        count_time_s=number("count_time"), frame_time_s=number("frame_time"),
+        threshold_energy_ev=number("threshold_energy"),
+        sensor_material=config.get("sensor_material") if isinstance(config.get("sensor_material"), str) else None,
+        sensor_thickness_m=number("sensor_thickness"),
+        description=config.get("description") if isinstance(config.get("description"), str) else None,
+        serial_number=config.get("detector_number") if isinstance(config.get("detector_number"), str) else None)
+
+
+# --- encoding (the virtual detector) -----------------------------------------------------------
+
+
+def encode(event: Event) -> list[bytes]:
+    if isinstance(event, SeriesStart):
+        return _encode_header(event)
+    if isinstance(event, Image):
+        return _encode_image(event)
+    return [_json({"htype": "dseries_end-1.0", "series": _wire_series(event.series)})]
+
+
+def _json(value: dict[str, Any]) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _wire_series(series: str | None) -> int | str:
+    return int(series) if series is not None and series.isdigit() else (series or 0)
+
+
+def _encode_header(event: SeriesStart) -> list[bytes]:
+    info = event.info
+    config = dict(event.config)
+    if info.shape:
+        config.update(y_pixels_in_detector=info.shape[0], x_pixels_in_detector=info.shape[1])
+    if info.dtype:
+        config["bit_depth_image"] = np.dtype(info.dtype).itemsize * 8
+    for key, value in (("photon_energy", info.energy_ev), ("detector_distance", info.distance_m),
+                       ("nimages", info.n_images), ("count_time", info.count_time_s),
+                       ("frame_time", info.frame_time_s)):
+        if value is not None:
+            config[key] = value
+    if info.pixel_size_m:
+        config.update(y_pixel_size=info.pixel_size_m[0], x_pixel_size=info.pixel_size_m[1])
+    if info.beam_center_px:
+        config.update(beam_center_y=info.beam_center_px[0], beam_center_x=info.beam_center_px[1])
+    config.setdefault("ntrigger", 1)
+    detail = "all" if event.flatfield or event.pixel_mask else "basic"
+    parts = [_json({"htype": "dheader-1.0", "series": _wire_series(event.series), "header_detail": detail}),
+             _json(config)]
+    for htype, arrays in (("dflatfield-1.0", event.flatfield), ("dpixelmask-1.0", event.pixel_mask)):
+        for array in arrays.values():
+            parts += [_json({"htype": htype, "shape": list(array.shape[::-1]), "type": array.dtype.name}),
+                      np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()]
+    return parts
+
+
+def _encode_image(event: Image) -> list[bytes]:
+    spec, blob = event.blobs[0]
+    dtype = np.dtype(spec.dtype)
+    if spec.compression == "bslz4":
+        encoding = f"bs{dtype.itemsize * 8}-lz4<"
+    elif spec.compression == "lz4":
+        # Stream V1 sends one bare LZ4 block: drop the HDF5 framing of our single-block blob.
+        blob = bytes(view(blob))[HEADER.size + 4:]
+        encoding = "lz4<"
+    else:
+        encoding = "<"
+    described = _json({"htype": "dimage_d-1.0", "shape": list(spec.shape[::-1]), "type": dtype.name,
+                       "encoding": encoding, "size": len(blob)})
+    first = _json({"htype": "dimage-1.0", "series": _wire_series(event.series), "frame": event.frame,
+                   "hash": hashlib.md5(described).hexdigest()})
+    times = {k: event.meta[k] for k in ("start_time", "stop_time", "real_time") if k in event.meta}
+    return [first, described, blob, _json({"htype": "dconfig-1.0", **times})]
+
