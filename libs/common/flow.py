@@ -15,8 +15,12 @@ every sink. Re-sent frames may arrive twice; consumers drop duplicates by (epoch
 Edges with delivery `latest` (live monitoring) keep a short queue, drop the oldest frame when it is
 full and count the drop; they are never acknowledged.
 
+A scan header (the detector's series header: geometry, flatfield, pixel mask) goes to every
+consumer of every stage rather than to one, outside the credit, and to each consumer that
+connects later before any frame: a restarted worker learns the mask before it sees pixels.
+
 Wire (consumer -> producer): [b"H", msgpack {stage, credit}] once, then [b"C", msgpack {credit,
-ack: [[epoch, frame], ...]}]. Producer -> consumer: [b"F", *frame parts].
+ack: [[epoch, frame], ...]}]. Producer -> consumer: [b"F", *frame parts] or [b"S", *header parts].
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from libs.common.frames import FrameKey
 
 logger = logging.getLogger(__name__)
 
-HELLO, CREDIT, FRAME = b"H", b"C", b"F"
+HELLO, CREDIT, FRAME, HEADER = b"H", b"C", b"F", b"S"
 
 
 @dataclass
@@ -86,6 +90,7 @@ class Outlet:
         """Consumers that said hello for a stage this outlet does not serve yet (wiring races)."""
         self._on_delivered = on_delivered
         self.max_pending = max_pending
+        self._header: tuple[int, list[Any]] | None = None
 
     def add_route(self, stage: str, *, latest: bool, depth: int) -> None:
         """Serve a downstream stage (again: an existing queue is kept, its policy updated)."""
@@ -112,6 +117,18 @@ class Outlet:
                 expected += 1
             self._dispatch(route)
         return expected
+
+    def send_header(self, epoch: int, parts: list[Any]) -> None:
+        """Give every consumer, now and later, the scan header of `epoch`."""
+        self._header = (epoch, parts)
+        for identity in self._owner:
+            self._send_header(identity)
+
+    def _send_header(self, identity: bytes) -> None:
+        try:
+            self.socket.send_multipart([identity, HEADER, *self._header[1]], copy=False)
+        except zmq.ZMQError as exc:
+            logger.warning("scan header not delivered to %s: %s", identity.decode(errors="replace"), exc)
 
     def full(self) -> bool:
         """True while a stage that needs every frame cannot take more: time to stop producing."""
@@ -175,6 +192,8 @@ class Outlet:
         self._owner[identity] = route
         logger.info("consumer %s of stage %s connected with credit %d",
                     identity.decode(errors="replace"), stage, credit)
+        if self._header is not None:
+            self._send_header(identity)
         self._dispatch(route)
 
     def _credit(self, identity: bytes, credit: int, acks: Iterable[Any]) -> None:
@@ -209,6 +228,8 @@ class Outlet:
 
     def drop_before(self, epoch: int) -> int:
         """Drop every queued or in-flight frame of an older epoch; returns how many."""
+        if self._header is not None and self._header[0] < epoch:
+            self._header = None
         dropped = 0
         for route in self.routes.values():
             keep = deque(item for item in route.pending if item.key[0] >= epoch)
@@ -289,16 +310,18 @@ class Inlet:
     def producers(self) -> list[str]:
         return list(self._by_producer)
 
-    def receive(self, socket: zmq.Socket) -> list[Any] | None:
-        """One frame message (parts after the tag) from this link, or None when none waits."""
+    def receive(self, socket: zmq.Socket) -> tuple[bytes, list[Any]] | None:
+        """(tag, parts) of one message from this link (FRAME, HEADER or b"" when the tag is
+        unknown), or None when none waits."""
         try:
             parts = socket.recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return None
-        if parts[0].bytes != FRAME:
-            logger.warning("ignored a data message without the frame tag from %s", self.links[socket])
-            return []
-        return parts[1:]
+        tag = parts[0].bytes
+        if tag not in (FRAME, HEADER):
+            logger.warning("ignored a data message with tag %r from %s", tag[:8], self.links[socket])
+            return b"", []
+        return tag, parts[1:]
 
     def grant(self, producer: str, credit: int = 1) -> None:
         if producer in self._by_producer:

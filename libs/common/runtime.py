@@ -32,7 +32,7 @@ from pydantic import BaseModel, ValidationError
 
 from libs.common import messages
 from libs.common.errors import FrameError, MessageError, ParameterError
-from libs.common.flow import Inlet, Outlet
+from libs.common.flow import HEADER, Inlet, Outlet
 from libs.common.frames import Frame, FrameKey, decode
 from libs.common.messages import (Abort, Configure, Ping, ScanCounters, ScanDescription, ScanEnd,
                                   ScanStart, ServiceIdentity, ServiceStats, Shutdown, Status, Topology)
@@ -67,6 +67,7 @@ class Service:
         self.params: BaseModel = self.Params.model_validate(pipeline.stages[stage].params)
         self.epoch = 0
         self.scan: ScanDescription | None = None
+        self.header: Frame | None = None
         self.totals = ScanCounters()
         self.counters = ScanCounters()
         self._context = context or zmq.Context()
@@ -120,6 +121,12 @@ class Service:
     def on_scan_start(self, scan: ScanDescription) -> None:
         """A scan starts; `self.scan` and `self.epoch` are already set."""
 
+    def on_header(self, header: Frame) -> None:
+        """The scan header arrived (detector geometry, flatfield, pixel mask; `self.header`).
+        Before any frame that follows it from the same producer. Passed on downstream unless
+        a service overrides this."""
+        self.send_header(header)
+
     def on_scan_end(self) -> None:
         """Every frame of the scan has been delivered; finish its outputs (counters in `self.counters`)."""
 
@@ -142,6 +149,11 @@ class Service:
             self._children[self._current] = self._children.get(self._current, 0) + expected
         self.counters.frames_out += 1
         self.totals.frames_out += 1
+
+    def send_header(self, header: Frame) -> None:
+        """Give every downstream process the scan header, before the frames emitted after it."""
+        self.header = header
+        self.outlet.send_header(header.header.epoch, header.encode())
 
     def finish_source(self, frames: int) -> None:
         """Sources: every frame of the current scan is emitted; the handler hears of it once
@@ -182,10 +194,13 @@ class Service:
         for sock in [s for s in events if s in self.inlet.links]:
             for _ in range(FRAMES_PER_TURN):
                 producer = self.inlet.links.get(sock)
-                parts = self.inlet.receive(sock) if producer else None
-                if parts is None:
+                message = self.inlet.receive(sock) if producer else None
+                if message is None:
                     break
-                self._on_data(producer, parts)
+                if message[0] == HEADER:
+                    self._on_header_message(message[1])
+                else:
+                    self._on_data(producer, message[1])
                 self._drain_control()
         if self._next_produce is not None and self.can_produce() and time.monotonic() >= self._next_produce:
             started = time.perf_counter()
@@ -272,6 +287,25 @@ class Service:
             self._children.pop(token, None)
             self.inlet.ack(producer, frame.key)
 
+    def _on_header_message(self, parts: list[Any]) -> None:
+        """Every producer process forwards the header; the first one of an epoch counts."""
+        try:
+            header = decode(parts)
+        except FrameError as exc:
+            logger.warning("ignored a scan header that is not a frame: %s", exc)
+            return
+        epoch = header.header.epoch
+        if epoch < self.epoch or (self.header is not None and self.header.header.epoch == epoch):
+            return
+        if epoch > self.epoch:
+            self._new_epoch(epoch)
+        self.header = header
+        logger.info("scan %s: header from %s", header.header.scan_id, header.header.origin)
+        try:
+            self.on_header(header)
+        except Exception:  # noqa: BLE001 - a bad header must not end the service
+            logger.exception("scan header of %s failed in %s", header.header.scan_id, self.stage)
+
     def _delivered(self, parent: Token) -> None:
         left = self._children.get(parent)
         if left is None:
@@ -290,6 +324,7 @@ class Service:
         dropped = self.outlet.drop_before(epoch) + self.on_abort()
         self._children = {t: n for t, n in self._children.items() if t[1][0] >= epoch}
         self._seen.clear()
+        self.header = None
         self._source_done = None
         self._next_produce = None
         self.epoch = epoch

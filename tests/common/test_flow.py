@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import zmq
 
-from libs.common.flow import Inlet, Outlet
+from libs.common.flow import FRAME, Inlet, Outlet
 from libs.common.frames import Frame, decode
 
 
@@ -35,9 +35,9 @@ class Consumer:
         for _ in range(rounds):
             outlet.receive()
             for socket, _ in self.poller.poll(5):
-                parts = self.inlet.receive(socket)
-                if parts:
-                    got = decode(parts)
+                message = self.inlet.receive(socket)
+                if message and message[0] == FRAME:
+                    got = decode(message[1])
                     self.received.append(got.header.frame)
                     if ack:
                         self.inlet.ack("producer", got.key)

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import zmq
 
+from libs.common import codecs
 from libs.common.errors import FrameError
-from libs.common.frames import Frame, decode
+from libs.common.frames import ArraySpec, Frame, decode
 
 
 def test_round_trip_over_zeromq_is_zero_copy_and_exact():
@@ -52,10 +53,14 @@ def test_malformed_frames_are_refused_with_the_reason(parts, fragment):
         decode(parts)
 
 
-def test_compressed_arrays_pass_through_but_are_not_read_as_pixels():
-    header = msgpack.packb({"scan_id": "s", "epoch": 1, "frame": 0, "origin": "r",
-                            "arrays": [{"name": "data", "dtype": "<u2", "shape": [4, 4], "compression": "bslz4"}]})
-    frame = decode([header, b"blob"])
-    assert bytes(frame.raw()) == b"blob"
-    with pytest.raises(FrameError, match="compressed"):
-        frame.array()
+def test_compressed_arrays_travel_as_blobs_and_decode_once_checked():
+    pixels = np.arange(64 * 48, dtype="<u2").reshape(64, 48)
+    blob = codecs.compress(pixels, "bslz4")
+    spec = ArraySpec(name="data", dtype="<u2", shape=(64, 48), compression="bslz4")
+    frame = decode(Frame.from_blobs(scan_id="s", epoch=1, frame=0, origin="r", blobs=[(spec, blob)]).encode())
+    assert bytes(frame.raw()) == blob
+    assert np.array_equal(frame.array(), pixels)
+    assert frame.array() is frame.array()
+    lying = decode(Frame.from_blobs(scan_id="s", epoch=1, frame=0, origin="r", blobs=[(spec, blob[:-3])]).encode())
+    with pytest.raises(FrameError, match="truncated"):
+        lying.array()
