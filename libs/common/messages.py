@@ -167,6 +167,13 @@ class SourceDoneArgs(Strict):
     frames: int = Field(ge=0)
 
 
+class EventArgs(Strict):
+    instance: InstanceId
+    kind: str = Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")
+    message: str = Field(max_length=2000)
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
 class TopologyArgs(Strict):
     version: int
     services: list[ServiceInfo]
@@ -239,6 +246,13 @@ class SourceDone(_Request):
     args: SourceDoneArgs
 
 
+class Event(_Request):
+    """Something front-ends should hear of (a rejected frame, a series that timed out)."""
+
+    cmd: Literal["event"]
+    args: EventArgs
+
+
 class Topology(_Request):
     cmd: Literal["topology"]
     args: TopologyArgs
@@ -256,7 +270,7 @@ class ScanEnd(_Request):
 
 HandlerRequest = Annotated[
     Union[Ping, Status, StartScan, Abort, Configure, Shutdown, Register, Heartbeat, Unregister,
-          SourceDone],
+          SourceDone, Event],
     Field(discriminator="cmd"),
 ]
 ServiceRequest = Annotated[

@@ -70,7 +70,7 @@ class Service:
         self.header: Frame | None = None
         self.totals = ScanCounters()
         self.counters = ScanCounters()
-        self._context = context or zmq.Context()
+        self.context = context or zmq.Context()
         self._own_context = context is None
         self._poller = zmq.Poller()
         self._stopping = False
@@ -89,9 +89,11 @@ class Service:
         self._seen: dict[str, set[int]] = {}
         self._source_done: tuple[int, int] | None = None
         self._next_produce: float | None = None
+        self._watched: dict[zmq.Socket, Callable[[], None]] = {}
+        self._watching = False
 
         host = pipeline.handler.data_host
-        self._command_socket = self._context.socket(zmq.ROUTER)
+        self._command_socket = self.context.socket(zmq.ROUTER)
         self._command_socket.setsockopt(zmq.LINGER, 0)
         self._command_socket.setsockopt(zmq.MAXMSGSIZE, 16 * messages.MAX_COMMAND_BYTES)
         port = self._command_socket.bind_to_random_port(f"tcp://{host}")
@@ -99,10 +101,10 @@ class Service:
         self._commands = CommandPort(self._command_socket, messages.SERVICE_REQUESTS, self._dispatch)
         self._poller.register(self._command_socket, zmq.POLLIN)
 
-        self.outlet = Outlet(self._context, host=host, on_delivered=self._delivered)
+        self.outlet = Outlet(self.context, host=host, on_delivered=self._delivered)
         self._poller.register(self.outlet.socket, zmq.POLLIN)
         self._wire(pipeline)
-        self.inlet = Inlet(self._context, self._poller, identity=self.instance.encode(), stage=stage,
+        self.inlet = Inlet(self.context, self._poller, identity=self.instance.encode(), stage=stage,
                            credit=pipeline.stages[stage].credit)
         self._link: zmq.Socket | None = None
         self._link_port: CommandPort | None = None
@@ -163,6 +165,29 @@ class Service:
     def can_produce(self) -> bool:
         return self._registered and not self.outlet.full()
 
+    def wants_input(self) -> bool:
+        """Sources: whether watched sockets are read now (see `watch`)."""
+        return self.can_produce()
+
+    def wake(self, delay: float) -> None:
+        """Sources: have `produce` called in `delay` seconds (a timer), or sooner if already due."""
+        due = time.monotonic() + delay
+        self._next_produce = due if self._next_produce is None else min(self._next_produce, due)
+
+    def watch(self, socket: zmq.Socket, on_readable: Callable[[], None]) -> None:
+        """Sources: call `on_readable` when `socket` has input, while downstream has room (a
+        full pipeline leaves the input queued in the socket: backpressure to the sender)."""
+        self._watched[socket] = on_readable
+
+    def report(self, kind: str, message: str, **details: Any) -> None:
+        """An event for front-ends, published by the handler in this service's name."""
+        if self._registered:
+            self._send("event", {"instance": self.instance, "kind": kind, "message": message, "details": details})
+
+    def ask_handler(self, cmd: str, args: dict[str, Any], on_reply: Callable[[messages.Reply], None]) -> None:
+        """Send the handler a request; `on_reply` gets its answer from the event loop."""
+        self._send(cmd, args, on_reply)
+
     def stop(self) -> None:
         self._stopping = True
 
@@ -187,8 +212,16 @@ class Service:
         wait = max(0.0, self._next_heartbeat - now)
         if self._next_produce is not None and self.can_produce():
             wait = min(wait, max(0.0, self._next_produce - now))
+        if self._watched and self.wants_input() != self._watching:
+            self._watching = not self._watching
+            for socket in self._watched:
+                (self._poller.register if self._watching else self._poller.unregister)(socket)
         events = dict(self._poller.poll(min(wait, 0.1) * 1000))
         self._drain_control()
+        for socket in [s for s in events if s in self._watched]:
+            started = time.perf_counter()
+            self._watched[socket]()
+            self._busy(time.perf_counter() - started)
         if self.outlet.socket in events:
             self.outlet.receive()
         for sock in [s for s in events if s in self.inlet.links]:
@@ -253,12 +286,12 @@ class Service:
         try:
             frame = decode(parts)
         except FrameError as exc:
-            self._count("rejected")
+            self.count("rejected")
             logger.warning("rejected a frame from %s: %s", producer, exc)
             return
         epoch, number = frame.key
         if epoch < self.epoch:
-            self._count("dropped")
+            self.count("dropped")
             self.inlet.ack(producer, frame.key)
             return
         if epoch > self.epoch:
@@ -266,19 +299,19 @@ class Service:
             self._new_epoch(epoch)
         seen = self._seen.setdefault(self._producer_stage.get(producer, ""), set())
         if number in seen:
-            self._count("duplicates")
+            self.count("duplicates")
             self.inlet.ack(producer, frame.key)
             logger.debug("dropped duplicate of frame %d of scan %s", number, frame.header.scan_id)
             return
         seen.add(number)
-        self._count("frames_in")
+        self.count("frames_in")
         token = (producer, frame.key)
         self._current = token
         started = time.perf_counter()
         try:
             self.on_frame(frame)
         except Exception:  # noqa: BLE001 - one bad frame must not end the service
-            self._count("rejected")
+            self.count("rejected")
             logger.exception("frame %d of scan %s failed in %s", number, frame.header.scan_id, self.stage)
         finally:
             self._current = None
@@ -316,7 +349,8 @@ class Service:
             del self._children[parent]
             self.inlet.ack(*parent)
 
-    def _count(self, name: str, n: int = 1) -> None:
+    def count(self, name: str, n: int = 1) -> None:
+        """Add to a counter of the scan and of the lifetime totals."""
         setattr(self.counters, name, getattr(self.counters, name) + n)
         setattr(self.totals, name, getattr(self.totals, name) + n)
 
@@ -342,7 +376,7 @@ class Service:
         if self._link is not None:
             self._poller.unregister(self._link)
             self._link.close(linger=0)
-        self._link = self._context.socket(zmq.DEALER)
+        self._link = self.context.socket(zmq.DEALER)
         self._link.setsockopt(zmq.ROUTING_ID, self.instance.encode())
         self._link.setsockopt(zmq.LINGER, 0)
         self._link.connect(self._handler_endpoint)
@@ -551,5 +585,5 @@ class Service:
         self._link.close(linger=200)
         self._command_socket.close(linger=0)
         if self._own_context:
-            self._context.term()
+            self.context.term()
         logger.info("%s stopped", self.name)

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from libs.common import messages
 from libs.common.errors import MessageError, ParameterError
-from libs.common.messages import (Abort, Configure, Heartbeat, Ping, Register, ScanCounters,
+from libs.common.messages import (Abort, Configure, Event, Heartbeat, Ping, Register, ScanCounters,
                                   ScanDescription, Shutdown, SourceDone, StartScan, Status, Unregister)
 from libs.common.pipeline import Pipeline, service_class
 from libs.common.ports import DEFERRED, CommandPort, Envelope
@@ -75,7 +75,8 @@ class Handler:
         self._commands = {Ping: self.on_ping, Status: self.on_status, StartScan: self.on_start_scan,
                           Abort: self.on_abort, Configure: self.on_configure, Shutdown: self.on_shutdown,
                           Register: self.on_register, Heartbeat: self.on_heartbeat,
-                          Unregister: self.on_unregister, SourceDone: self.on_source_done}
+                          Unregister: self.on_unregister, SourceDone: self.on_source_done,
+                          Event: self.on_event}
 
     # --- loop -------------------------------------------------------------------------------------
 
@@ -242,6 +243,16 @@ class Handler:
         member = self.registry.mark_dead(request.args.instance, "exited")
         if member is not None:
             self._service_down(member.identity.instance, member.identity.name, "exited")
+        return {}
+
+    def on_event(self, request: Event, envelope: Envelope) -> dict[str, Any]:
+        """A service reports something for front-ends: published as an `event` in its name."""
+        args = request.args
+        member = self.registry.members.get(args.instance)
+        if member is None:
+            raise MessageError(f"unknown instance {args.instance!r}: register first")
+        details = {k: v for k, v in args.details.items() if k not in ("time", "kind", "service", "message")}
+        self._event(args.kind, service=member.identity.name, message=args.message, **details)
         return {}
 
     def on_start_scan(self, request: StartScan, envelope: Envelope) -> Any:

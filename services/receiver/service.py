@@ -1,62 +1,331 @@
 """The receiver stage: where frames enter the pipeline.
 
-Protocols: `synthetic` generates frames itself (the framework's built-in source, paced by the
-pipeline's `[simulation]` table). Each accepted frame is emitted as it arrived; the runtime
-delivers it and tells the handler when the scan's last frame has reached every sink.
+Protocols (`params.protocol`):
+- `stream1`, `stream2`, `stins`: a detector (or streaming-receiver) binds PUSH at `params.source`
+  and this process connects PULL, as real receivers do (libs/common/detector has the formats);
+- `replay`: the frames of an HDF5/CXI file at `params.source`, as a detector would send them;
+- `synthetic`: frames generated here, paced by the pipeline's `[simulation]` table.
+
+A series header opens a scan: it joins a `start_scan` that came before it, or else the receiver
+asks the handler for a `raw` scan named after the series and holds the detector's messages until
+it has started. The header goes to every downstream process as the scan header. The end message,
+or `series_timeout_s` without any message, ends the series. Compressed blobs are checked, never
+decompressed, and travel as they came. A bad message is rejected, counted, logged, and reported as
+a `frame_rejected` event (at most one a second, with the count); the receiver keeps going.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
-from typing import Literal
+from typing import Iterator, Literal
 
-from pydantic import BaseModel, ConfigDict
+import numpy as np
+import zmq
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from libs.common import messages
+from libs.common.detector import PROTOCOLS, Event, Image, SeriesEnd, SeriesStart, StreamError
 from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
 from libs.common.runtime import Service as Runtime
+from services.receiver.replay import replay_events
+from services.receiver.republish import Republisher
 from services.receiver.synthetic import synthetic_frame
 
 logger = logging.getLogger(__name__)
 
 BATCH = 16
-"""Frames produced per loop turn at most, so commands are never kept waiting."""
+"""Messages taken per loop turn at most, so commands are never kept waiting."""
+REPORT_PERIOD_S = 1.0
+RETRY_S = 0.5
 
 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    protocol: Literal["synthetic"] = "synthetic"
-    source: str = ""
+    protocol: Literal["synthetic", "replay", "stream1", "stream2", "stins"] = "synthetic"
+    source: str = Field("", description="detector endpoint to connect PULL to, or the file to replay")
+    series_timeout_s: float = Field(30.0, gt=0, description="close a series silent this long")
+    republish: str = Field("", description="PUSH endpoint to bind for STINS re-publication; empty: off")
+    rate_hz: float = Field(0.0, ge=0, description="replay pace; 0 = as fast as the pipeline takes")
+    dataset: str = Field("", description="replay: the frame stack's path in the file; empty: look for it")
+
+    @model_validator(mode="after")
+    def _source_given(self) -> Params:
+        if self.protocol != "synthetic" and not self.source:
+            what = "the file to replay" if self.protocol == "replay" else "the detector's endpoint"
+            raise ValueError(f"protocol {self.protocol} needs `source`: {what}")
+        return self
+
+
+def scan_id_for(series: str, protocol: str) -> str:
+    """A file-name-safe scan id for a series that came without a start_scan."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", series)[:100] or "0"
+    return name if protocol == "replay" and name[0].isalnum() else f"series_{name}"
 
 
 class Service(Runtime):
     Params = Params
 
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._series: str | None = None
+        self._series_info: SeriesStart | None = None
+        self._scan_used = False
+        self._held: SeriesStart | None = None
+        self._asked = False
+        self._frames: set[int] = set()
+        self._aborted_series: str | None = None
+        self._last_input = time.monotonic()
+        self._rejects = 0
+        self._reject_reason = ""
+        self._next_report = 0.0
+        self._detector: zmq.Socket | None = None
+        self._replay: Iterator[Event] | None = None
+        self._replay_started = 0.0
+        self._replayed = 0
+        self._synthetic_total = self._synthetic_sent = 0
+        self._republisher = Republisher(self.context, self.params.republish) if self.params.republish else None
+        self._connect()
+
+    def _connect(self) -> None:
+        params = self.params
+        if params.protocol in PROTOCOLS:
+            self._decode = PROTOCOLS[params.protocol].decode
+            self._detector = self.context.socket(zmq.PULL)
+            self._detector.setsockopt(zmq.LINGER, 0)
+            self._detector.setsockopt(zmq.RCVHWM, 1000)
+            self._detector.connect(params.source)
+            self.watch(self._detector, self._on_detector)
+            logger.info("receiving %s from %s", params.protocol, params.source)
+        elif params.protocol == "replay":
+            self._replay = replay_events(params.source, params.dataset)
+            self._replay_started = time.monotonic()
+            self.wake(0)
+            logger.info("replaying %s", params.source)
+
+    # --- input ------------------------------------------------------------------------------------
+
+    def wants_input(self) -> bool:
+        return super().wants_input() and self._held is None
+
+    def _on_detector(self) -> None:
+        for _ in range(BATCH):
+            if not self.wants_input():
+                return
+            try:
+                parts = self._detector.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._last_input = time.monotonic()
+            try:
+                event = self._decode(parts)
+            except StreamError as exc:
+                self._reject(str(exc))
+                continue
+            self._handle(event)
+
+    def _handle(self, event: Event) -> None:
+        if self._republisher is not None:
+            self._republisher.publish(event)
+        if isinstance(event, SeriesStart):
+            self._on_series_start(event)
+        elif isinstance(event, Image):
+            self._on_image(event)
+        else:
+            self._on_series_end(event)
+
+    def _on_series_start(self, event: SeriesStart) -> None:
+        if self._series is not None:
+            self._end_series(f"series {self._series} ended without its end message: series "
+                             f"{event.series} started")
+        if self.scan is not None and not self._scan_used:
+            self._open(event)
+        else:
+            self._held = event
+            self._ask_for_scan()
+
+    def _on_image(self, event: Image) -> None:
+        if self._series is None and self.scan is not None and not self._scan_used:
+            logger.warning("scan %s: images without a series header; taking them", self.scan.scan_id)
+            self._open(None)
+        if self._series is None or (event.series is not None and event.series != self._series):
+            if event.series is not None and event.series == self._aborted_series:
+                self.count("dropped")
+                return
+            where = f"series {self._series}" if self._series else "no open series (its header never came)"
+            self._reject(f"image {event.frame} of series {event.series} arrived during {where}")
+            return
+        if event.frame in self._frames:
+            self.count("duplicates")
+            logger.warning("scan %s: the detector sent frame %d twice; the second is dropped",
+                           self.scan.scan_id, event.frame)
+            return
+        self._frames.add(event.frame)
+        self.emit(Frame.from_blobs(scan_id=self.scan.scan_id, epoch=self.epoch, frame=event.frame,
+                                   origin=self.stage, blobs=event.blobs, meta=event.meta))
+
+    def _on_series_end(self, event: SeriesEnd) -> None:
+        if self._series is None or (event.series is not None and event.series != self._series):
+            logger.info("end of series %s, which is not open; ignored", event.series)
+            return
+        self._end_series()
+
+    def _reject(self, reason: str) -> None:
+        self.count("rejected")
+        self._rejects += 1
+        self._reject_reason = reason
+        logger.warning("rejected a %s message: %s", self.params.protocol, reason)
+        self.wake(max(0.0, self._next_report - time.monotonic()))
+
+    # --- series and scans -------------------------------------------------------------------------
+
+    def _ask_for_scan(self) -> None:
+        held = self._held
+        if held is None or self._asked:
+            return
+        scan = ScanDescription(scan_id=scan_id_for(held.series, self.params.protocol), technique="raw",
+                               n_frames=held.info.n_images, **held.info.scan_fields(),
+                               metadata={"series": held.series, "protocol": self.params.protocol})
+        self._asked = True
+        logger.info("series %s started without start_scan: asking for raw scan %s", held.series, scan.scan_id)
+        self.ask_handler("start_scan", scan.model_dump(mode="json"), self._on_scan_reply)
+
+    def _on_scan_reply(self, reply: messages.Reply) -> None:
+        self._asked = False
+        if not reply.ok and self._held is not None:
+            logger.info("raw scan for series %s not started yet (%s); retrying",
+                        self._held.series, reply.error.get("message") if reply.error else "")
+            self.wake(RETRY_S)
+
     def on_scan_start(self, scan: ScanDescription) -> None:
-        simulation = self.pipeline.simulation
-        self._total = scan.n_frames if scan.n_frames is not None else simulation.frames
-        self._sent = 0
-        self._started = time.monotonic()
-        if self._total == 0:
-            self.finish_source(0)
+        self._scan_used = False
+        self._frames = set()
+        if self.params.protocol == "synthetic":
+            self._synthetic_total = scan.n_frames if scan.n_frames is not None else self.pipeline.simulation.frames
+            self._synthetic_sent = 0
+            self._replay_started = time.monotonic()
+            self._open(None)
+            if self._synthetic_total == 0:
+                self._end_series()
+        elif self._held is not None:
+            held, self._held = self._held, None
+            self._open(held)
+
+    def _open(self, event: SeriesStart | None) -> None:
+        self._series = event.series if event is not None else self.scan.scan_id
+        self._series_info = event
+        self._scan_used = True
+        self._last_input = time.monotonic()
+        arrays: dict[str, np.ndarray] = {}
+        meta = {"series": self._series, "protocol": self.params.protocol}
+        if event is not None:
+            for kind, channels in (("flatfield", event.flatfield), ("pixel_mask", event.pixel_mask)):
+                arrays.update({kind if name == "data" else f"{kind}_{name}": a for name, a in channels.items()})
+            meta.update(detector=event.info.model_dump(mode="json", exclude_none=True), config=event.config)
+        self.send_header(Frame.from_arrays(scan_id=self.scan.scan_id, epoch=self.epoch, frame=0,
+                                           origin=self.stage, arrays=arrays, meta=meta))
+        logger.info("scan %s: series %s open", self.scan.scan_id, self._series)
+        self.wake(0)
+
+    def _end_series(self, problem: str | None = None, kind: str = "series_incomplete") -> None:
+        received = len(self._frames)
+        expected = self._series_info.info.n_images if self._series_info else None
+        if problem:
+            logger.warning("scan %s: %s; closing it with %d frames", self.scan.scan_id, problem, received)
+            self.report(kind, f"{problem}; closed with {received} frames", scan_id=self.scan.scan_id,
+                        frames=received)
+        elif expected is not None and received < expected:
+            logger.warning("scan %s: series %s ended with %d of the %d frames its header announced",
+                           self.scan.scan_id, self._series, received, expected)
+        self._series = None
+        self.finish_source(received)
+
+    def on_scan_end(self) -> None:
+        if self._held is not None:
+            self.wake(0)
+
+    def on_abort(self) -> int:
+        if self._series is not None:
+            self._aborted_series = self._series
+        self._series = None
+        self._held = None
+        self._synthetic_total = self._synthetic_sent = 0
+        return 0
+
+    # --- timers and generated input ---------------------------------------------------------------
 
     def produce(self) -> float | None:
-        if self.scan is None or self._sent >= self._total:
+        """The receiver's timer: rejection reports, raw-scan retries, silent series, generated input."""
+        now = time.monotonic()
+        if self._rejects and now >= self._next_report:
+            self.report("frame_rejected", f"{self._rejects} {self.params.protocol} message(s) rejected; "
+                        f"last: {self._reject_reason}", count=self._rejects, reason=self._reject_reason)
+            self._rejects, self._next_report = 0, now + REPORT_PERIOD_S
+        waiting_for_scan = self._held is not None and self.scan is None
+        if waiting_for_scan:
+            self._ask_for_scan()
+        timers = [self._generate(now), self._check_silence(now),
+                  self._next_report - now if self._rejects else None, RETRY_S if waiting_for_scan else None]
+        timers = [t for t in timers if t is not None]
+        return max(0.0, min(timers)) if timers else None
+
+    def _check_silence(self, now: float) -> float | None:
+        """End a detector series that went silent; seconds until it would count as silent."""
+        if self._series is None or self._detector is None:
             return None
-        simulation = self.pipeline.simulation
-        for _ in range(BATCH):
-            if self.outlet.full():
-                return 0.0
-            if simulation.rate_hz > 0:
-                due = self._started + self._sent / simulation.rate_hz
-                if time.monotonic() < due:
-                    return due - time.monotonic()
-            self.emit(Frame.from_arrays(
-                scan_id=self.scan.scan_id, epoch=self.epoch, frame=self._sent, origin=self.stage,
-                arrays={"data": synthetic_frame(self._sent, simulation.shape, simulation.dtype)}))
-            self._sent += 1
-            if self._sent == self._total:
-                self.finish_source(self._total)
+        silent = now - self._last_input
+        if silent < self.params.series_timeout_s:
+            return self.params.series_timeout_s - silent
+        self._end_series(f"series {self._series} silent for {silent:.0f} s", kind="series_timeout")
+        return None
+
+    def _generate(self, now: float) -> float | None:
+        """Synthetic frames or replayed events, paced; seconds until more are due."""
+        protocol = self.params.protocol
+        if protocol == "synthetic":
+            if self._series is None or self._synthetic_sent >= self._synthetic_total:
                 return None
+            rate, sent = self.pipeline.simulation.rate_hz, self._synthetic_sent
+        elif protocol == "replay" and self._replay is not None:
+            rate, sent = self.params.rate_hz, self._replayed
+        else:
+            return None
+        for _ in range(BATCH):
+            if not self.can_produce() or self._held is not None:
+                return 0.0 if self._held is None else None
+            if rate > 0:
+                due = self._replay_started + sent / rate
+                if now < due:
+                    return due - now
+            if protocol == "synthetic":
+                self._emit_synthetic()
+                sent = self._synthetic_sent
+                if sent == self._synthetic_total:
+                    self._end_series()
+                    return None
+            else:
+                event = next(self._replay, None)
+                if event is None:
+                    self._replay = None
+                    return None
+                self._handle(event)
+                sent = self._replayed = self._replayed + isinstance(event, Image)
         return 0.0
+
+    def _emit_synthetic(self) -> None:
+        number = self._synthetic_sent
+        simulation = self.pipeline.simulation
+        self._frames.add(number)
+        self.emit(Frame.from_arrays(scan_id=self.scan.scan_id, epoch=self.epoch, frame=number, origin=self.stage,
+                                    arrays={"data": synthetic_frame(number, simulation.shape, simulation.dtype)}))
+        self._synthetic_sent += 1
+
+    def close(self) -> None:
+        if self._detector is not None:
+            self._detector.close(linger=0)
+        if self._republisher is not None:
+            self._republisher.close()
+        if self._replay is not None:
+            self._replay.close()

@@ -7,7 +7,8 @@
 
 `msg_number` increases across series and is not reset; the receiver names a series after its
 header's number. `lz4` (HDF5 LZ4-filter framing) is accepted beside the two compressions
-streaming-receiver knows, since Surveyor re-publishes what it received. Images with several blobs (modules, thresholds) keep them as separate arrays.
+streaming-receiver knows, since Surveyor re-publishes what it received. Images with several
+blobs (modules, thresholds) keep them as separate arrays.
 """
 
 from __future__ import annotations
