@@ -149,7 +149,7 @@ class Service(Runtime):
     def _on_image(self, event: Image) -> None:
         if self._series is None and self.scan is not None and not self._scan_used:
             logger.warning("scan %s: images without a series header; taking them", self.scan.scan_id)
-            self._open(None)
+            self._open(None, event.series)
         if self._series is None or (event.series is not None and event.series != self._series):
             if event.series is not None and event.series == self._aborted_series:
                 self.count("dropped")
@@ -213,8 +213,8 @@ class Service(Runtime):
             held, self._held = self._held, None
             self._open(held)
 
-    def _open(self, event: SeriesStart | None) -> None:
-        self._series = event.series if event is not None else self.scan.scan_id
+    def _open(self, event: SeriesStart | None, series: str | None = None) -> None:
+        self._series = event.series if event is not None else series or self.scan.scan_id
         self._series_info = event
         self._scan_used = True
         self._last_input = time.monotonic()
@@ -247,10 +247,10 @@ class Service(Runtime):
             self.wake(0)
 
     def on_abort(self) -> int:
+        """The open series is dropped; a held header belongs to the next scan and stays."""
         if self._series is not None:
             self._aborted_series = self._series
         self._series = None
-        self._held = None
         self._synthetic_total = self._synthetic_sent = 0
         return 0
 

@@ -1,17 +1,19 @@
 """The writer stage: every frame of a scan into `<output_dir>/<scan_id>_raw.cxi`.
 
-The file opens with the first frame (its shape and dtype come with it) and closes when the scan
-ends or is aborted; `written` and the file path go into the scan's counters. A writer restarted
-mid-scan continues in `<scan_id>_raw.part2.cxi` rather than overwrite what is on disk.
+The file opens with the first frame (its arrays' shapes, types and compression come with it, the
+geometry with the scan header and the scan description) and closes when the scan ends or is
+aborted. It is flushed at least every `flush_interval_s` while frames come, so a live SWMR reader
+follows it and a crash loses at most that much. A writer restarted mid-scan continues in
+`<scan_id>_raw.part2.cxi` rather than overwrite what is on disk; both files are in the summary.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
-import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from libs.common.errors import FrameError
 from libs.common.frames import Frame
@@ -24,6 +26,7 @@ logger = logging.getLogger(__name__)
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     output_dir: str = "out"
+    flush_interval_s: float = Field(1.0, gt=0, le=60, description="longest time written frames stay unflushed")
 
 
 def free_path(directory: Path, stem: str) -> Path:
@@ -39,22 +42,30 @@ def free_path(directory: Path, stem: str) -> Path:
 class Service(Runtime):
     Params = Params
     _raw: RawFile | None = None
+    _dirty_since: float | None = None
 
     def on_frame(self, frame: Frame) -> None:
-        spec = frame.spec("data")
-        if spec.compression != "none":
-            raise FrameError(f"frame {frame.header.frame}: {spec.compression} frames are not written yet")
+        specs = frame.header.arrays
         if self._raw is None:
             path = free_path(Path(self.params.output_dir), f"{frame.header.scan_id}_raw")
-            self._raw = RawFile(path, shape=spec.shape, dtype=spec.dtype)
+            self._raw = RawFile(path, specs=specs, scan=self.scan, header=self.header)
             logger.info("scan %s: writing %s", frame.header.scan_id, path)
             self.counters.outputs.append(str(path))
-        elif spec.shape != self._raw.shape or np.dtype(spec.dtype) != self._raw.dtype:
-            raise FrameError(f"frame {frame.header.frame} ({spec.dtype}{list(spec.shape)}) does not fit "
-                             f"{self._raw.path} (frames of {self._raw.dtype}{list(self._raw.shape)})")
-        if self._raw.write(frame.header.frame, frame.raw("data")):
-            self.counters.written += 1
-            self.totals.written += 1
+        elif specs != self._raw.specs:
+            raise FrameError(f"frame {frame.header.frame} ({_describe(specs)}) does not fit "
+                             f"{self._raw.path} ({_describe(self._raw.specs)})")
+        if self._raw.write(frame.header.frame, frame):
+            self.count("written")
+        if self._dirty_since is None:
+            self._dirty_since = time.monotonic()
+            self.wake(self.params.flush_interval_s)
+
+    def produce(self) -> float | None:
+        """The flush timer."""
+        if self._raw is not None and self._dirty_since is not None:
+            self._raw.flush()
+            self._dirty_since = None
+        return None
 
     def on_scan_end(self) -> None:
         self._close()
@@ -71,3 +82,8 @@ class Service(Runtime):
             self._raw.close()
             logger.info("closed %s with %d frames", self._raw.path, len(self._raw.written))
             self._raw = None
+            self._dirty_since = None
+
+
+def _describe(specs) -> str:
+    return ", ".join(f"{s.name} {s.dtype}{list(s.shape)} {s.compression}" for s in specs)
