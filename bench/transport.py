@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from libs.common import client  # noqa: E402
-from services.receiver.synthetic import synthetic_frame  # noqa: E402
+from libs.simulation.synthetic import synthetic_frame  # noqa: E402
 from tests.conftest import free_port, synthetic_pipeline, wait_for  # noqa: E402
 
 SIZES = {"1MiB": (512, 1024), "8MiB": (2048, 2048)}

@@ -119,6 +119,15 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from libs.cli import simulate
+
+    return simulate.run(kind=args.kind, protocol=args.protocol, bind=args.bind, frames=args.frames,
+                        rate=args.rate, truth=args.truth, compression=args.compression,
+                        series=args.series_id or str(int(time.time())), handler=args.handler,
+                        wait_peer_s=args.wait_peer, linger_s=args.linger)
+
+
 def cmd_supervisor_conf(args: argparse.Namespace) -> int:
     from libs.cli.supervisor_conf import render
 
@@ -175,6 +184,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("service")
     p.add_argument("-f", "--follow", action="store_true")
     p.set_defaults(func=cmd_logs)
+
+    p = commands.add_parser("simulate", help="a virtual detector streaming a simulated scan")
+    p.add_argument("kind", help="what to simulate: synthetic (numbered frames)")
+    p.add_argument("--protocol", choices=["stream1", "stream2", "stins"], default="stream1")
+    p.add_argument("--bind", default="tcp://127.0.0.1:9999", help="PUSH endpoint to bind (default: Eiger's port)")
+    p.add_argument("--frames", type=int, help="frames in the series (default: the simulation's own)")
+    p.add_argument("--rate", type=float, default=0.0, help="frames per second (0 = as fast as taken)")
+    p.add_argument("--truth", help="write the ground truth to this HDF5 file")
+    p.add_argument("--compression", choices=["bslz4", "lz4", "none"], default="bslz4",
+                   help="pixel encoding, with the 12-byte HDF5 framing for bslz4 (default)")
+    p.add_argument("--series-id", help="detector series id (default: the Unix time)")
+    p.add_argument("--handler", help="send the scan description to this handler before streaming")
+    p.add_argument("--wait-peer", type=float, default=30.0, help="seconds to wait for a receiver to connect")
+    p.add_argument("--linger", type=float, default=30.0, help="seconds to wait for queued messages at exit")
+    p.set_defaults(func=cmd_simulate)
 
     p = commands.add_parser("supervisor-conf", help="a supervisord configuration for a pipeline")
     p.add_argument("pipeline")

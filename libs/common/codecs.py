@@ -11,20 +11,25 @@ Two framings, both valid HDF5 chunks, so a received blob goes to disk as it is:
 
 `check` walks a blob's framing against the shape and dtype it claims before any C decoder sees
 it: a lying header or a truncated blob is a `FrameError` here, not a crash in bitshuffle.
-Decoding is single-threaded (`OMP_NUM_THREADS=1`, set by the CLI): processes scale, threads fight.
+Decoding is single-threaded (`OMP_NUM_THREADS=1` unless set otherwise).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import struct
 
-import bitshuffle
-import lz4.block
-import numba
-import numpy as np
+# bitshuffle's OpenMP threads collapse under contention with the other processes (reference/
+# detector_streams.md 10 A): one thread per process, and processes for scale. Read at library load.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from libs.common.errors import FrameError
+import bitshuffle  # noqa: E402
+import lz4.block  # noqa: E402
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+
+from libs.common.errors import FrameError  # noqa: E402
 
 HEADER = struct.Struct(">QI")
 BLOCK_BYTES = 8192

@@ -32,7 +32,7 @@ from libs.common.messages import ScanDescription
 from libs.common.runtime import Service as Runtime
 from services.receiver.replay import replay_events
 from services.receiver.republish import Republisher
-from services.receiver.synthetic import synthetic_frame
+from libs.simulation.synthetic import synthetic_frame
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from libs.common import client
-from services.receiver.synthetic import frame_number_of
+from libs.simulation.synthetic import frame_number_of
 from tests.conftest import synthetic_pipeline, wait_for
 
 pytestmark = pytest.mark.slow
