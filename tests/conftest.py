@@ -72,6 +72,29 @@ params = {sink_params}
     return path
 
 
+def ingest_pipeline(directory: Path, *, protocol: str, source: str, receiver: str = "",
+                    writer: str = "") -> Path:
+    """receiver -> writer on free ports: the raw path. `receiver`/`writer`: extra TOML params."""
+    path = directory / "ingest.toml"
+    extra_receiver = f", {receiver}" if receiver else ""
+    extra_writer = f", {writer}" if writer else ""
+    path.write_text(f"""
+[handler]
+command = "tcp://127.0.0.1:{free_port()}"
+status = "tcp://127.0.0.1:{free_port()}"
+
+[stages.receiver]
+service = "receiver"
+params = {{ protocol = "{protocol}", source = "{source}"{extra_receiver} }}
+
+[stages.writer]
+service = "writer"
+inputs = ["receiver"]
+params = {{ output_dir = "{directory / "out"}"{extra_writer} }}
+""")
+    return path
+
+
 class Feed(client.StatusFeed):
     def wait(self, kind: str, timeout_s: float = 30.0, **match: Any) -> dict[str, Any]:
         return wait_for(lambda: self.find(kind, **match), timeout_s, f"event {kind} {match}")

@@ -23,7 +23,8 @@ class ScanRecord:
     finished: float | None = None
     sources_done: dict[str, int] = field(default_factory=dict)
     counters: dict[str, tuple[str, ScanCounters]] = field(default_factory=dict)
-    """process name -> (stage, what it reported at scan end)."""
+    """instance -> (stage, what it reported at scan end, or in its last heartbeat if it died:
+    a killed writer's file and frames still count)."""
 
     def stage_sum(self, stage: str, key: str) -> float:
         return sum(getattr(c, key) for s, c in self.counters.values() if s == stage)

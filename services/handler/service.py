@@ -235,8 +235,12 @@ class Handler:
                 "topology": self.registry.topology().model_dump()}
 
     def on_heartbeat(self, request: Heartbeat, envelope: Envelope) -> dict[str, Any]:
-        if not self.registry.heartbeat(request.args.instance, request.args.stats):
-            raise MessageError(f"unknown service instance {request.args.instance}: register again")
+        args = request.args
+        if not self.registry.heartbeat(args.instance, args.stats):
+            raise MessageError(f"unknown service instance {args.instance}: register again")
+        record = self.scans.current
+        if record is not None and record.state == "running" and args.stats.epoch == record.epoch:
+            record.counters[args.instance] = (self.registry.members[args.instance].identity.stage, args.stats.scan)
         return {"epoch": self.scans.epoch, "topology_version": self.registry.version}
 
     def on_unregister(self, request: Unregister, envelope: Envelope) -> dict[str, Any]:
@@ -314,7 +318,8 @@ class Handler:
             logger.info("scan %s finished: %s", record.scan.scan_id, summary)
             self._event("scan_finished", scan_id=record.scan.scan_id, epoch=record.epoch,
                         message=f"scan {record.scan.scan_id} finished", summary=summary,
-                        services={name: counters.model_dump() for name, (_, counters) in record.counters.items()})
+                        services={self._name_of(instance): counters.model_dump()
+                                  for instance, (_, counters) in record.counters.items()})
             self._next_operation()
             return
         stage, rest = stages[0], stages[1:]
@@ -323,12 +328,16 @@ class Handler:
             for instance, reply in replies.items():
                 member = self.registry.members.get(instance)
                 if reply.ok and member is not None:
-                    record.counters[member.identity.name] = (stage, ScanCounters.model_validate(reply.result))
+                    record.counters[instance] = (stage, ScanCounters.model_validate(reply.result))
             self._end_scan(record, rest)
 
         members = [m.identity.instance for m in self.registry.up(stage)]
         self._request_all(members, "scan_end", {"epoch": record.epoch},
                           self.pipeline.handler.scan_end_timeout_s, collected)
+
+    def _name_of(self, instance: str) -> str:
+        member = self.registry.members.get(instance)
+        return member.identity.name if member is not None else instance
 
     def on_abort(self, request: Abort, envelope: Envelope) -> Any:
         current = self.scans.current
