@@ -114,6 +114,8 @@ class ScanCounters(BaseModel):
     duplicates: int = 0
     dropped: int = 0
     written: int = 0
+    unacknowledged: int = 0
+    """Sources, at scan end: frames emitted that some stage never acknowledged (lost)."""
     busy_s: float = 0.0
     outputs: list[str] = Field(default_factory=list)
 

@@ -91,6 +91,7 @@ class Service:
         self._next_produce: float | None = None
         self._watched: dict[zmq.Socket, Callable[[], None]] = {}
         self._watching = False
+        self._holding = False
 
         host = pipeline.handler.data_host
         self._command_socket = self.context.socket(zmq.ROUTER)
@@ -156,6 +157,16 @@ class Service:
         """Give every downstream process the scan header, before the frames emitted after it."""
         self.header = header
         self.outlet.send_header(header.header.epoch, header.encode())
+
+    def hold(self) -> Token:
+        """Sinks, inside `on_frame`: do not acknowledge this frame yet (it is not safe on disk);
+        `release` the returned token when it is. Until then the producer keeps it and re-sends it
+        to another process if this one dies."""
+        self._holding = True
+        return self._current
+
+    def release(self, token: Token) -> None:
+        self.inlet.ack(*token)
 
     def finish_source(self, frames: int) -> None:
         """Sources: every frame of the current scan is emitted; the handler hears of it once
@@ -307,6 +318,7 @@ class Service:
         self.count("frames_in")
         token = (producer, frame.key)
         self._current = token
+        self._holding = False
         started = time.perf_counter()
         try:
             self.on_frame(frame)
@@ -316,7 +328,7 @@ class Service:
         finally:
             self._current = None
             self._busy(time.perf_counter() - started)
-        if not self._children.get(token):
+        if not self._children.get(token) and not self._holding:
             self._children.pop(token, None)
             self.inlet.ack(producer, frame.key)
 
@@ -551,18 +563,19 @@ class Service:
     def _cmd_scan_end(self, args: messages.EpochArgs) -> dict[str, Any]:
         if args.epoch != self.epoch or self.scan is None:
             return ScanCounters().model_dump()
+        self._next_produce = None
         self.on_scan_end()
         counters = self.scan_counters()
         logger.info("scan %s ended: %s", self.scan.scan_id, counters.model_dump())
         self.scan = None
-        self._next_produce = None
         return counters.model_dump()
 
     # --- reporting ------------------------------------------------------------------------------
 
     def scan_counters(self) -> ScanCounters:
         return self.counters.model_copy(update={"busy_s": round(self.counters.busy_s, 4),
-                                                "outputs": list(self.counters.outputs)})
+                                                "outputs": list(self.counters.outputs),
+                                                "unacknowledged": self.outlet.outstanding(self.epoch)})
 
     def stats(self) -> ServiceStats:
         t = self.totals

@@ -32,9 +32,9 @@ class ScanRecord:
     def summary(self, pipeline: Pipeline) -> dict[str, Any]:
         """The scan's entry of summary.json (INTERFACES.md)."""
         received = sum(self.stage_sum(s, "frames_out") for s in pipeline.sources())
-        sinks = [name for name, stage in pipeline.stages.items()
-                 if not pipeline.downstream(name) and stage.inputs and stage.delivery == "all"]
-        delivered = min((self.stage_sum(s, "frames_in") for s in sinks), default=received)
+        # Acknowledgements are chained to the sinks, so a frame the sources no longer hold
+        # reached every sink: what they still hold at the end is what was lost.
+        lost = sum(self.stage_sum(s, "unacknowledged") for s in pipeline.sources())
         wall = (self.finished or time.time()) - self.started
         outputs = sorted({path for _, c in self.counters.values() for path in c.outputs})
         return {
@@ -43,7 +43,7 @@ class ScanRecord:
             "state": self.state,
             "frames_received": received,
             "frames_written": sum(c.written for _, c in self.counters.values()),
-            "frames_lost": max(0, received - delivered) if self.state == "finished" else None,
+            "frames_lost": lost if self.state == "finished" else None,
             "frames_rejected": sum(c.rejected for _, c in self.counters.values()),
             "duplicates_dropped": sum(c.duplicates for _, c in self.counters.values()),
             "wall_s": round(wall, 3),

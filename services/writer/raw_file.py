@@ -53,7 +53,7 @@ def now_iso() -> str:
 
 class RawFile:
     def __init__(self, path: Path, *, specs: tuple[ArraySpec, ...], scan: ScanDescription | None,
-                 header: Frame | None) -> None:
+                 header: Frame | None, previous_parts: tuple[str, ...] = ()) -> None:
         self.path = path
         self.specs = specs
         self.written: set[int] = set()
@@ -65,6 +65,10 @@ class RawFile:
         entry["program_name"] = f"surveyor {VERSION}"
         entry["start_time"] = np.array(now_iso(), dtype=TIME)
         self._end_time = entry.create_dataset("end_time", shape=(), dtype=TIME)
+        if previous_parts:
+            entry["previous_parts"] = list(previous_parts)
+            entry["previous_parts"].attrs["description"] = (
+                "earlier files of this scan, from a writer that stopped mid-scan (open them with swmr=True)")
         self._datasets: list[h5py.Dataset] = []
         self._numbers: list[h5py.Dataset] = []
         for index, spec in enumerate(specs, start=1):

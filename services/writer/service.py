@@ -4,13 +4,14 @@ The file opens with the first frame (its arrays' shapes, types and compression c
 geometry with the scan header and the scan description) and closes when the scan ends or is
 aborted. It is flushed at least every `flush_interval_s` while frames come, so a live SWMR reader
 follows it and a crash loses at most that much. A writer restarted mid-scan continues in
-`<scan_id>_raw.part2.cxi` rather than overwrite what is on disk; both files are in the summary.
+`<scan_id>_raw.part2.cxi` (which names the earlier part) rather than overwrite what is on disk;
+both files are in the summary. The file of a killed writer still carries HDF5's "open for
+writing" flag: h5py opens it with `swmr=True` (as any live reader does), or after `h5clear -s`.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,6 +22,10 @@ from libs.common.runtime import Service as Runtime
 from services.writer.raw_file import RawFile
 
 logger = logging.getLogger(__name__)
+
+
+FLUSH_FRAMES = 1000
+"""Flush at least this often too: unflushed frames stay in the producer's ledger until then."""
 
 
 class Params(BaseModel):
@@ -42,13 +47,17 @@ def free_path(directory: Path, stem: str) -> Path:
 class Service(Runtime):
     Params = Params
     _raw: RawFile | None = None
-    _dirty_since: float | None = None
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._unflushed: list = []
 
     def on_frame(self, frame: Frame) -> None:
         specs = frame.header.arrays
         if self._raw is None:
             path = free_path(Path(self.params.output_dir), f"{frame.header.scan_id}_raw")
-            self._raw = RawFile(path, specs=specs, scan=self.scan, header=self.header)
+            earlier = tuple(sorted(p.name for p in path.parent.glob(f"{frame.header.scan_id}_raw*.cxi")))
+            self._raw = RawFile(path, specs=specs, scan=self.scan, header=self.header, previous_parts=earlier)
             logger.info("scan %s: writing %s", frame.header.scan_id, path)
             self.counters.outputs.append(str(path))
         elif specs != self._raw.specs:
@@ -56,16 +65,24 @@ class Service(Runtime):
                              f"{self._raw.path} ({_describe(self._raw.specs)})")
         if self._raw.write(frame.header.frame, frame):
             self.count("written")
-        if self._dirty_since is None:
-            self._dirty_since = time.monotonic()
+        # Acknowledged once flushed: a frame this process dies holding is re-sent, never lost.
+        self._unflushed.append(self.hold())
+        if len(self._unflushed) == 1:
             self.wake(self.params.flush_interval_s)
+        elif len(self._unflushed) >= FLUSH_FRAMES:
+            self._flush()
 
     def produce(self) -> float | None:
         """The flush timer."""
-        if self._raw is not None and self._dirty_since is not None:
-            self._raw.flush()
-            self._dirty_since = None
+        self._flush()
         return None
+
+    def _flush(self) -> None:
+        if self._raw is not None:
+            self._raw.flush()
+        for token in self._unflushed:
+            self.release(token)
+        self._unflushed.clear()
 
     def on_scan_end(self) -> None:
         self._close()
@@ -82,7 +99,9 @@ class Service(Runtime):
             self._raw.close()
             logger.info("closed %s with %d frames", self._raw.path, len(self._raw.written))
             self._raw = None
-            self._dirty_since = None
+        for token in self._unflushed:
+            self.release(token)
+        self._unflushed.clear()
 
 
 def _describe(specs) -> str:

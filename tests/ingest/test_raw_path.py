@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import signal
 import struct
 import subprocess
 import sys
@@ -195,3 +197,38 @@ def test_corrupted_messages_are_counted_and_cost_no_good_frame(tmp_path, start_r
     with h5py.File(scan["outputs"][0], "r") as f:
         data = f["entry_1/data_1/data"]
         assert all(np.array_equal(data[n], synthetic_frame(n, (64, 64), "<u2")) for n in range(good_frames))
+
+
+def test_killed_writer_leaves_a_readable_file_and_the_scan_goes_on(tmp_path, start_run):
+    from tests.conftest import synthetic_pipeline, wait_for
+    from tests.e2e.test_delivery import frame_number_of
+
+    frames = 3000
+    run = start_run(synthetic_pipeline(tmp_path, frames=frames, rate_hz=300, workers=1), "--simulate",
+                    "--set", "stages.writer.params.flush_interval_s=0.2")
+    run.wait_ready(3)
+    victim = wait_for(lambda: (s := run.service("writer.1"))["frames_in"] >= 600 and s, 30, "writer.1 to write")
+    first = wait_for(lambda: next((tmp_path / "out").glob("t_0001_raw.cxi"), None), 10, "the raw file")
+    with h5py.File(first, "r", swmr=True) as f:
+        flushed = int((f["entry_1/data_1/frame_number"][...] >= 0).sum())
+    os.kill(victim["pid"], signal.SIGKILL)
+    code, output = run.finish()
+    assert code == 0, output[-3000:]
+    summary = run.summary()
+    [scan] = summary["scans"]
+    assert summary["restarts"]["writer.1"] >= 1 and scan["frames_lost"] == 0
+    second = first.with_name("t_0001_raw.part2.cxi")
+    assert sorted(scan["outputs"]) == sorted([str(first), str(second)])
+    numbers = set()
+    for path in (first, second):
+        with h5py.File(path, "r", swmr=True) as f:
+            slots = f["entry_1/data_1/frame_number"][...]
+            data = f["entry_1/data_1/data"]
+            held = np.flatnonzero(slots >= 0)
+            assert all(frame_number_of(data[i]) == i for i in held[:: max(1, len(held) // 50)])
+            numbers |= set(held.tolist())
+            if path == first:
+                assert len(held) >= flushed > 0
+            else:
+                assert list(f["entry_1/previous_parts"].asstr()) == [first.name]
+    assert numbers == set(range(frames))
