@@ -73,7 +73,7 @@ params = {sink_params}
 
 
 def ingest_pipeline(directory: Path, *, protocol: str, source: str, receiver: str = "",
-                    writer: str = "") -> Path:
+                    writer: str = "", credit: int = 2) -> Path:
     """receiver -> writer on free ports: the raw path. `receiver`/`writer`: extra TOML params."""
     path = directory / "ingest.toml"
     extra_receiver = f", {receiver}" if receiver else ""
@@ -90,6 +90,7 @@ params = {{ protocol = "{protocol}", source = "{source}"{extra_receiver} }}
 [stages.writer]
 service = "writer"
 inputs = ["receiver"]
+credit = {credit}
 params = {{ output_dir = "{directory / "out"}"{extra_writer} }}
 """)
     return path

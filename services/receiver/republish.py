@@ -2,8 +2,9 @@
 
 A PUSH socket bound on the configured endpoint; a monitor counts connected consumers and
 messages go out only while at least one is there, as streaming-receiver does, so an absent
-consumer never holds the receiver back. A consumer too slow to keep up loses messages (counted),
-never the pipeline its frames.
+consumer never holds the receiver back. A consumer that connects mid-series first gets the
+series header again, so it always knows what the images are. A consumer too slow to keep up
+loses messages (counted), never the pipeline its frames.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from libs.common.detector import Event
+from libs.common.detector import Event, SeriesEnd, SeriesStart
 from libs.common.detector.stins import Numbering
 
 logger = logging.getLogger(__name__)
@@ -34,19 +35,30 @@ class Republisher:
         self.sent = 0
         self.dropped = 0
         self._numbering = Numbering()
+        self._series: SeriesStart | None = None
 
     def _update_peers(self) -> None:
         while self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)["event"]
+            before = self.peers
             self.peers += 1 if event == zmq.EVENT_ACCEPTED else -1
             logger.info("re-publication at %s: %d consumer(s)", self.endpoint, self.peers)
+            if before <= 0 < self.peers and self._series is not None:
+                self._send(self._series)
 
-    def publish(self, event: Event, filename: str = "") -> None:
+    def publish(self, event: Event) -> None:
+        if isinstance(event, SeriesStart):
+            self._series = event
+        elif isinstance(event, SeriesEnd):
+            self._series = None
+        was_connected = self.peers > 0
         self._update_peers()
-        if self.peers <= 0:
-            return
+        if self.peers > 0 and (was_connected or not isinstance(event, SeriesStart)):
+            self._send(event)
+
+    def _send(self, event: Event) -> None:
         try:
-            self.socket.send_multipart(self._numbering.encode(event, filename), zmq.NOBLOCK, copy=False)
+            self.socket.send_multipart(self._numbering.encode(event), zmq.NOBLOCK, copy=False)
             self.sent += 1
         except zmq.Again:
             self.dropped += 1

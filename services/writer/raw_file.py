@@ -71,6 +71,9 @@ class RawFile:
                 "earlier files of this scan, from a writer that stopped mid-scan (open them with swmr=True)")
         self._datasets: list[h5py.Dataset] = []
         self._numbers: list[h5py.Dataset] = []
+        self._capacity = 0
+        self._slots = np.empty(0, "i8")
+        """Frame number per slot (-1: not received), written to `frame_number` at each flush."""
         for index, spec in enumerate(specs, start=1):
             group = entry.create_group(f"data_{index}")
             data = group.create_dataset("data", shape=(0, *spec.shape), maxshape=(None, *spec.shape),
@@ -129,22 +132,29 @@ class RawFile:
         """Put one frame's blobs in their slots; False if that frame is already in the file."""
         if number in self.written:
             return False
-        for data, numbers, spec in zip(self._datasets, self._numbers, self.specs, strict=True):
-            if number >= data.shape[0]:
-                size = max(number + 1, data.shape[0] + GROW)
-                data.resize(size, axis=0)
-                numbers.resize(size, axis=0)
+        if number >= self._capacity:
+            self._capacity = max(number + 1, self._capacity + GROW)
+            for data in self._datasets:
+                data.resize(self._capacity, axis=0)
+            self._slots = np.concatenate([self._slots, np.full(self._capacity - len(self._slots), -1, "i8")])
+        for data, spec in zip(self._datasets, self.specs, strict=True):
             data.id.write_direct_chunk((number, *([0] * len(spec.shape))), frame.raw(spec.name))
-            numbers[number] = number
+        self._slots[number] = number
         self.written.add(number)
         return True
 
     def flush(self) -> None:
+        """Frame numbers go to disk here, in one write: per frame they would cost more than the pixels."""
+        for numbers in self._numbers:
+            if numbers.shape[0] != self._capacity:
+                numbers.resize(self._capacity, axis=0)
+            numbers[:] = self._slots
         self._file.flush()
 
     def close(self) -> None:
         if not self._file.id.valid:
             return
+        self.flush()
         size = max(self.written) + 1 if self.written else 0
         for data, numbers in zip(self._datasets, self._numbers, strict=True):
             data.resize(size, axis=0)

@@ -31,7 +31,7 @@ FLUSH_FRAMES = 1000
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     output_dir: str = "out"
-    flush_interval_s: float = Field(1.0, gt=0, le=60, description="longest time written frames stay unflushed")
+    flush_interval_s: float = Field(0.25, gt=0, le=60, description="longest time written frames stay unflushed")
 
 
 def free_path(directory: Path, stem: str) -> Path:

@@ -98,7 +98,8 @@ def test_abort_drops_the_scan_everywhere_and_the_next_scan_runs(run):
 
 
 def test_configure_changes_the_following_frames_and_refuses_bad_values(run):
-    assert run.ctl("start_scan", {"scan_id": "tuned", "n_frames": 600}).ok
+    # 3 s of frames at 500 Hz: the status (1 Hz heartbeats) shows the writer busy well before the end.
+    assert run.ctl("start_scan", {"scan_id": "tuned", "n_frames": 1500}).ok
     wait_for(lambda: run.ctl("status").result["scan"]["stages"]["writer"]["written"] > 100, 20,
              "frames at the writer")
     reply = run.ctl("configure", {"stage": "worker", "params": {"offset": 100}})
@@ -113,7 +114,7 @@ def test_configure_changes_the_following_frames_and_refuses_bad_values(run):
     run.wait_scan("tuned")
     with h5py.File(run.out / "tuned_raw.cxi", "r") as f:
         corner = f["entry_1/data_1/data"][:, -1, -1].astype(int)
-    offset = corner - np.arange(600) % 251
+    offset = corner - np.arange(1500) % 251
     assert set(offset) == {0, 100}
     assert offset[:50].max() == 0 and offset[-50:].min() == 100
     assert run.ctl("configure", {"stage": "worker", "params": {"offset": 0}}).ok

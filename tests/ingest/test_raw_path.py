@@ -68,8 +68,9 @@ def test_recorded_eiger_stream_is_written_byte_identical(tmp_path, start_run, na
     source = f"tcp://127.0.0.1:{free_port()}"
     run = start_run(ingest_pipeline(tmp_path, protocol=name, source=source), "--scans", "1")
     run.wait_ready(2)
-    subprocess.run([sys.executable, str(SHARED / "tools" / "replay_stream.py"), str(RECORDED / f"eiger1m_{name}.msgpack.gz"),
-                    "--bind", source, "--wait-peer", "30"], check=True, capture_output=True, timeout=60)
+    replay = SHARED / "tools" / "replay_stream.py"
+    subprocess.run([sys.executable, str(replay), str(RECORDED / f"eiger1m_{name}.msgpack.gz"), "--bind", source,
+                    "--wait-peer", "30"], check=True, capture_output=True, timeout=60)
     [scan] = only_scan(run)
     blobs = detector_blobs(name)
     assert scan["scan_id"] == f"series_{series}"
@@ -232,3 +233,40 @@ def test_killed_writer_leaves_a_readable_file_and_the_scan_goes_on(tmp_path, sta
             else:
                 assert list(f["entry_1/previous_parts"].asstr()) == [first.name]
     assert numbers == set(range(frames))
+
+
+def test_replayed_file_is_rewritten_as_is_and_republished_for_maxiv_consumers(tmp_path, start_run):
+    """`replay` streams another program's HDF5 file; a MAX IV secondary-port consumer gets it too."""
+    frames, shape = 40, (48, 64)
+    source = tmp_path / "scan7.h5"
+    blobs = [codecs.compress(synthetic_frame(n, shape, "<u2")) for n in range(frames)]
+    with h5py.File(source, "w") as f:
+        data = f.create_dataset("entry/data/data", shape=(frames, *shape), chunks=(1, *shape), dtype="<u2",
+                                **codecs.hdf5_filter("bslz4"))
+        for number, blob in enumerate(blobs):
+            data.id.write_direct_chunk((number, 0, 0), blob)
+    republish = f"tcp://127.0.0.1:{free_port()}"
+    consumer = zmq.Context.instance().socket(zmq.PULL)
+    consumer.connect(republish)
+    pipeline = ingest_pipeline(tmp_path, protocol="replay", source=str(source),
+                               receiver=f'republish = "{republish}", rate_hz = 20')
+    run = start_run(pipeline, "--scans", "1")
+    received = []
+    while not received or json.loads(received[-1][0])["htype"] != "series_end":
+        assert consumer.poll(30_000), f"re-publication stopped after {len(received)} messages"
+        received.append(consumer.recv_multipart())
+    [scan] = only_scan(run)
+    consumer.close(linger=0)
+    assert scan["scan_id"] == "scan7" and scan["frames_written"] == frames
+    with h5py.File(scan["outputs"][0], "r") as f:
+        data = f["entry_1/data_1/data"]
+        assert [data.id.read_direct_chunk((n, 0, 0))[1] for n in range(frames)] == blobs
+    heads = [json.loads(parts[0]) for parts in received]
+    # A consumer that connects late misses the first images, never the header.
+    images = len(heads) - 2
+    assert [h["htype"] for h in heads] == ["header"] + ["image"] * images + ["series_end"] and images > frames // 2
+    assert [h["frame"] for h in heads[1:-1]] == list(range(frames - images, frames))
+    assert all(a["msg_number"] < b["msg_number"] for a, b in zip(heads, heads[1:], strict=False))
+    for head, parts in zip(heads[1:-1], received[1:-1], strict=True):
+        assert head["shape"] == list(shape) and head["type"] == "uint16" and head["compression"] == "bslz4"
+        assert parts[1] == blobs[head["frame"]]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -84,21 +84,29 @@ def parse_json(part: Any, what: str) -> dict[str, Any]:
     return value
 
 
-def checked_blob(name: str, blob: Any, shape: Any, dtype: Any, compression: str) -> tuple[ArraySpec, Any]:
-    """Validate a pixel blob against what its message declares and give it a spec."""
-    if (not isinstance(shape, (list, tuple)) or len(shape) != 2
-            or not all(isinstance(n, int) and 0 < n <= 1 << 16 for n in shape)):
-        raise StreamError(f"image shape {shape!r} is not two sizes between 1 and 65536")
+@functools.lru_cache(maxsize=64)
+def _spec(name: str, shape: tuple, dtype: str, compression: str) -> ArraySpec:
+    """The spec of a kind of image; a detector sends thousands of the same kind, so it is cached."""
     try:
         dt = np.dtype(dtype)
     except TypeError:
         raise StreamError(f"image type {dtype!r} is not a pixel type") from None
     if dt.kind not in "uif" or dt.itemsize > 8:
         raise StreamError(f"image type {dtype!r} is not a pixel type")
-    spec = ArraySpec(name=name, dtype=dt.newbyteorder("<").str, shape=tuple(shape), compression=compression)
+    return ArraySpec(name=name, dtype=dt.newbyteorder("<").str, shape=shape, compression=compression)
+
+
+def checked_blob(name: str, blob: Any, shape: Any, dtype: Any, compression: str) -> tuple[ArraySpec, Any]:
+    """Validate a pixel blob against what its message declares and give it a spec."""
+    if not isinstance(shape, (list, tuple)) or len(shape) != 2 or not all(
+            isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 1 << 16 for n in shape):
+        raise StreamError(f"image shape {shape!r} is not two sizes between 1 and 65536")
+    if not isinstance(dtype, str):
+        raise StreamError(f"image type {dtype!r} is not a pixel type")
+    spec = _spec(name, tuple(shape), dtype, compression)
     if compression == "none":
-        if len(blob) != math.prod(shape) * dt.itemsize:
-            raise StreamError(f"image of {dt.name}{list(shape)} needs {spec.nbytes} bytes, got {len(blob)}")
+        if len(blob) != spec.nbytes:
+            raise StreamError(f"image of {spec.dtype}{list(spec.shape)} needs {spec.nbytes} bytes, got {len(blob)}")
     else:
         try:
             codecs.check(blob, compression, spec.shape, spec.dtype)

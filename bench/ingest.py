@@ -1,0 +1,163 @@
+"""Ingest benchmark: detector stream -> receiver -> writer -> `<scan>_raw.cxi`, next to the floor.
+
+The pipeline is the one of pipelines/raw.toml (writer credit 16, flush every 0.25 s).
+
+1. The recorded EIGER1 1M Stream V1 images (../shared/data/recorded), renumbered and replayed
+   `--frames` times as fast as the pipeline takes them, through `surveyor run` (receiver and
+   writer processes). Baseline in the same run: one process that parses the same messages
+   (JSON parts, the bitshuffle framing check) and writes them with direct chunk writes, with
+   no sockets at all: the best a Python receiver-writer could do.
+2. Simulated 4 Mpx uint16 frames, bitshuffle/LZ4-compressed, through the same pipeline.
+
+Time runs from the first message sent to the `scan_finished` event (every frame flushed and
+acknowledged), so the pipeline's figure includes its shutdown of the scan.
+
+    python bench/ingest.py [--frames 5000] [--frames-4m 500]
+
+Prints one JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import msgpack
+import numpy as np
+import zmq
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from libs.common import client, codecs  # noqa: E402
+from libs.common.detector import DetectorInfo, SeriesEnd, SeriesStart  # noqa: E402
+from libs.common.detector import stream1  # noqa: E402
+from libs.common.frames import ArraySpec  # noqa: E402
+from libs.common.detector.events import Image  # noqa: E402
+from tests.conftest import SHARED, free_port, ingest_pipeline, wait_for  # noqa: E402
+
+RECORDING = SHARED / "data" / "recorded" / "eiger1m_stream1.msgpack.gz"
+
+
+def recorded_messages(frames: int) -> tuple[list[bytes], list[list[bytes]], bytes]:
+    """Header, `frames` image messages renumbered 0..frames-1 (the 9 recorded ones in turn), end."""
+    with gzip.open(RECORDING) as f:
+        messages = [list(m) for m in msgpack.Unpacker(f, raw=False)]
+    header, images = messages[0], messages[1:]
+    renumbered = []
+    for number in range(frames):
+        parts = images[number % len(images)]
+        first = json.loads(parts[0])
+        first["frame"] = number
+        renumbered.append([json.dumps(first).encode(), *parts[1:]])
+    series = json.loads(header[0])["series"]
+    return header, renumbered, json.dumps({"htype": "dseries_end-1.0", "series": series}).encode()
+
+
+def simulated_messages(frames: int) -> tuple[list[bytes], list[list[bytes]], bytes]:
+    """4 Mpx uint16 frames of Poisson(1) counts, compressed: 16 distinct frames in turn."""
+    rng = np.random.default_rng(0)
+    shape = (2048, 2048)
+    blobs = [codecs.compress(rng.poisson(1.0, shape).astype("<u2")) for _ in range(16)]
+    spec = ArraySpec(name="data", dtype="<u2", shape=shape, compression="bslz4")
+    header = stream1.encode(SeriesStart(series="4", info=DetectorInfo(shape=shape, dtype="<u2", n_images=frames)))
+    images = [stream1.encode(Image(series="4", frame=n, blobs=[(spec, blobs[n % 16])])) for n in range(frames)]
+    return header, images, stream1.encode(SeriesEnd(series="4"))[0]
+
+
+def single_process(images: list[list[bytes]], directory: Path) -> dict[str, float]:
+    """Parse and write in one loop: the floor any receiver-writer pays."""
+    path = directory / "baseline.h5"
+    started = time.perf_counter()
+    with h5py.File(path, "w", libver="latest") as f:
+        dataset = None
+        for parts in images:
+            first, described = json.loads(parts[0]), json.loads(parts[1])
+            shape = tuple(described["shape"][::-1])
+            dtype = np.dtype(described["type"]).newbyteorder("<")
+            codecs.check(parts[2], "bslz4", shape, dtype.str)
+            if dataset is None:
+                dataset = f.create_dataset("data", shape=(len(images), *shape), chunks=(1, *shape), dtype=dtype,
+                                           **codecs.hdf5_filter("bslz4"))
+            dataset.id.write_direct_chunk((first["frame"], 0, 0), parts[2])
+    elapsed = time.perf_counter() - started
+    return figures(images, elapsed)
+
+
+def figures(images: list[list[bytes]], elapsed: float) -> dict[str, float]:
+    payload = sum(len(parts[2]) for parts in images)
+    return {"frames_per_s": round(len(images) / elapsed, 1), "MB_per_s": round(payload / elapsed / 1e6, 1),
+            "seconds": round(elapsed, 3)}
+
+
+def pipeline(header: list[bytes], images: list[list[bytes]], end: bytes, directory: Path) -> dict[str, object]:
+    source = f"tcp://127.0.0.1:{free_port()}"
+    path = ingest_pipeline(directory, protocol="stream1", source=source, credit=16)
+    from libs.common.pipeline import load
+
+    handler = load(path).handler
+    env = {**os.environ, "SURVEYOR_LOG_DIR": str(directory / "logs")}
+    run = subprocess.Popen([sys.executable, "-m", "libs.cli.main", "run", str(path), "--scans", "1",
+                            "--out", str(directory / "out")], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    feed = client.StatusFeed(handler.status, topics=(b"event",))
+    context = zmq.Context()
+    push = context.socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDHWM, 100)
+    push.bind(source)
+    try:
+        def up() -> bool:
+            try:
+                services = client.call(handler.command, "status", timeout_s=1).result["services"]
+            except client.NoReply:
+                return False
+            return sum(s["state"] == "up" for s in services) == 2
+        wait_for(up, 60, "the pipeline to start")
+        started = time.perf_counter()
+        push.send_multipart(header)
+        for parts in images:
+            push.send_multipart(parts, copy=False)
+        push.send(end)
+        finished = wait_for(lambda: feed.find("scan_finished"), 600, "the scan to finish")
+        elapsed = time.perf_counter() - started
+    finally:
+        feed.close()
+        push.close(linger=0)
+        context.term()
+        run.wait(60)
+    summary = finished["summary"]
+    return {**figures(images, elapsed), "frames_written": summary["frames_written"],
+            "frames_lost": summary["frames_lost"], "frames_rejected": summary["frames_rejected"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=5000)
+    parser.add_argument("--frames-4m", type=int, default=500)
+    args = parser.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        cases = {"eiger1m_stream1_recorded": recorded_messages(args.frames),
+                 "simulated_4mpx_uint16_bslz4": simulated_messages(args.frames_4m)}
+        for name, (header, images, end) in cases.items():
+            directory = Path(tmp) / name
+            directory.mkdir()
+            baseline = single_process(images, directory)
+            measured = pipeline(header, images, end, directory)
+            results[name] = {"frames": len(images), "mean_blob_bytes": round(np.mean([len(p[2]) for p in images])),
+                             "single_process_parse_and_write": baseline, "surveyor_receiver_writer": measured,
+                             "ratio": round(measured["frames_per_s"] / baseline["frames_per_s"], 3)}
+    print(json.dumps({"benchmark": "ingest", "path": "PUSH (tcp) -> receiver -> writer -> raw CXI",
+                      "cpus": os.cpu_count(), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
