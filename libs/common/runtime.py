@@ -190,6 +190,10 @@ class Service:
         full pipeline leaves the input queued in the socket: backpressure to the sender)."""
         self._watched[socket] = on_readable
 
+    def unwatch(self, socket: zmq.Socket) -> None:
+        if self._watched.pop(socket, None) is not None and self._watching:
+            self._poller.unregister(socket)
+
     def report(self, kind: str, message: str, **details: Any) -> None:
         """An event for front-ends, published by the handler in this service's name."""
         if self._registered:

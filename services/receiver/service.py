@@ -86,11 +86,37 @@ class Service(Runtime):
         self._replay_started = 0.0
         self._replayed = 0
         self._synthetic_total = self._synthetic_sent = 0
-        self._republisher = Republisher(self.context, self.params.republish) if self.params.republish else None
+        self._republisher: Republisher | None = None
         self._connect()
+
+    def _endpoints(self) -> tuple[str, ...]:
+        p = self.params
+        return (p.protocol, p.source, p.republish, p.dataset)
+
+    def on_configure(self, params: BaseModel) -> None:
+        """A new source, protocol or re-publication endpoint takes effect at once (what a closed
+        PULL socket still held is lost, as when a detector is re-cabled); other values just apply."""
+        if self._endpoints() != self._connected:
+            self._disconnect()
+            self._connect()
+
+    def _disconnect(self) -> None:
+        if self._detector is not None:
+            self.unwatch(self._detector)
+            self._detector.close(linger=0)
+            self._detector = None
+        if self._republisher is not None:
+            self._republisher.close()
+            self._republisher = None
+        if self._replay is not None:
+            self._replay.close()
+            self._replay = None
 
     def _connect(self) -> None:
         params = self.params
+        self._connected = self._endpoints()
+        if params.republish:
+            self._republisher = Republisher(self.context, params.republish)
         if params.protocol in PROTOCOLS:
             self._decode = PROTOCOLS[params.protocol].decode
             self._detector = self.context.socket(zmq.PULL)
@@ -323,9 +349,4 @@ class Service(Runtime):
         self._synthetic_sent += 1
 
     def close(self) -> None:
-        if self._detector is not None:
-            self._detector.close(linger=0)
-        if self._republisher is not None:
-            self._republisher.close()
-        if self._replay is not None:
-            self._replay.close()
+        self._disconnect()
