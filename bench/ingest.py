@@ -23,7 +23,6 @@ import argparse
 import gzip
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +36,8 @@ import zmq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from libs.common import client, codecs  # noqa: E402
+from bench import harness  # noqa: E402
+from libs.common import codecs  # noqa: E402
 from libs.common.detector import DetectorInfo, SeriesEnd, SeriesStart  # noqa: E402
 from libs.common.detector import stream1  # noqa: E402
 from libs.common.frames import ArraySpec  # noqa: E402
@@ -101,26 +101,13 @@ def figures(images: list[list[bytes]], elapsed: float) -> dict[str, float]:
 def pipeline(header: list[bytes], images: list[list[bytes]], end: bytes, directory: Path) -> dict[str, object]:
     source = f"tcp://127.0.0.1:{free_port()}"
     path = ingest_pipeline(directory, protocol="stream1", source=source, credit=16)
-    from libs.common.pipeline import load
-
-    handler = load(path).handler
-    env = {**os.environ, "SURVEYOR_LOG_DIR": str(directory / "logs")}
-    run = subprocess.Popen([sys.executable, "-m", "libs.cli.main", "run", str(path), "--scans", "1",
-                            "--out", str(directory / "out")], env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
-    feed = client.StatusFeed(handler.status, topics=(b"event",))
+    run, handler, feed = harness.start(path, directory)
     context = zmq.Context()
     push = context.socket(zmq.PUSH)
     push.setsockopt(zmq.SNDHWM, 100)
     push.bind(source)
     try:
-        def up() -> bool:
-            try:
-                services = client.call(handler.command, "status", timeout_s=1).result["services"]
-            except client.NoReply:
-                return False
-            return sum(s["state"] == "up" for s in services) == 2
-        wait_for(up, 60, "the pipeline to start")
+        harness.wait_up(handler, 2)
         started = time.perf_counter()
         push.send_multipart(header)
         for parts in images:

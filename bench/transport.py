@@ -18,7 +18,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,9 +29,10 @@ import zmq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench import harness  # noqa: E402
 from libs.common import client  # noqa: E402
 from libs.simulation.synthetic import synthetic_frame  # noqa: E402
-from tests.conftest import free_port, synthetic_pipeline, wait_for  # noqa: E402
+from tests.conftest import free_port, synthetic_pipeline  # noqa: E402
 
 SIZES = {"1MiB": (512, 1024), "8MiB": (2048, 2048)}
 
@@ -105,22 +105,9 @@ def surveyor_pipeline(shape: tuple[int, int], frames: int) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         path = synthetic_pipeline(directory, frames=frames, shape=shape, sink="passthrough")
-        from libs.common.pipeline import load
-
-        handler = load(path).handler
-        env = {**os.environ, "SURVEYOR_LOG_DIR": str(directory / "logs")}
-        run = subprocess.Popen([sys.executable, "-m", "libs.cli.main", "run", str(path), "--scans", "1",
-                                "--out", str(directory / "out")], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-        feed = client.StatusFeed(handler.status, topics=(b"event",))
+        run, handler, feed = harness.start(path, directory)
         try:
-            def up() -> list[dict]:
-                try:
-                    services = client.call(handler.command, "status", timeout_s=1).result["services"]
-                except client.NoReply:
-                    return []
-                return services if sum(s["state"] == "up" for s in services) == 4 else []
-            services = wait_for(up, 60, "the pipeline to start")
+            services = harness.wait_up(handler, 4)
             worker = next(s["command_endpoint"] for s in services if s["stage"] == "worker")
             assert client.call(handler.command, "start_scan", {"scan_id": "bench", "n_frames": frames}).ok
             rtt: dict[str, list[float]] = {"handler": [], "worker": []}
