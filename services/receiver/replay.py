@@ -14,6 +14,7 @@ from typing import Iterator
 import h5py
 import hdf5plugin  # noqa: F401 - registers the filters read_direct_chunk's fallback may need
 import numpy as np
+from scipy.constants import electron_volt
 
 from libs.common.codecs import BITSHUFFLE_FILTER, LZ4_FILTER
 from libs.common.detector import DetectorInfo, Event, Image, SeriesEnd, SeriesStart, StreamError
@@ -21,7 +22,6 @@ from libs.common.frames import ArraySpec
 
 CANDIDATES = ("entry_1/data_1/data", "entry_1/instrument_1/detector_1/data", "entry/data/data",
               "entry/instrument/detector/data", "data")
-JOULE_PER_EV = 1.602176634e-19
 
 
 def _dataset(f: h5py.File, name: str) -> h5py.Dataset:
@@ -65,7 +65,7 @@ def replay_events(path: str | Path, dataset: str = "") -> Iterator[Event]:
         energy = _number(f, "entry_1/instrument_1/source_1/energy")
         pixel = _number(f, f"{detector}/x_pixel_size"), _number(f, f"{detector}/y_pixel_size")
         info = DetectorInfo(shape=dset.shape[1:], dtype=dset.dtype.str, n_images=int((numbers >= 0).sum()),
-                            energy_ev=energy / JOULE_PER_EV if energy else None,
+                            energy_ev=energy / electron_volt if energy else None,
                             distance_m=_number(f, f"{detector}/distance"),
                             pixel_size_m=(pixel[1], pixel[0]) if all(pixel) else None)
         series = path.name.split(".")[0].removesuffix("_raw")

@@ -30,9 +30,9 @@ from libs.common.detector import PROTOCOLS, Event, Image, SeriesEnd, SeriesStart
 from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
 from libs.common.runtime import Service as Runtime
+from libs.simulation.synthetic import synthetic_frame
 from services.receiver.replay import replay_events
 from services.receiver.republish import Republisher
-from libs.simulation.synthetic import synthetic_frame
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +83,9 @@ class Service(Runtime):
         self._next_report = 0.0
         self._detector: zmq.Socket | None = None
         self._replay: Iterator[Event] | None = None
-        self._replay_started = 0.0
+        self._paced_from = 0.0
         self._replayed = 0
-        self._synthetic_total = self._synthetic_sent = 0
+        self._synthetic_total = 0
         self._republisher: Republisher | None = None
         self._connect()
 
@@ -127,7 +127,7 @@ class Service(Runtime):
             logger.info("receiving %s from %s", params.protocol, params.source)
         elif params.protocol == "replay":
             self._replay = replay_events(params.source, params.dataset)
-            self._replay_started = time.monotonic()
+            self._paced_from = time.monotonic()
             self.wake(0)
             logger.info("replaying %s", params.source)
 
@@ -230,8 +230,7 @@ class Service(Runtime):
         self._frames = set()
         if self.params.protocol == "synthetic":
             self._synthetic_total = scan.n_frames if scan.n_frames is not None else self.pipeline.simulation.frames
-            self._synthetic_sent = 0
-            self._replay_started = time.monotonic()
+            self._paced_from = time.monotonic()
             self._open(None)
             if self._synthetic_total == 0:
                 self._end_series()
@@ -277,7 +276,7 @@ class Service(Runtime):
         if self._series is not None:
             self._aborted_series = self._series
         self._series = None
-        self._synthetic_total = self._synthetic_sent = 0
+        self._synthetic_total = 0
         return 0
 
     # --- timers and generated input ---------------------------------------------------------------
@@ -311,9 +310,9 @@ class Service(Runtime):
         """Synthetic frames or replayed events, paced; seconds until more are due."""
         protocol = self.params.protocol
         if protocol == "synthetic":
-            if self._series is None or self._synthetic_sent >= self._synthetic_total:
+            if self._series is None or len(self._frames) >= self._synthetic_total:
                 return None
-            rate, sent = self.pipeline.simulation.rate_hz, self._synthetic_sent
+            rate, sent = self.pipeline.simulation.rate_hz, len(self._frames)
         elif protocol == "replay" and self._replay is not None:
             rate, sent = self.params.rate_hz, self._replayed
         else:
@@ -322,12 +321,12 @@ class Service(Runtime):
             if not self.can_produce() or self._held is not None:
                 return 0.0 if self._held is None else None
             if rate > 0:
-                due = self._replay_started + sent / rate
+                due = self._paced_from + sent / rate
                 if now < due:
                     return due - now
             if protocol == "synthetic":
                 self._emit_synthetic()
-                sent = self._synthetic_sent
+                sent = len(self._frames)
                 if sent == self._synthetic_total:
                     self._end_series()
                     return None
@@ -341,12 +340,11 @@ class Service(Runtime):
         return 0.0
 
     def _emit_synthetic(self) -> None:
-        number = self._synthetic_sent
+        number = len(self._frames)
         simulation = self.pipeline.simulation
         self._frames.add(number)
         self.emit(Frame.from_arrays(scan_id=self.scan.scan_id, epoch=self.epoch, frame=number, origin=self.stage,
                                     arrays={"data": synthetic_frame(number, simulation.shape, simulation.dtype)}))
-        self._synthetic_sent += 1
 
     def close(self) -> None:
         self._disconnect()

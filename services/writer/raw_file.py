@@ -20,6 +20,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+from scipy.constants import electron_volt
 
 from libs.common import codecs
 from libs.common.frames import ArraySpec, Frame
@@ -27,7 +28,6 @@ from libs.common.messages import VERSION, ScanDescription
 
 GROW = 256
 """Frames added to the datasets at a time; the file is trimmed to the last frame on close."""
-JOULE_PER_EV = 1.602176634e-19
 TIME = h5py.string_dtype("ascii", 40)
 
 # CXI 1.6 mask bits for DECTRIS pixel-mask bits (gap, dead, cold, hot, noisy; others "bad").
@@ -98,7 +98,7 @@ class RawFile:
             entry["scan_description"] = scan.model_dump_json()
         energy = (scan.energy_ev if scan else None) or info.get("energy_ev")
         if energy:
-            _put(entry, "instrument_1/source_1/energy", energy * JOULE_PER_EV, "J")
+            _put(entry, "instrument_1/source_1/energy", energy * electron_volt, "J")
         distance = (scan.distance_m if scan else None) or info.get("distance_m")
         if distance:
             _put(detector, "distance", distance, "m")
@@ -115,7 +115,7 @@ class RawFile:
             if info.get(key):
                 _put(detector, name, info[key], unit)
         if info.get("threshold_energy_ev"):
-            _put(detector, "threshold_energy", info["threshold_energy_ev"] * JOULE_PER_EV, "J")
+            _put(detector, "threshold_energy", info["threshold_energy_ev"] * electron_volt, "J")
         for key in ("description", "serial_number", "sensor_material"):
             if info.get(key):
                 detector[key] = info[key]

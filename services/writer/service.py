@@ -17,8 +17,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from libs.common.errors import FrameError
-from libs.common.frames import Frame
-from libs.common.runtime import Service as Runtime
+from libs.common.frames import ArraySpec, Frame
+from libs.common.runtime import Service as Runtime, Token
 from services.writer.raw_file import RawFile
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class Service(Runtime):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self._unflushed: list = []
+        self._unflushed: list[Token] = []
 
     def on_frame(self, frame: Frame) -> None:
         specs = frame.header.arrays
@@ -80,6 +80,9 @@ class Service(Runtime):
     def _flush(self) -> None:
         if self._raw is not None:
             self._raw.flush()
+        self._release_flushed()
+
+    def _release_flushed(self) -> None:
         for token in self._unflushed:
             self.release(token)
         self._unflushed.clear()
@@ -99,10 +102,8 @@ class Service(Runtime):
             self._raw.close()
             logger.info("closed %s with %d frames", self._raw.path, len(self._raw.written))
             self._raw = None
-        for token in self._unflushed:
-            self.release(token)
-        self._unflushed.clear()
+        self._release_flushed()
 
 
-def _describe(specs) -> str:
+def _describe(specs: tuple[ArraySpec, ...]) -> str:
     return ", ".join(f"{s.name} {s.dtype}{list(s.shape)} {s.compression}" for s in specs)

@@ -48,7 +48,7 @@ class Consumer:
 def settle(outlet, consumers, *, acks, seconds=0.5):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        for consumer, ack in zip(consumers, acks):
+        for consumer, ack in zip(consumers, acks, strict=True):
             consumer.take(outlet, ack=ack, rounds=1)
 
 

@@ -41,7 +41,8 @@ def test_graph_order_and_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("change, fragment", [
-    (GOOD + "[stages.worker2]\nservice = 'passthrough'\ninputs = ['nothing']\n", "stages.worker2.inputs names 'nothing'"),
+    (GOOD + "[stages.worker2]\nservice = 'passthrough'\ninputs = ['nothing']\n",
+     "stages.worker2.inputs names 'nothing'"),
     (GOOD.replace('inputs = ["receiver"]', 'inputs = ["writer"]'), "cycle"),
     (GOOD + "[stages.extra]\nservice = 'nonesuch'\n", "stages.extra.service = 'nonesuch' is not a Surveyor service"),
     (GOOD.replace("processes = 3", "processes = 0"), "stages.worker.processes"),

@@ -47,6 +47,50 @@ class DetectorInfo(Strict):
         return {k: v for k, v in fields.items() if v not in (None, 0, 0.0, (0.0, 0.0))}
 
 
+HeaderKeys = dict[str, Union[str, tuple[str, str]]]
+"""How a format names DetectorInfo fields: field -> key, or (y key, x key) for pairs."""
+_TEXT = {"sensor_material", "description", "serial_number"}
+
+
+def info_from_keys(header: Mapping[str, Any], keys: HeaderKeys, **known: Any) -> DetectorInfo:
+    """DetectorInfo from a header; values of the wrong type are left out, not guessed."""
+    def number(key: str) -> float | None:
+        value = header.get(key)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    values: dict[str, Any] = {}
+    for name, key in keys.items():
+        if name == "shape":
+            y, x = (header.get(k) for k in key)
+            ok = all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (y, x))
+            values[name] = (y, x) if ok else None
+        elif isinstance(key, tuple):
+            y, x = (number(k) for k in key)
+            values[name] = (y, x) if y is not None and x is not None else None
+        elif name == "n_images":
+            n = header.get(key)
+            values[name] = n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None
+        elif name in _TEXT:
+            values[name] = header.get(key) if isinstance(header.get(key), str) else None
+        else:
+            values[name] = number(key)
+    return DetectorInfo(**{**values, **known})
+
+
+def info_to_keys(info: DetectorInfo, keys: HeaderKeys) -> dict[str, Any]:
+    """The header entries a format uses for what `info` knows."""
+    out: dict[str, Any] = {}
+    for name, key in keys.items():
+        value = getattr(info, name)
+        if value is None:
+            continue
+        if isinstance(key, tuple):
+            out.update(zip(key, value, strict=True))
+        else:
+            out[key] = value
+    return out
+
+
 @dataclass
 class SeriesStart:
     series: str

@@ -14,7 +14,7 @@ import numpy as np
 
 from libs.common.codecs import HEADER, frame_lz4
 from libs.common.detector.events import (DetectorInfo, Event, Image, SeriesEnd, SeriesStart, StreamError,
-                                         checked_blob, json_safe, parse_json)
+                                         checked_blob, info_from_keys, info_to_keys, json_safe, parse_json)
 from libs.common.frames import view
 
 ENCODINGS = {"bs32-lz4<": ("bslz4", 4), "bs16-lz4<": ("bslz4", 2), "bs8-lz4<": ("bslz4", 1),
@@ -120,32 +120,24 @@ def _header_array(part: dict[str, Any], blob: memoryview, htype: str) -> np.ndar
     return np.frombuffer(blob, np.dtype(dtype).newbyteorder("<")).reshape(shape[::-1]).copy()
 
 
-def info_from_config(config: dict[str, Any]) -> DetectorInfo:
-    """SIMPLON detector configuration keys (eV, m, pixels) as DetectorInfo."""
-    def number(key: str) -> float | None:
-        value = config.get(key)
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+SIMPLON = {"shape": ("y_pixels_in_detector", "x_pixels_in_detector"), "n_images": "nimages",
+           "energy_ev": "photon_energy", "distance_m": "detector_distance",
+           "pixel_size_m": ("y_pixel_size", "x_pixel_size"), "beam_center_px": ("beam_center_y", "beam_center_x"),
+           "count_time_s": "count_time", "frame_time_s": "frame_time", "threshold_energy_ev": "threshold_energy",
+           "sensor_material": "sensor_material", "sensor_thickness_m": "sensor_thickness",
+           "description": "description", "serial_number": "detector_number"}
+"""DetectorInfo fields as the SIMPLON detector configuration names them (eV, m, pixels)."""
+DEPTHS = {8: "<u1", 16: "<u2", 32: "<u4"}
 
-    nx, ny = config.get("x_pixels_in_detector"), config.get("y_pixels_in_detector")
-    bx, by = number("beam_center_x"), number("beam_center_y")
-    px, py = number("x_pixel_size"), number("y_pixel_size")
+
+def info_from_config(config: dict[str, Any]) -> DetectorInfo:
+    """A SIMPLON detector configuration as DetectorInfo; a series has nimages x ntrigger images."""
     depth = config.get("bit_depth_image")
-    n_images = config.get("nimages")
-    if isinstance(n_images, int) and isinstance(config.get("ntrigger"), int):
-        n_images *= config["ntrigger"]
-    return DetectorInfo(
-        shape=(ny, nx) if isinstance(nx, int) and isinstance(ny, int) else None,
-        dtype={8: "<u1", 16: "<u2", 32: "<u4"}.get(depth) if isinstance(depth, int) else None,
-        n_images=n_images if isinstance(n_images, int) and n_images >= 0 else None,
-        energy_ev=number("photon_energy"), distance_m=number("detector_distance"),
-        pixel_size_m=(py, px) if px and py else None,
-        beam_center_px=(by, bx) if bx is not None and by is not None else None,
-        count_time_s=number("count_time"), frame_time_s=number("frame_time"),
-        threshold_energy_ev=number("threshold_energy"),
-        sensor_material=config.get("sensor_material") if isinstance(config.get("sensor_material"), str) else None,
-        sensor_thickness_m=number("sensor_thickness"),
-        description=config.get("description") if isinstance(config.get("description"), str) else None,
-        serial_number=config.get("detector_number") if isinstance(config.get("detector_number"), str) else None)
+    info = info_from_keys(config, SIMPLON, dtype=DEPTHS.get(depth) if isinstance(depth, int) else None)
+    triggers = config.get("ntrigger")
+    if info.n_images is not None and isinstance(triggers, int) and triggers > 0:
+        info = info.model_copy(update={"n_images": info.n_images * triggers})
+    return info
 
 
 # --- encoding (the virtual detector) -----------------------------------------------------------
@@ -168,21 +160,9 @@ def _wire_series(series: str | None) -> int | str:
 
 
 def _encode_header(event: SeriesStart) -> list[bytes]:
-    info = event.info
-    config = dict(event.config)
-    if info.shape:
-        config.update(y_pixels_in_detector=info.shape[0], x_pixels_in_detector=info.shape[1])
-    if info.dtype:
-        config["bit_depth_image"] = np.dtype(info.dtype).itemsize * 8
-    for key, value in (("photon_energy", info.energy_ev), ("detector_distance", info.distance_m),
-                       ("nimages", info.n_images), ("count_time", info.count_time_s),
-                       ("frame_time", info.frame_time_s)):
-        if value is not None:
-            config[key] = value
-    if info.pixel_size_m:
-        config.update(y_pixel_size=info.pixel_size_m[0], x_pixel_size=info.pixel_size_m[1])
-    if info.beam_center_px:
-        config.update(beam_center_y=info.beam_center_px[0], beam_center_x=info.beam_center_px[1])
+    config = {**event.config, **info_to_keys(event.info, SIMPLON)}
+    if event.info.dtype:
+        config["bit_depth_image"] = np.dtype(event.info.dtype).itemsize * 8
     config.setdefault("ntrigger", 1)
     detail = "all" if event.flatfield or event.pixel_mask else "basic"
     parts = [_json({"htype": "dheader-1.0", "series": _wire_series(event.series), "header_detail": detail}),

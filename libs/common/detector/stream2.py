@@ -16,8 +16,8 @@ from typing import Any
 import cbor2
 import numpy as np
 
-from libs.common.detector.events import (DetectorInfo, Event, Image, SeriesEnd, SeriesStart, StreamError,
-                                         checked_blob, json_safe)
+from libs.common.detector.events import (Event, Image, SeriesEnd, SeriesStart, StreamError,
+                                         checked_blob, info_from_keys, info_to_keys, json_safe)
 from libs.common.frames import view
 
 MULTI_DIM, MULTI_DIM_COLUMN_MAJOR, COMPRESSED = 40, 1040, 56500
@@ -100,33 +100,23 @@ def _image(message: Mapping[str, Any], series: str | None) -> Image:
     return Image(series=series, frame=frame, blobs=blobs, meta=meta)
 
 
+START_KEYS = {"shape": ("image_size_y", "image_size_x"), "n_images": "number_of_images",
+              "energy_ev": "incident_energy", "distance_m": "detector_distance",
+              "pixel_size_m": ("pixel_size_y", "pixel_size_x"), "beam_center_px": ("beam_center_y", "beam_center_x"),
+              "count_time_s": "count_time", "frame_time_s": "frame_time", "sensor_material": "sensor_material",
+              "sensor_thickness_m": "sensor_thickness", "description": "detector_description",
+              "serial_number": "detector_serial_number"}
+"""DetectorInfo fields as a Stream V2 `start` message names them (eV, m, pixels)."""
+
+
 def _start(message: Mapping[str, Any], series: str | None) -> SeriesStart:
-    def number(key: str) -> float | None:
-        value = message.get(key)
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-    def text(key: str) -> str | None:
-        value = message.get(key)
-        return value if isinstance(value, str) else None
-
-    nx, ny = message.get("image_size_x"), message.get("image_size_y")
-    px, py = number("pixel_size_x"), number("pixel_size_y")
-    bx, by = number("beam_center_x"), number("beam_center_y")
     thresholds = message.get("threshold_energy")
-    first_threshold = next(iter(thresholds.values()), None) if isinstance(thresholds, Mapping) else None
-    dtype = text("image_dtype")
-    n_images = message.get("number_of_images")
-    info = DetectorInfo(
-        shape=(ny, nx) if isinstance(nx, int) and isinstance(ny, int) else None,
+    first = next(iter(thresholds.values()), None) if isinstance(thresholds, Mapping) else None
+    dtype = message.get("image_dtype")
+    info = info_from_keys(
+        message, START_KEYS,
         dtype=np.dtype(dtype).newbyteorder("<").str if dtype in ("uint8", "uint16", "uint32") else None,
-        n_images=n_images if isinstance(n_images, int) and n_images >= 0 else None,
-        energy_ev=number("incident_energy"), distance_m=number("detector_distance"),
-        pixel_size_m=(py, px) if px and py else None,
-        beam_center_px=(by, bx) if bx is not None and by is not None else None,
-        count_time_s=number("count_time"), frame_time_s=number("frame_time"),
-        threshold_energy_ev=float(first_threshold) if isinstance(first_threshold, (int, float)) else None,
-        sensor_material=text("sensor_material"), sensor_thickness_m=number("sensor_thickness"),
-        description=text("detector_description"), serial_number=text("detector_serial_number"))
+        threshold_energy_ev=float(first) if isinstance(first, (int, float)) and not isinstance(first, bool) else None)
     start = SeriesStart(series=series or "0", info=info)
     for key, target in (("flatfield", start.flatfield), ("pixel_mask", start.pixel_mask)):
         channels = message.get(key)
@@ -176,23 +166,11 @@ def _wire(series: str | None) -> int:
 
 
 def _encode_start(event: SeriesStart) -> dict[str, Any]:
-    info = event.info
-    message: Mapping[str, Any] = {k: v for k, v in event.config.items() if isinstance(v, (str, int, float, bool))}
+    message: dict[str, Any] = {k: v for k, v in event.config.items() if isinstance(v, (str, int, float, bool))}
     message.update(type="start", series_id=_wire(event.series), series_unique_id=str(event.series),
-                   channels=["threshold_1"])
-    if info.shape:
-        message.update(image_size_y=info.shape[0], image_size_x=info.shape[1])
-    if info.dtype:
-        message["image_dtype"] = np.dtype(info.dtype).name
-    for key, value in (("incident_energy", info.energy_ev), ("detector_distance", info.distance_m),
-                       ("number_of_images", info.n_images), ("count_time", info.count_time_s),
-                       ("frame_time", info.frame_time_s)):
-        if value is not None:
-            message[key] = value
-    if info.pixel_size_m:
-        message.update(pixel_size_y=info.pixel_size_m[0], pixel_size_x=info.pixel_size_m[1])
-    if info.beam_center_px:
-        message.update(beam_center_y=info.beam_center_px[0], beam_center_x=info.beam_center_px[1])
+                   channels=["threshold_1"], **info_to_keys(event.info, START_KEYS))
+    if event.info.dtype:
+        message["image_dtype"] = np.dtype(event.info.dtype).name
     for key, arrays in (("flatfield", event.flatfield), ("pixel_mask", event.pixel_mask)):
         if arrays:
             message[key] = {("threshold_1" if name == "data" else name):
