@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from libs.common import client
+from libs.common.detector import PROTOCOLS
 from libs.common.logs import log_path
 from libs.common.pipeline import Pipeline
 
@@ -68,6 +69,8 @@ class Launcher:
     overrides: list[str]
     children: dict[str, Child] = field(default_factory=dict)
     stopping: bool = False
+    detector: Child | None = None
+    """The virtual detector of `--simulate`, when the receiver listens to a detector: not restarted."""
 
     def __post_init__(self) -> None:
         cli = [sys.executable, "-m", "libs.cli.main"]
@@ -112,8 +115,15 @@ class Launcher:
             time.sleep(0.1)
         raise RuntimeError(f"{what} within {timeout_s:.0f} s; see the logs in {log_path('handler').parent}")
 
+    def start_detector(self, argv: list[str]) -> None:
+        self.detector = Child("simulator", [sys.executable, "-m", "libs.cli.main", *argv])
+        self.detector.start()
+
     def supervise(self) -> None:
         """Restart every child that has exited, unless we are stopping."""
+        if self.detector is not None and self.detector.process.poll() not in (None, 0):
+            raise RuntimeError(f"the virtual detector failed (exit code {self.detector.process.returncode}); "
+                               f"see {log_path('simulator')}")
         now = time.monotonic()
         for child in self.children.values():
             if self.stopping or child.process is None or child.process.poll() is None:
@@ -134,6 +144,8 @@ class Launcher:
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         self.stopping = True
+        if self.detector is not None and self.detector.process.poll() is None:
+            self.detector.process.terminate()
         try:
             client.call(self.endpoint, "shutdown", timeout_s=timeout_s)
         except client.NoReply:
@@ -175,14 +187,14 @@ def run(*, pipeline_file: str, pipeline: Pipeline, overrides: list[str], simulat
             launcher.start()
         console.log(f"pipeline {pipeline.name}: {len(launcher.children) - 1} service processes up")
         wanted = 1 if simulate else scans
+        truth = None
         if simulate:
-            simulation = pipeline.simulation
-            scan_id = unique_scan_id(simulation.scan_id, out)
-            reply = client.call(launcher.endpoint, "start_scan", {
-                "scan_id": scan_id, "technique": simulation.technique, "n_frames": simulation.frames})
-            if not reply.ok:
-                raise RuntimeError(f"start_scan refused: {reply.error}")
+            scan_id = unique_scan_id(pipeline.simulation.scan_id, out)
+            truth = _simulate(launcher, scan_id, out)
         code = _follow(launcher, watcher, finished, wanted)
+        if truth is not None and finished:
+            finished[-1]["truth"] = str(truth)
+            _score(finished[-1], truth)
     except KeyboardInterrupt:
         console.log("[yellow]interrupted; stopping the pipeline")
         code = 130
@@ -198,6 +210,46 @@ def run(*, pipeline_file: str, pipeline: Pipeline, overrides: list[str], simulat
         summary_path.write_text(json.dumps(summary, indent=2))
         console.log(f"summary written to {summary_path}")
     return code
+
+
+def _simulate(launcher: Launcher, scan_id: str, out: Path) -> Path | None:
+    """Start the simulated scan: a virtual detector where the receiver listens (it announces the
+    scan itself), or the receiver's synthetic source. Returns the ground-truth file, if any."""
+    pipeline, simulation = launcher.pipeline, launcher.pipeline.simulation
+    receiver = pipeline.stages.get("receiver")
+    protocol = receiver.params.get("protocol") if receiver else None
+    if simulation.kind == "synthetic" or protocol not in PROTOCOLS:
+        reply = client.call(launcher.endpoint, "start_scan", {
+            "scan_id": scan_id, "technique": simulation.technique, "n_frames": simulation.frames})
+        if not reply.ok:
+            raise RuntimeError(f"start_scan refused: {reply.error}")
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    truth = out / f"{scan_id}_truth.h5"
+    params = [arg for key, value in simulation.params.items() for arg in ("--param", f"{key}={json.dumps(value)}")]
+    launcher.start_detector(["simulate", simulation.kind, "--protocol", protocol, "--bind", receiver.params["source"],
+                             "--frames", str(simulation.frames), "--rate", str(simulation.rate_hz),
+                             "--truth", str(truth), "--scan-id", scan_id, "--series-id", scan_id,
+                             "--handler", launcher.endpoint, *params])
+    return truth
+
+
+def _score(record: dict[str, Any], truth: Path) -> None:
+    """Print (and record) how close the reconstruction came to the simulated truth."""
+    from libs.cli.scoring import score_reconstruction
+
+    result = next((Path(p) for p in record.get("outputs", []) if not p.endswith("_raw.cxi")), None)
+    if result is None or not truth.exists():
+        return
+    try:
+        score = score_reconstruction(result, truth)
+    except (OSError, KeyError) as exc:
+        console.log(f"[yellow]no reconstruction to score in {result}: {exc}")
+        return
+    record["nrmse"] = round(score.nrmse, 4)
+    colour = "green" if score.nrmse <= 0.15 else "red"
+    console.log(f"[{colour}]reconstruction NRMSE {score.nrmse:.3f} against the truth[/] (a constant object "
+                f"scores {score.baseline:.3f}; phase error {score.phase_rms_rad:.3f} rad RMS): {result}")
 
 
 def stage_totals(pipeline: Pipeline, scans: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

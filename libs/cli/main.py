@@ -11,7 +11,8 @@ from pathlib import Path
 
 from libs.common import client, logs
 from libs.common.errors import PipelineError
-from libs.common.pipeline import HandlerConfig, Pipeline, load, service_class
+from libs.common.pipeline import HandlerConfig, Pipeline, load, parse_override, service_class
+from libs.simulation import KINDS
 
 
 def _pipeline(path: str, overrides: list[str]) -> Pipeline:
@@ -122,10 +123,14 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from libs.cli import simulate
 
+    try:
+        params = dict(parse_override(text) for text in args.param)
+    except PipelineError as exc:
+        sys.exit(f"surveyor simulate: {exc}")
     return simulate.run(kind=args.kind, protocol=args.protocol, bind=args.bind, frames=args.frames,
                         rate=args.rate, truth=args.truth, compression=args.compression,
-                        series=args.series_id or str(int(time.time())), handler=args.handler,
-                        wait_peer_s=args.wait_peer, linger_s=args.linger)
+                        series=args.series_id or str(int(time.time())), scan_id=args.scan_id, params=params,
+                        handler=args.handler, wait_peer_s=args.wait_peer, linger_s=args.linger)
 
 
 def cmd_supervisor_conf(args: argparse.Namespace) -> int:
@@ -186,7 +191,8 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_logs)
 
     p = commands.add_parser("simulate", help="a virtual detector streaming a simulated scan")
-    p.add_argument("kind", help="what to simulate: synthetic (numbered frames)")
+    p.add_argument("kind", choices=KINDS,
+                   help="what to simulate: ptycho (a ptychography scan), synthetic (numbered frames)")
     p.add_argument("--protocol", choices=["stream1", "stream2", "stins"], default="stream1")
     p.add_argument("--bind", default="tcp://127.0.0.1:9999", help="PUSH endpoint to bind (default: Eiger's port)")
     p.add_argument("--frames", type=int, help="frames in the series (default: the simulation's own)")
@@ -196,6 +202,9 @@ def parser() -> argparse.ArgumentParser:
                    help="pixel encoding, with the 12-byte HDF5 framing for bslz4 (default)")
     p.add_argument("--series-id", help="detector series id (default: the Unix time)")
     p.add_argument("--handler", help="send the scan description to this handler before streaming")
+    p.add_argument("--scan-id", help="scan id in that description (default: the simulation's)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a simulation parameter, value as TOML (e.g. size=64, raw_shape=[320, 320])")
     p.add_argument("--wait-peer", type=float, default=30.0, help="seconds to wait for a receiver to connect")
     p.add_argument("--linger", type=float, default=30.0, help="seconds to wait for queued messages at exit")
     p.set_defaults(func=cmd_simulate)

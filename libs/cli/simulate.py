@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zmq
@@ -24,9 +25,10 @@ from libs.simulation import generator
 
 
 def run(*, kind: str, protocol: str, bind: str, frames: int | None, rate: float, truth: str | None,
-        compression: str, series: str, handler: str | None, wait_peer_s: float, linger_s: float) -> int:
+        compression: str, series: str, scan_id: str | None, params: dict[str, Any], handler: str | None,
+        wait_peer_s: float, linger_s: float) -> int:
     try:
-        scan = generator(kind, frames=frames, series=series)
+        scan = generator(kind, frames=frames, series=series, scan_id=scan_id, params=params)
     except ValueError as exc:
         raise SystemExit(f"surveyor simulate: {exc}") from None
     if truth:

@@ -15,9 +15,11 @@ every sink. Re-sent frames may arrive twice; consumers drop duplicates by (epoch
 Edges with delivery `latest` (live monitoring) keep a short queue, drop the oldest frame when it is
 full and count the drop; they are never acknowledged.
 
-A scan header (the detector's series header: geometry, flatfield, pixel mask) goes to every
-consumer of every stage rather than to one, outside the credit, and to each consumer that
-connects later before any frame: a restarted worker learns the mask before it sees pixels.
+Scan headers (facts about the whole scan: the detector's series header with geometry, flatfield
+and pixel mask; a calibration such as the dark model) go to every consumer of every stage rather
+than to one, outside the credit, and to each consumer that connects later before any frame: a
+restarted worker learns the mask before it sees pixels. An outlet keeps the latest header of
+each name.
 
 Wire (consumer -> producer): [b"H", msgpack {stage, credit}] once, then [b"C", msgpack {credit,
 ack: [[epoch, frame], ...]}]. Producer -> consumer: [b"F", *frame parts] or [b"S", *header parts].
@@ -90,7 +92,7 @@ class Outlet:
         """Consumers that said hello for a stage this outlet does not serve yet (wiring races)."""
         self._on_delivered = on_delivered
         self.max_pending = max_pending
-        self._header: tuple[int, list[Any]] | None = None
+        self._headers: dict[str, tuple[int, list[Any]]] = {}
 
     def add_route(self, stage: str, *, latest: bool, depth: int) -> None:
         """Serve a downstream stage (again: an existing queue is kept, its policy updated)."""
@@ -103,10 +105,13 @@ class Outlet:
 
     # --- producing ---------------------------------------------------------------------------
 
-    def send(self, key: FrameKey, parts: list[Any], parent: Any = None) -> int:
-        """Queue a frame for every downstream stage; returns how many acknowledgements to expect."""
+    def send(self, key: FrameKey, parts: list[Any], parent: Any = None,
+             stages: Iterable[str] | None = None) -> int:
+        """Queue a frame for every downstream stage (or those named); returns how many
+        acknowledgements to expect."""
         expected = 0
-        for route in self.routes.values():
+        routes = self.routes.values() if stages is None else [self.routes[name] for name in stages]
+        for route in routes:
             if route.latest:
                 if len(route.pending) >= route.depth:
                     route.pending.popleft()
@@ -118,15 +123,15 @@ class Outlet:
             self._dispatch(route)
         return expected
 
-    def send_header(self, epoch: int, parts: list[Any]) -> None:
-        """Give every consumer, now and later, the scan header of `epoch`."""
-        self._header = (epoch, parts)
+    def send_header(self, epoch: int, name: str, parts: list[Any]) -> None:
+        """Give every consumer, now and later, the scan header `name` of `epoch`."""
+        self._headers[name] = (epoch, parts)
         for identity in self._owner:
-            self._send_header(identity)
+            self._send_header(identity, parts)
 
-    def _send_header(self, identity: bytes) -> None:
+    def _send_header(self, identity: bytes, parts: list[Any]) -> None:
         try:
-            self.socket.send_multipart([identity, HEADER, *self._header[1]], copy=False)
+            self.socket.send_multipart([identity, HEADER, *parts], copy=False)
         except zmq.ZMQError as exc:
             logger.warning("scan header not delivered to %s: %s", identity.decode(errors="replace"), exc)
 
@@ -192,8 +197,8 @@ class Outlet:
         self._owner[identity] = route
         logger.info("consumer %s of stage %s connected with credit %d",
                     identity.decode(errors="replace"), stage, credit)
-        if self._header is not None:
-            self._send_header(identity)
+        for _, parts in self._headers.values():
+            self._send_header(identity, parts)
         self._dispatch(route)
 
     def _credit(self, identity: bytes, credit: int, acks: Iterable[Any]) -> None:
@@ -228,8 +233,7 @@ class Outlet:
 
     def drop_before(self, epoch: int) -> int:
         """Drop every queued or in-flight frame of an older epoch; returns how many."""
-        if self._header is not None and self._header[0] < epoch:
-            self._header = None
+        self._headers = {name: h for name, h in self._headers.items() if h[0] >= epoch}
         dropped = 0
         for route in self.routes.values():
             keep = deque(item for item in route.pending if item.key[0] >= epoch)

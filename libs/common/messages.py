@@ -14,10 +14,13 @@ The handler's port and a service's port accept different unions (`HandlerRequest
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Annotated, Any, Literal, NewType, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+import numpy as np
+from pydantic import (Base64Bytes, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator,
+                      model_validator)
 
 from libs.common.errors import MessageError, SurveyorError, UnknownCommand
 
@@ -176,6 +179,31 @@ class EventArgs(Strict):
     details: dict[str, Any] = Field(default_factory=dict)
 
 
+class PreviewArray(Strict):
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+    dtype: Literal["<f4", "<f8", "<c8", "|u1", "<u2", "<u4", "<i4"]
+    shape: tuple[int, ...]
+    data: Base64Bytes
+
+    @model_validator(mode="after")
+    def _size(self) -> PreviewArray:
+        expected = math.prod(self.shape) * np.dtype(self.dtype).itemsize
+        if len(self.data) != expected:
+            raise ValueError(f"array {self.name}: {len(self.data)} bytes for shape {self.shape} "
+                             f"{self.dtype}, which needs {expected}")
+        return self
+
+
+class PreviewArgs(Strict):
+    """Small arrays for front-ends (a reconstruction, a STXM image), published by the handler."""
+
+    instance: InstanceId
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")
+    scan_id: ScanId
+    meta: dict[str, Any] = Field(default_factory=dict)
+    arrays: list[PreviewArray] = Field(max_length=16)
+
+
 class TopologyArgs(Strict):
     version: int
     services: list[ServiceInfo]
@@ -255,6 +283,11 @@ class Event(_Request):
     args: EventArgs
 
 
+class Preview(_Request):
+    cmd: Literal["preview"]
+    args: PreviewArgs
+
+
 class Topology(_Request):
     cmd: Literal["topology"]
     args: TopologyArgs
@@ -272,7 +305,7 @@ class ScanEnd(_Request):
 
 HandlerRequest = Annotated[
     Union[Ping, Status, StartScan, Abort, Configure, Shutdown, Register, Heartbeat, Unregister,
-          SourceDone, Event],
+          SourceDone, Event, Preview],
     Field(discriminator="cmd"),
 ]
 ServiceRequest = Annotated[

@@ -1,9 +1,11 @@
 """Pipeline graph files (`pipelines/*.toml`): the model, `--set` overrides and validation.
 
 A pipeline names its stages, the service each runs, how many processes, which stages feed it and
-how (`delivery = "all"` for every frame with back-pressure, `"latest"` for live views that prefer
-fresh data). Everything is checked on load, and an error names the file, the key and what is
-expected, because the person reading it is at a beamline with a scan waiting.
+how (`delivery = "all"` for every frame with back-pressure, `"latest"` for live views that
+prefer fresh data), and which frames of a scan (`frames = "darks"`, the scan's first `n_dark`,
+or `"data"`, the rest: the producer routes them). Everything is checked on load, and an error
+names the file, the key and what is expected, because the person reading it is at a beamline
+with a scan waiting.
 """
 
 from __future__ import annotations
@@ -37,14 +39,20 @@ class StageConfig(Strict):
     processes: int = Field(1, ge=1, le=64)
     inputs: list[str] = Field(default_factory=list)
     delivery: Literal["all", "latest"] = "all"
+    frames: Literal["all", "darks", "data"] = Field(
+        "all", description="which frames of a scan this stage takes: its first n_dark, the rest, or all")
     queue: int = Field(2, ge=1, le=1000, description="frames kept on a `latest` edge")
     credit: int = Field(2, ge=1, le=64, description="frames a process may hold per producer")
     params: dict[str, Any] = Field(default_factory=dict)
 
 
 class Simulation(Strict):
-    """The built-in simulated detector that `surveyor run --simulate` drives."""
+    """The built-in simulated detector that `surveyor run --simulate` drives: the receiver's own
+    synthetic source, or else a virtual detector (`surveyor simulate KIND`) bound where the
+    receiver connects, streaming in the receiver's protocol."""
 
+    kind: Literal["synthetic", "ptycho"] = "synthetic"
+    params: dict[str, Any] = Field(default_factory=dict, description="the generator's parameters")
     frames: int = Field(100, ge=1)
     rate_hz: float = Field(0.0, ge=0, description="0 = as fast as the pipeline takes")
     scan_id: ScanId = ScanId("sim")

@@ -17,6 +17,7 @@ sinks) or `produce` (sources), plus the scan hooks it needs. The runtime owns th
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ import time
 import uuid
 from typing import Any, Callable, ClassVar
 
+import numpy as np
 import zmq
 from pydantic import BaseModel, ValidationError
 
@@ -41,11 +43,18 @@ from libs.common.ports import CommandPort
 
 logger = logging.getLogger(__name__)
 
+DETECTOR_HEADER = "detector"
+
 FRAMES_PER_TURN = 8
 """Frames taken from one producer link per loop turn; commands are still served between frames."""
 
 Token = tuple[str, FrameKey]
 """A frame being worked on: (producer instance, (epoch, frame))."""
+
+
+def header_name(header: Frame) -> str:
+    """Which scan header a header frame is (its `meta["header"]`; the detector's by default)."""
+    return header.header.meta.get("header", DETECTOR_HEADER)
 
 
 def advertised(host: str) -> str:
@@ -67,7 +76,8 @@ class Service:
         self.params: BaseModel = self.Params.model_validate(pipeline.stages[stage].params)
         self.epoch = 0
         self.scan: ScanDescription | None = None
-        self.header: Frame | None = None
+        self.headers: dict[str, Frame] = {}
+        """The scan headers of the current epoch by name (`header_name`): "detector" and others."""
         self.totals = ScanCounters()
         self.counters = ScanCounters()
         self.context = context or zmq.Context()
@@ -125,9 +135,10 @@ class Service:
         """A scan starts; `self.scan` and `self.epoch` are already set."""
 
     def on_header(self, header: Frame) -> None:
-        """The scan header arrived (detector geometry, flatfield, pixel mask; `self.header`).
-        Before any frame that follows it from the same producer. Passed on downstream unless
-        a service overrides this."""
+        """A scan header arrived (`self.headers[header_name(header)]`): the detector's (geometry,
+        flatfield, pixel mask; also `self.header`) or another stage's (a calibration). Before
+        any frame that follows it from the same producer. Passed on downstream unless a service
+        overrides this."""
         self.send_header(header)
 
     def on_scan_end(self) -> None:
@@ -145,18 +156,46 @@ class Service:
 
     # --- API for services ---------------------------------------------------------------------
 
-    def emit(self, frame: Frame) -> None:
-        """Send a frame downstream, as a child of the frame being handled (if any)."""
-        expected = self.outlet.send(frame.key, frame.encode(), parent=self._current)
-        if expected and self._current is not None:
-            self._children[self._current] = self._children.get(self._current, 0) + expected
+    @property
+    def header(self) -> Frame | None:
+        """The detector's scan header, once it has come."""
+        return self.headers.get(DETECTOR_HEADER)
+
+    def emit(self, frame: Frame, parent: Token | None = None) -> None:
+        """Send a frame downstream, as a child of `parent` (a held token), else of the frame
+        being handled (if any): the parent is acknowledged once every child is.
+
+        Stages whose edge takes only `darks` or `data` (pipeline `frames`) get only those frames,
+        told apart by the frame number and the scan's `n_dark`."""
+        parent = parent or self._current
+        expected = self.outlet.send(frame.key, frame.encode(), parent=parent, stages=self._stages_for(frame))
+        if expected and parent is not None:
+            self._children[parent] = self._children.get(parent, 0) + expected
         self.counters.frames_out += 1
         self.totals.frames_out += 1
 
+    def _stages_for(self, frame: Frame) -> list[str] | None:
+        if not self._selective:
+            return None
+        dark = frame.header.frame < (self.scan.n_dark if self.scan else 0)
+        return [name for name, wanted in self._selective.items()
+                if wanted == "all" or (wanted == "darks") == dark]
+
     def send_header(self, header: Frame) -> None:
-        """Give every downstream process the scan header, before the frames emitted after it."""
-        self.header = header
-        self.outlet.send_header(header.header.epoch, header.encode())
+        """Give every downstream process a scan header, before the frames emitted after it."""
+        name = header_name(header)
+        self.headers[name] = header
+        self.outlet.send_header(header.header.epoch, name, header.encode())
+
+    def preview(self, name: str, arrays: dict[str, np.ndarray], **meta: Any) -> None:
+        """Publish small arrays for front-ends (`preview.<stage>` on the handler's status port)."""
+        if not self._registered or self.scan is None:
+            return
+        specs = [{"name": key, "dtype": a.dtype.str, "shape": list(a.shape),
+                  "data": base64.b64encode(np.ascontiguousarray(a).tobytes()).decode()}
+                 for key, a in arrays.items()]
+        self._send("preview", {"instance": self.instance, "name": name, "scan_id": self.scan.scan_id,
+                               "meta": meta, "arrays": specs})
 
     def hold(self) -> Token:
         """Sinks, inside `on_frame`: do not acknowledge this frame yet (it is not safe on disk);
@@ -344,12 +383,14 @@ class Service:
             logger.warning("ignored a scan header that is not a frame: %s", exc)
             return
         epoch = header.header.epoch
-        if epoch < self.epoch or (self.header is not None and self.header.header.epoch == epoch):
+        name = header_name(header)
+        known = self.headers.get(name)
+        if epoch < self.epoch or (known is not None and known.header.epoch == epoch):
             return
         if epoch > self.epoch:
             self._new_epoch(epoch)
-        self.header = header
-        logger.info("scan %s: header from %s", header.header.scan_id, header.header.origin)
+        self.headers[name] = header
+        logger.info("scan %s: %s header from %s", header.header.scan_id, name, header.header.origin)
         try:
             self.on_header(header)
         except Exception:  # noqa: BLE001 - a bad header must not end the service
@@ -374,7 +415,7 @@ class Service:
         dropped = self.outlet.drop_before(epoch) + self.on_abort()
         self._children = {t: n for t, n in self._children.items() if t[1][0] >= epoch}
         self._seen.clear()
-        self.header = None
+        self.headers = {}
         self._source_done = None
         self._next_produce = None
         self.epoch = epoch
@@ -383,8 +424,11 @@ class Service:
 
     def _wire(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
-        for name, stage in pipeline.downstream(self.stage).items():
+        downstream = pipeline.downstream(self.stage)
+        for name, stage in downstream.items():
             self.outlet.add_route(name, latest=stage.delivery == "latest", depth=stage.queue)
+        selective = any(stage.frames != "all" for stage in downstream.values())
+        self._selective = {name: stage.frames for name, stage in downstream.items()} if selective else {}
 
     # --- handler link ------------------------------------------------------------------------
 

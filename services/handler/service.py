@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from libs.common import messages
 from libs.common.errors import MessageError, ParameterError
-from libs.common.messages import (Abort, Configure, Event, Heartbeat, Ping, Register, ScanCounters,
+from libs.common.messages import (Abort, Configure, Event, Heartbeat, Ping, Preview, Register, ScanCounters,
                                   ScanDescription, Shutdown, SourceDone, StartScan, Status, Unregister)
 from libs.common.pipeline import Pipeline, service_class
 from libs.common.ports import DEFERRED, CommandPort, Envelope
@@ -76,7 +76,7 @@ class Handler:
                           Abort: self.on_abort, Configure: self.on_configure, Shutdown: self.on_shutdown,
                           Register: self.on_register, Heartbeat: self.on_heartbeat,
                           Unregister: self.on_unregister, SourceDone: self.on_source_done,
-                          Event: self.on_event}
+                          Event: self.on_event, Preview: self.on_preview}
 
     # --- loop -------------------------------------------------------------------------------------
 
@@ -258,6 +258,25 @@ class Handler:
         details = {k: v for k, v in args.details.items() if k not in ("time", "kind", "service", "message")}
         self._event(args.kind, service=member.identity.name, message=args.message, **details)
         return {}
+
+    def on_preview(self, request: Preview, envelope: Envelope) -> None:
+        """Published as `preview.<stage>`: [topic, JSON (what and whose), one buffer per array].
+        A service sends previews without waiting for an answer, so none is given."""
+        args = request.args
+        member = self.registry.members.get(args.instance)
+        if member is None:
+            logger.warning("preview from unknown instance %s ignored", args.instance)
+            return DEFERRED
+        stage = member.identity.stage
+        body = {"time": time.time(), "service": member.identity.name, "stage": stage, "name": args.name,
+                "scan_id": args.scan_id, "meta": args.meta,
+                "arrays": [{"name": a.name, "dtype": a.dtype, "shape": list(a.shape)} for a in args.arrays]}
+        try:
+            self._status_socket.send_multipart([f"preview.{stage}".encode(), json.dumps(body).encode(),
+                                                *(a.data for a in args.arrays)], zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+        return DEFERRED
 
     def on_start_scan(self, request: StartScan, envelope: Envelope) -> Any:
         self._exclusive(lambda: self._start_scan(request.args, request.id, envelope))

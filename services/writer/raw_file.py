@@ -14,7 +14,6 @@ of this process. Metadata is CXI 1.6 and SI (energy in J, lengths in m).
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -25,32 +24,10 @@ from scipy.constants import electron_volt
 from libs.common import codecs
 from libs.common.frames import ArraySpec, Frame
 from libs.common.messages import VERSION, ScanDescription
+from services.writer.cxi import TIME, cxi_mask, now_iso, put
 
 GROW = 256
 """Frames added to the datasets at a time; the file is trimmed to the last frame on close."""
-TIME = h5py.string_dtype("ascii", 40)
-
-# CXI 1.6 mask bits for DECTRIS pixel-mask bits (gap, dead, cold, hot, noisy; others "bad").
-CXI_INVALID, CXI_HOT, CXI_DEAD, CXI_BAD, CXI_MISSING, CXI_NOISY = 0x1, 0x4, 0x8, 0x80, 0x200, 0x400
-EIGER_TO_CXI = ((0, CXI_MISSING), (1, CXI_DEAD), (2, CXI_BAD), (3, CXI_HOT), (4, CXI_NOISY))
-
-
-def cxi_mask(pixel_mask: np.ndarray) -> np.ndarray:
-    """A detector's pixel mask in CXI bits: every flagged pixel is also `invalid`."""
-    pixel_mask = pixel_mask.astype(np.uint32)
-    mask = np.where(pixel_mask != 0, CXI_INVALID, 0).astype(np.uint32)
-    known = 0
-    for bit, cxi in EIGER_TO_CXI:
-        mask |= np.where(pixel_mask & (1 << bit), cxi, 0).astype(np.uint32)
-        known |= 1 << bit
-    mask |= np.where(pixel_mask & ~np.uint32(known), CXI_BAD, 0).astype(np.uint32)
-    return mask
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 class RawFile:
     def __init__(self, path: Path, *, specs: tuple[ArraySpec, ...], scan: ScanDescription | None,
                  header: Frame | None, previous_parts: tuple[str, ...] = ()) -> None:
@@ -98,24 +75,24 @@ class RawFile:
             entry["scan_description"] = scan.model_dump_json()
         energy = (scan.energy_ev if scan else None) or info.get("energy_ev")
         if energy:
-            _put(entry, "instrument_1/source_1/energy", energy * electron_volt, "J")
+            put(entry, "instrument_1/source_1/energy", energy * electron_volt, "J")
         distance = (scan.distance_m if scan else None) or info.get("distance_m")
         if distance:
-            _put(detector, "distance", distance, "m")
+            put(detector, "distance", distance, "m")
         pixel = info.get("pixel_size_m") or ([scan.pixel_size_m] * 2 if scan and scan.pixel_size_m else None)
         if pixel:
-            _put(detector, "y_pixel_size", pixel[0], "m")
-            _put(detector, "x_pixel_size", pixel[1], "m")
+            put(detector, "y_pixel_size", pixel[0], "m")
+            put(detector, "x_pixel_size", pixel[1], "m")
         center = (scan.beam_center_px if scan else None) or info.get("beam_center_px")
         if center:
-            _put(detector, "beam_center_y", center[0], "pixel")
-            _put(detector, "beam_center_x", center[1], "pixel")
+            put(detector, "beam_center_y", center[0], "pixel")
+            put(detector, "beam_center_x", center[1], "pixel")
         for key, name, unit in (("count_time_s", "count_time", "s"), ("frame_time_s", "frame_time", "s"),
                                 ("sensor_thickness_m", "sensor_thickness", "m")):
             if info.get(key):
-                _put(detector, name, info[key], unit)
+                put(detector, name, info[key], unit)
         if info.get("threshold_energy_ev"):
-            _put(detector, "threshold_energy", info["threshold_energy_ev"] * electron_volt, "J")
+            put(detector, "threshold_energy", info["threshold_energy_ev"] * electron_volt, "J")
         for key in ("description", "serial_number", "sensor_material"):
             if info.get(key):
                 detector[key] = info[key]
@@ -128,8 +105,9 @@ class RawFile:
                 flat = detector.create_dataset("flatfield", data=header.array("flatfield"), compression="gzip")
                 flat.attrs["description"] = "multiplicative flatfield the detector applied or expects"
 
-    def write(self, number: int, frame: Frame) -> bool:
+    def write(self, frame: Frame) -> bool:
         """Put one frame's blobs in their slots; False if that frame is already in the file."""
+        number = frame.header.frame
         if number in self.written:
             return False
         if number >= self._capacity:
@@ -161,8 +139,3 @@ class RawFile:
             numbers.resize(size, axis=0)
         self._end_time[()] = now_iso().encode()
         self._file.close()
-
-
-def _put(group: h5py.Group, name: str, value: float, unit: str) -> None:
-    group[name] = value
-    group[name].attrs["units"] = unit

@@ -1,6 +1,8 @@
-"""The writer stage: every frame of a scan into `<output_dir>/<scan_id>_raw.cxi`.
+"""The writer stage: a scan's frames into one CXI file in `output_dir`.
 
-The file opens with the first frame (its arrays' shapes, types and compression come with it, the
+What file depends on what comes: detector frames go to `<scan_id>_raw.cxi` as they arrived
+(raw_file.py); a ptychography scan's clean frames and its reconstruction go to `<scan_id>.cxi`
+(ptycho_file.py). The file opens with the first frame (its arrays' shapes, types and compression come with it, the
 geometry with the scan header and the scan description) and closes when the scan ends or is
 aborted. It is flushed at least every `flush_interval_s` while frames come, so a live SWMR reader
 follows it and a crash loses at most that much. A writer restarted mid-scan continues in
@@ -19,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from libs.common.errors import FrameError
 from libs.common.frames import ArraySpec, Frame
 from libs.common.runtime import Service as Runtime, Token
+from services.writer.ptycho_file import PtychoFile
 from services.writer.raw_file import RawFile
 
 logger = logging.getLogger(__name__)
@@ -46,24 +49,21 @@ def free_path(directory: Path, stem: str) -> Path:
 
 class Service(Runtime):
     Params = Params
-    _raw: RawFile | None = None
+    _file: RawFile | PtychoFile | None = None
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self._unflushed: list[Token] = []
 
     def on_frame(self, frame: Frame) -> None:
-        specs = frame.header.arrays
-        if self._raw is None:
-            path = free_path(Path(self.params.output_dir), f"{frame.header.scan_id}_raw")
-            earlier = tuple(sorted(p.name for p in path.parent.glob(f"{frame.header.scan_id}_raw*.cxi")))
-            self._raw = RawFile(path, specs=specs, scan=self.scan, header=self.header, previous_parts=earlier)
-            logger.info("scan %s: writing %s", frame.header.scan_id, path)
-            self.counters.outputs.append(str(path))
-        elif specs != self._raw.specs:
-            raise FrameError(f"frame {frame.header.frame} ({_describe(specs)}) does not fit "
-                             f"{self._raw.path} ({_describe(self._raw.specs)})")
-        if self._raw.write(frame.header.frame, frame):
+        if self._file is None:
+            self._file = self._open(frame)
+            logger.info("scan %s: writing %s", frame.header.scan_id, self._file.path)
+            self.counters.outputs.append(str(self._file.path))
+        elif isinstance(self._file, RawFile) and frame.header.arrays != self._file.specs:
+            raise FrameError(f"frame {frame.header.frame} ({_describe(frame.header.arrays)}) does not fit "
+                             f"{self._file.path} ({_describe(self._file.specs)})")
+        if self._file.write(frame):
             self.count("written")
         # Acknowledged once flushed: a frame this process dies holding is re-sent, never lost.
         self._unflushed.append(self.hold())
@@ -77,9 +77,18 @@ class Service(Runtime):
         self._flush()
         return None
 
+    def _open(self, frame: Frame) -> RawFile | PtychoFile:
+        scan_id, directory = frame.header.scan_id, Path(self.params.output_dir)
+        if "index" in frame.header.meta and self.scan is not None and self.scan.technique == "ptychography":
+            size = frame.header.arrays[0].shape[-1]
+            return PtychoFile(free_path(directory, scan_id), scan=self.scan, headers=self.headers, size=size)
+        path = free_path(directory, f"{scan_id}_raw")
+        earlier = tuple(sorted(p.name for p in path.parent.glob(f"{scan_id}_raw*.cxi")))
+        return RawFile(path, specs=frame.header.arrays, scan=self.scan, header=self.header, previous_parts=earlier)
+
     def _flush(self) -> None:
-        if self._raw is not None:
-            self._raw.flush()
+        if self._file is not None:
+            self._file.flush()
         self._release_flushed()
 
     def _release_flushed(self) -> None:
@@ -98,10 +107,10 @@ class Service(Runtime):
         self._close()
 
     def _close(self) -> None:
-        if self._raw is not None:
-            self._raw.close()
-            logger.info("closed %s with %d frames", self._raw.path, len(self._raw.written))
-            self._raw = None
+        if self._file is not None:
+            self._file.close()
+            logger.info("closed %s with %d frames", self._file.path, len(self._file.written))
+            self._file = None
         self._release_flushed()
 
 

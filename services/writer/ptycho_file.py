@@ -1,0 +1,117 @@
+"""`<scan_id>.cxi` for ptychography: clean frames, positions, geometry and the reconstruction, in
+the CXI layout that SHARP, COSMIC and PtyPy's HDF5 loader read (INTERFACES.md; reference/
+ptychography.md 6). SI units, energy in J.
+
+Every slot is allocated when the file opens (the scan says how many positions) and a clean frame
+goes to its index, whatever the order it comes in; `frame_number` marks the slots filled (-1 for
+none). The reconstruction is added when it comes, at the end of the scan, so this file is not in
+SWMR mode (HDF5 cannot add datasets to a file in SWMR mode); it is flushed as frames come.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+from scipy.constants import electron_volt
+
+from libs.common.frames import Frame
+from libs.common.messages import VERSION, ScanDescription
+from services.writer.cxi import CXI_INVALID, TIME, now_iso, put
+
+
+class PtychoFile:
+    def __init__(self, path: Path, *, scan: ScanDescription, headers: dict[str, Frame], size: int) -> None:
+        self.path = path
+        self.written: set[int] = set()
+        count = len(scan.positions_m or ())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = f = h5py.File(path, "w")
+        f["cxi_version"] = 160
+        entry = f.create_group("entry_1")
+        entry["program_name"] = f"surveyor {VERSION}"
+        entry["start_time"] = np.array(now_iso(), dtype=TIME)
+        entry["experiment_identifier"] = scan.scan_id
+        entry["scan_description"] = scan.model_dump_json()
+        detector = entry.create_group("instrument_1/detector_1")
+        self._data = detector.create_dataset("data", shape=(count, size, size), dtype=np.float32,
+                                             chunks=(1, size, size), fillvalue=0)
+        self._data.attrs["axes"] = "translation:y:x"
+        self._numbers = entry.create_dataset("data_1/frame_number", shape=(count,), dtype="i8", fillvalue=-1)
+        translation = np.zeros((count, 3))
+        if count:
+            translation[:, :2] = np.asarray(scan.positions_m)[:, ::-1]  # [y, x] -> columns (x, y, z)
+        entry.create_dataset("sample_1/geometry_1/translation", data=translation).attrs["units"] = "m"
+        entry["data_1/data"] = h5py.SoftLink("/entry_1/instrument_1/detector_1/data")
+        entry["data_1/translation"] = h5py.SoftLink("/entry_1/sample_1/geometry_1/translation")
+        detector["translation"] = h5py.SoftLink("/entry_1/sample_1/geometry_1/translation")
+        self._geometry(entry, scan, headers)
+
+    def _geometry(self, entry: h5py.Group, scan: ScanDescription, headers: dict[str, Frame]) -> None:
+        detector = entry["instrument_1/detector_1"]
+        if scan.energy_ev:
+            put(entry, "instrument_1/source_1/energy", scan.energy_ev * electron_volt, "J")
+        frames = headers.get("frames")
+        if frames is not None:
+            meta = frames.header.meta
+            if meta.get("distance_m"):
+                put(detector, "distance", meta["distance_m"], "m")
+            if meta.get("pixel_size_m"):
+                pixel = meta["pixel_size_m"]
+                put(detector, "x_pixel_size", pixel, "m")
+                put(detector, "y_pixel_size", pixel, "m")
+                if meta.get("distance_m"):
+                    half = meta["size"] / 2 * pixel
+                    put(detector, "corner_position", np.array([half, half, meta["distance_m"]]), "m")
+            mask = np.where(frames.array("mask") != 0, 0, CXI_INVALID).astype(np.uint32)
+            detector.create_dataset("mask", data=mask)
+        calibration = headers.get("calibration")
+        if calibration is not None and "dark" in {spec.name for spec in calibration.header.arrays}:
+            dark = detector.create_dataset("data_dark", data=calibration.array("dark"), compression="gzip")
+            dark.attrs["description"] = f"mean of {calibration.header.meta['darks']} dark frames, ADU"
+
+    def write(self, frame: Frame) -> bool:
+        """A clean frame into its slot, or the reconstruction; False for a frame already written."""
+        if frame.header.meta.get("kind") == "reconstruction":
+            self._reconstruction(frame)
+            return True
+        index = frame.header.meta["index"]
+        if index in self.written:
+            return False
+        self._data[index] = frame.array("data")
+        self._numbers[index] = frame.header.frame
+        self.written.add(index)
+        return True
+
+    def _reconstruction(self, frame: Frame) -> None:
+        entry, meta = self._file["entry_1"], frame.header.meta
+        if "image_1" in entry:  # a second result of the same scan replaces the first
+            del entry["image_1"]
+        image = entry.create_group("image_1")
+        obj = frame.array("object")
+        image.create_dataset("data", data=obj)
+        pixel = meta["pixel_size_m"]
+        put(image, "image_size", np.array(obj.shape) * pixel, "m")
+        put(image, "x_pixel_size", pixel, "m")
+        put(image, "y_pixel_size", pixel, "m")
+        process = image.create_group("process_1")
+        process["final_illumination"] = frame.array("probe")
+        process["weights"] = frame.array("weights")
+        process["algorithm"] = f"RAAR (beta {meta['beta']}) with probe refinement, streaming"
+        for key in ("iterations", "iterations_after_last_frame", "error", "frames_used"):
+            process[key] = meta[key]
+        source = entry["instrument_1"].require_group("source_1")
+        if "probe" in source:
+            del source["probe"]
+        source["probe"] = frame.array("initial_probe")
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        if not self._file.id.valid:
+            return
+        self._file["entry_1"]["end_time"] = np.array(now_iso(), dtype=TIME)
+        self._file.close()
+
