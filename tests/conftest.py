@@ -72,6 +72,12 @@ params = {sink_params}
     return path
 
 
+def free_endpoints() -> tuple[str, ...]:
+    """`--set` overrides that put a shipped pipeline's handler and detector on free ports."""
+    return (f'handler.command="tcp://127.0.0.1:{free_port()}"', f'handler.status="tcp://127.0.0.1:{free_port()}"',
+            f'stages.receiver.params.source="tcp://127.0.0.1:{free_port()}"')
+
+
 def ingest_pipeline(directory: Path, *, protocol: str, source: str, receiver: str = "",
                     writer: str = "", credit: int = 2) -> Path:
     """receiver -> writer on free ports: the raw path. `receiver`/`writer`: extra TOML params."""
@@ -104,16 +110,18 @@ class Feed(client.StatusFeed):
 class Run:
     """`surveyor run` as a child process, with its handler endpoints."""
 
-    def __init__(self, pipeline: Path, *args: str, cwd: Path) -> None:
+    def __init__(self, pipeline: Path, *args: str, cwd: Path, overrides: tuple[str, ...] = ()) -> None:
         from libs.common.pipeline import load
 
-        self.pipeline = load(pipeline)
+        self.pipeline = load(pipeline, overrides)
         self.endpoint = self.pipeline.handler.command
         self.feed = Feed(self.pipeline.handler.status)
         self.out = cwd / "out"
-        env = {**os.environ, "SURVEYOR_LOG_DIR": str(cwd / "logs")}
+        self.logs = cwd / "logs"
+        env = {**os.environ, "SURVEYOR_LOG_DIR": str(self.logs)}
+        sets = [arg for override in overrides for arg in ("--set", override)]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "libs.cli.main", "run", str(pipeline), "--out", str(self.out), *args],
+            [sys.executable, "-m", "libs.cli.main", "run", str(pipeline), "--out", str(self.out), *args, *sets],
             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def ctl(self, cmd: str, args: dict[str, Any] | None = None, timeout_s: float = 10.0) -> Any:
@@ -173,8 +181,8 @@ class Run:
 def start_run(tmp_path: Path):
     runs: list[Run] = []
 
-    def start(pipeline: Path, *args: str) -> Run:
-        run = Run(pipeline, *args, cwd=tmp_path)
+    def start(pipeline: Path, *args: str, overrides: tuple[str, ...] = ()) -> Run:
+        run = Run(pipeline, *args, cwd=tmp_path, overrides=overrides)
         runs.append(run)
         return run
 

@@ -12,6 +12,11 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.fft
 import scipy.ndimage
+import scipy.optimize
+
+RAMP_SCALE = 100.0
+"""Ramps (cycles per pixel) are searched in units of 1/100, so one simplex step suits both them
+and the shifts (pixels)."""
 
 
 @dataclass(frozen=True)
@@ -45,21 +50,43 @@ def score(reconstruction: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> Sc
     h, w = t.shape
     r = reconstruction.astype(np.complex128)
     r = np.pad(r, ((0, max(0, h - r.shape[0])), (0, max(0, w - r.shape[1]))))
-    oy, ox = _register(r, t, m)
-    # Sub-pixel: shift the reconstruction by the parabolic refinement of the correlation peak.
-    r_patch = _crop_wrapped(r, oy - 2, ox - 2, h + 4, w + 4)
-    dy, dx = _subpixel(r_patch, t, m)
-    r_patch = scipy.ndimage.fourier_shift(scipy.fft.fft2(r_patch), (-dy, -dx))
-    rm = scipy.fft.ifft2(r_patch)[2:2 + h, 2:2 + w]
-    rm = rm * _phase_ramp(t, rm, m)
-    tm, rv = t[m], rm[m]
+    # Register on the complex values and on the amplitudes (blind to a phase ramp, which can
+    # pull the complex correlation off its peak); keep whichever fits better.
+    amplitude = np.abs(r) - np.abs(r).mean(), np.abs(t) - np.abs(t[m]).mean()
+    candidates = [_aligned(r, t, m, *_register(r, t, m)), _aligned(r, t, m, *_register(*amplitude, m))]
+    return min(candidates, key=lambda s: s.nrmse)
+
+
+def _aligned(r: np.ndarray, t: np.ndarray, m: np.ndarray, oy: int, ox: int) -> Score:
+    """The score with `t` placed near (oy, ox) in `r`: the sub-pixel shift and the phase ramp that
+    minimise the error are searched from their first estimates (Nelder-Mead), gamma is exact."""
+    h, w = t.shape
+    patch = scipy.fft.fft2(_crop_wrapped(r, oy - 2, ox - 2, h + 4, w + 4))
+    y, x = np.indices((h, w))
+    tm, norm = t[m], np.vdot(t[m], t[m]).real
+
+    def aligned(p: np.ndarray) -> np.ndarray:
+        dy, dx, fy, fx = p[0], p[1], p[2] / RAMP_SCALE, p[3] / RAMP_SCALE
+        shifted = scipy.fft.ifft2(scipy.ndimage.fourier_shift(patch, (-dy, -dx)))[2:2 + h, 2:2 + w]
+        return (shifted * np.exp(2j * np.pi * (fy * y + fx * x)))[m]
+
+    def error(p: np.ndarray) -> float:
+        rv = aligned(p)
+        gamma = np.vdot(rv, tm) / max(np.vdot(rv, rv).real, 1e-30)
+        return float(np.sum(np.abs(tm - gamma * rv) ** 2) / norm)
+
+    rm = scipy.fft.ifft2(patch)[2:2 + h, 2:2 + w]
+    fy, fx = _phase_ramp(t, rm, m)
+    start = np.array([0.0, 0.0, fy * RAMP_SCALE, fx * RAMP_SCALE])
+    best = scipy.optimize.minimize(error, start, method="Nelder-Mead",
+                                   options={"xatol": 1e-3, "fatol": 1e-8, "maxiter": 600}).x
+    rv = aligned(best)
     gamma = np.vdot(rv, tm) / max(np.vdot(rv, rv).real, 1e-30)
-    norm = np.vdot(tm, tm).real
-    nrmse = float(np.sqrt(np.sum(np.abs(tm - gamma * rv) ** 2) / norm))
+    nrmse = float(np.sqrt(error(best)))
     baseline = float(np.sqrt(max(0.0, 1 - abs(tm.sum()) ** 2 / (tm.size * norm))))
     phase = np.angle(tm * np.conj(gamma * rv))
     return Score(nrmse=nrmse, baseline=baseline, phase_rms_rad=float(np.sqrt(np.mean(phase**2))),
-                 shift_px=(oy + dy, ox + dx))
+                 shift_px=(oy + best[0], ox + best[1]))
 
 
 def _register(r: np.ndarray, t: np.ndarray, m: np.ndarray) -> tuple[int, int]:
@@ -71,7 +98,7 @@ def _register(r: np.ndarray, t: np.ndarray, m: np.ndarray) -> tuple[int, int]:
     mp[:t.shape[0], :t.shape[1]] = m
     corr = scipy.fft.ifft2(scipy.fft.fft2(r) * np.conj(scipy.fft.fft2(tp)))
     energy = scipy.fft.ifft2(scipy.fft.fft2(np.abs(r) ** 2) * np.conj(scipy.fft.fft2(mp))).real
-    quality = np.abs(corr) / np.sqrt(np.maximum(energy, 1e-12 * energy.max()))
+    quality = np.abs(corr) / np.sqrt(np.clip(energy, 1e-12 * max(energy.max(), 1e-30), None))
     oy, ox = np.unravel_index(np.argmax(quality), shape)
     return int(oy), int(ox)
 
@@ -82,29 +109,13 @@ def _crop_wrapped(a: np.ndarray, y: int, x: int, h: int, w: int) -> np.ndarray:
     return a[np.ix_(rows, cols)]
 
 
-def _subpixel(patch: np.ndarray, t: np.ndarray, m: np.ndarray) -> tuple[float, float]:
-    """Parabolic fit of |correlation| around the integer peak (patch has a 2-pixel margin)."""
-    h, w = t.shape
-    values = np.empty((3, 3))
-    for i in range(3):
-        for j in range(3):
-            values[i, j] = abs(np.vdot(t[m], patch[1 + i:1 + i + h, 1 + j:1 + j + w][m]))
-
-    def vertex(a: float, b: float, c: float) -> float:
-        curvature = a - 2 * b + c
-        return 0.0 if curvature >= 0 else float(np.clip(0.5 * (a - c) / curvature, -0.5, 0.5))
-
-    return vertex(*values[:, 1]), vertex(*values[1, :])
-
-
-def _phase_ramp(t: np.ndarray, r: np.ndarray, m: np.ndarray, upsample: int = 8) -> np.ndarray:
-    """The linear phase ramp that best aligns r's phase with t's (peak of the upsampled
-    spectrum of t r*), as a factor to multiply r by."""
+def _phase_ramp(t: np.ndarray, r: np.ndarray, m: np.ndarray, upsample: int = 8) -> tuple[float, float]:
+    """The linear phase ramp (cycles per pixel, y and x) that best aligns r's phase with t's:
+    the peak of the upsampled spectrum of t r*."""
     h, w = t.shape
     product = np.where(m, t * np.conj(r), 0)
     spectrum = np.abs(scipy.fft.fft2(product, s=(h * upsample, w * upsample)))
     ky, kx = np.unravel_index(np.argmax(spectrum), spectrum.shape)
     fy = (ky if ky < h * upsample / 2 else ky - h * upsample) / (h * upsample)
     fx = (kx if kx < w * upsample / 2 else kx - w * upsample) / (w * upsample)
-    y, x = np.indices((h, w))
-    return np.exp(2j * np.pi * (fy * y + fx * x))
+    return fy, fx

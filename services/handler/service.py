@@ -452,7 +452,7 @@ class Handler:
                            if m.stats.epoch == record.epoch)
 
             scan = {"scan_id": record.scan.scan_id, "epoch": record.epoch, "state": record.state,
-                    "n_frames": record.scan.n_frames,
+                    "n_frames": record.scan.n_frames, "n_dark": record.scan.n_dark,
                     "stages": {name: {key: scan_sum(name, key) for key in ("frames_in", "frames_out", "written",
                                                                            "rejected")}
                                for name in self.pipeline.stages}}

@@ -25,10 +25,12 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 class StreamingRaar:
     def __init__(self, *, centres_px: np.ndarray, probe: np.ndarray, support: np.ndarray | None = None,
-                 probe_start: int = 3, workers: int = 1) -> None:
+                 workers: int = 1) -> None:
         """`centres_px`: [y, x] of each frame's centre on the object grid, any origin; `probe`:
         the starting probe (N x N, centred), scaled later by `scale_probe` unless already;
-        `support`: real-space weights the probe is multiplied by after each update."""
+        `support`: real-space weights the probe is multiplied by after each update. The probe is
+        refined while `refine_probe` is set (a probe fitted to the first few frames of a scan is
+        poorly constrained: the caller decides when there are enough)."""
         n = probe.shape[0]
         self.size = n
         corners = np.rint(np.asarray(centres_px, float) - n / 2).astype(int)
@@ -45,7 +47,7 @@ class StreamingRaar:
         self.received = np.zeros(count, bool)
         self.iterations = 0
         self.error = float("nan")
-        self.probe_start = probe_start
+        self.refine_probe = True
         self.workers = workers
 
     @property
@@ -87,10 +89,9 @@ class StreamingRaar:
             spectrum *= np.where(valid, amplitudes / np.maximum(modulus, 1e-12), 1).astype(np.float32)
             data = scipy.fft.ifft2(spectrum, norm="ortho", workers=self.workers, overwrite_x=True)
             reflected = 2 * data - psi
-            refine_probe = self.iterations >= self.probe_start
-            for _ in range(2 if refine_probe else 1):
+            for _ in range(2 if self.refine_probe else 1):
                 self._update_object(reflected, corners)
-                if refine_probe:
+                if self.refine_probe:
                     self._update_probe(reflected, corners)
             overlap = self._views(corners)
             overlap *= self.probe

@@ -2,9 +2,10 @@
 
 The solver runs in a thread of its own, so the event loop keeps taking frames, commands and
 heartbeats while an iteration (about a second for 1600 frames of 128 x 128) is under way. Frames
-are handed over as they come and join between iterations. Once every frame of the scan is in,
-`iterations` more are run (fewer if the exit-wave change falls below `tolerance`), then the
-object and probe go to the writer as one result frame.
+are handed over as they come and join between iterations. Once every frame of the scan is in
+(or none has come for `idle_s`: frames rejected upstream never will), `iterations` more are run
+(fewer if the exit-wave change falls below `tolerance`), then the object and probe go to the
+writer as one result frame.
 
 The process keeps the scan from ending until then: it holds the last frame it received
 unacknowledged and sends the result as that frame's child, so the handler's end-of-scan (which
@@ -40,8 +41,9 @@ class Params(BaseModel):
     iterations: int = Field(60, ge=0, le=10000, description="iterations after the last frame")
     tolerance: float = Field(1e-5, ge=0, description="stop early when the exit-wave change is below this")
     min_frames: int = Field(8, ge=1, description="frames needed before the first iteration")
-    probe_start: int = Field(3, ge=0, description="iterations before the probe is refined")
+    probe_fraction: float = Field(1.0, ge=0, le=1, description="refine the probe once this part of the scan is in")
     preview_interval_s: float = Field(3.0, gt=0)
+    idle_s: float = Field(30.0, gt=0, description="finish with the frames received after this long without one")
     threads: int = Field(1, ge=1, le=64, description="FFT threads")
 
 
@@ -56,6 +58,8 @@ class Engine(threading.Thread):
         self.finished = threading.Event()
         self.stopping = False
         self.after_last = 0
+        self.completed_at: float | None = None
+        """When the last frame joined (monotonic); the post-scan iterations are timed from here."""
         self.failure: BaseException | None = None
 
     def run(self) -> None:
@@ -74,12 +78,15 @@ class Engine(threading.Thread):
             if solver.frames < params.min_frames:
                 continue
             complete = solver.frames >= self.total
+            if complete and self.completed_at is None:
+                self.completed_at = time.monotonic()
             if complete and (self.after_last >= params.iterations or solver.error < params.tolerance):
                 return
             with self.lock:
                 if not scaled:
                     solver.scale_probe()
                     scaled = True
+                solver.refine_probe = solver.frames >= params.probe_fraction * self.total
                 solver.iterate(1, beta=params.beta)
             if complete:
                 self.after_last += 1
@@ -111,6 +118,7 @@ class Service(Runtime):
         self._stop_engine()
         self._total = len(scan.positions_m or ())
         self._received = 0
+        self._last_frame_at = time.monotonic()
         self._held: Token | None = None
         self._started = time.monotonic()
         self._next_preview = self._started + self.params.preview_interval_s
@@ -126,6 +134,7 @@ class Service(Runtime):
             return
         self._engine.inbox.put((index, frame.array("data").copy(), frame.array("mask").copy()))
         self._received += 1
+        self._last_frame_at = time.monotonic()
         # Keep the newest frame unacknowledged: the scan cannot end before the result is written.
         if self._held is not None:
             self.release(self._held)
@@ -150,7 +159,7 @@ class Service(Runtime):
         self._initial_probe = probe * support
         self._pixel_m = pixel
         solver = StreamingRaar(centres_px=np.asarray(self.scan.positions_m) / pixel, probe=probe, support=support,
-                               probe_start=self.params.probe_start, workers=self.params.threads)
+                               workers=self.params.threads)
         self._engine = Engine(solver, self.params, self._total)
         self._engine.start()
         logger.info("scan %s: reconstructing %d positions on a %s object of %.2f nm pixels", self.scan.scan_id,
@@ -163,6 +172,10 @@ class Service(Runtime):
             return None
         if time.monotonic() >= self._next_preview:
             self._publish_preview()
+        if engine.total > self._received and time.monotonic() - self._last_frame_at > self.params.idle_s:
+            self.report("reconstruction_incomplete", f"scan {self.scan.scan_id}: no frame for {self.params.idle_s} s; "
+                        f"finishing with the {self._received} of {engine.total} that came")
+            engine.total = self._received
         if not engine.finished.is_set():
             return POLL_S
         self._finish()
@@ -184,6 +197,7 @@ class Service(Runtime):
         else:
             obj, probe, iterations, error = engine.snapshot()
             solver = engine.solver
+            after_last_s = time.monotonic() - (engine.completed_at or time.monotonic())
             logger.info("scan %s: reconstruction done: %d frames, %d iterations (%d after the last frame), "
                         "change %.2e, %.1f s after the scan start", self.scan.scan_id, solver.frames, iterations,
                         engine.after_last, error, time.monotonic() - self._started)
@@ -193,7 +207,10 @@ class Service(Runtime):
                         "weights": solver.received.astype(np.uint8)},
                 meta={"kind": RESULT, "pixel_size_m": self._pixel_m, "iterations": iterations,
                       "iterations_after_last_frame": engine.after_last, "error": error,
-                      "frames_used": solver.frames, "beta": self.params.beta}), parent=self._held)
+                      "frames_used": solver.frames, "beta": self.params.beta,
+                      "seconds_after_last_frame": round(after_last_s, 3),
+                      "seconds_per_iteration_after_last_frame": round(after_last_s / max(engine.after_last, 1), 4)}),
+                parent=self._held)
         if self._held is not None and engine.failure is not None:
             self.release(self._held)
         self._held = None

@@ -99,7 +99,8 @@ class PtychoFile:
         process["final_illumination"] = frame.array("probe")
         process["weights"] = frame.array("weights")
         process["algorithm"] = f"RAAR (beta {meta['beta']}) with probe refinement, streaming"
-        for key in ("iterations", "iterations_after_last_frame", "error", "frames_used"):
+        for key in ("iterations", "iterations_after_last_frame", "error", "frames_used", "seconds_after_last_frame",
+                    "seconds_per_iteration_after_last_frame"):
             process[key] = meta[key]
         source = entry["instrument_1"].require_group("source_1")
         if "probe" in source:

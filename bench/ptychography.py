@@ -1,0 +1,120 @@
+"""Ptychography benchmark: the Nanosurveyor scenario through the whole pipeline.
+
+1600 frames (40 x 40 raster), raw 1024 x 1024 uint16, reconstructed at 128 x 128, streamed as
+fast as the pipeline takes them: `surveyor run pipelines/ptychography.toml --simulate`. The
+virtual detector simulates every frame while it streams and shares the machine's cores with the
+pipeline, so the rate is a floor for what a real detector would see.
+
+Reported: the end-to-end rate (frames / time from the scan's start to the written
+reconstruction), the time from the last frame to the final reconstruction, the final NRMSE
+against the truth (with the constant-object baseline), and the reconstruction's time per
+iteration per frame, both inside the pipeline and in one process on the same frames in this run
+(the baseline), next to the paper's figures (2 Hz, about 5 minutes) and PtyPy's DM in NumPy
+(1.3 ms per 128 x 128 frame-iteration, reference/ptychography.md 3.2).
+
+    python bench/ptychography.py [--frames 1600] [--size 128]
+
+Prints one JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from libs.cli.scoring import score_reconstruction  # noqa: E402
+from libs.common.messages import ScanDescription  # noqa: E402
+from libs.ptychography import optics  # noqa: E402
+from services.reconstruction_worker.raar import StreamingRaar  # noqa: E402
+from tests.conftest import free_endpoints  # noqa: E402
+
+PAPER = {"rate_hz": 2.0, "scan_start_to_image_s": 300, "source": "Daurer et al. 2017 (Nanosurveyor)"}
+PTYPY_DM_S_PER_FRAME_ITERATION_128 = 1.3e-3
+
+
+def run_pipeline(frames: int, size: int, directory: Path) -> dict:
+    overrides = [*free_endpoints(), f"stages.frame_worker.params.size={size}",
+                 f"stages.frame_worker.params.crop={4 * size}",
+                 f"simulation.params={{n_dark=20, size={size}, oversampling=4, raw_shape=[{8 * size}, {8 * size}]}}"]
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    env = {**os.environ, "SURVEYOR_LOG_DIR": str(directory / "logs")}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "libs.cli.main", "run", str(REPO / "pipelines/ptychography.toml"),
+                           "--simulate", "--frames", str(frames), "--out", str(directory / "out"), *sets],
+                          env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"the pipeline failed:\n{done.stdout[-3000:]}")
+    summary = json.loads((directory / "out" / "summary.json").read_text())
+    scan = summary["scans"][0]
+    cxi = Path(next(p for p in scan["outputs"] if not p.endswith("_raw.cxi")))
+    with h5py.File(cxi, "r") as f:
+        process = {k: v[()] for k, v in f["entry_1/image_1/process_1"].items() if v.shape == ()}
+    score = score_reconstruction(cxi, Path(scan["truth"]))
+    return {"frames": frames, "darks": 20, "raw_shape": [8 * size, 8 * size], "size": size,
+            "scan_start_to_image_s": scan["wall_s"],
+            "end_to_end_rate_hz": round(frames / scan["wall_s"], 2),
+            "last_frame_to_image_s": float(process["seconds_after_last_frame"]),
+            "iterations": int(process["iterations"]),
+            "iterations_after_last_frame": int(process["iterations_after_last_frame"]),
+            "pipeline_s_per_iteration_per_frame": float(process["seconds_per_iteration_after_last_frame"]) / frames,
+            "nrmse": round(score.nrmse, 4), "constant_object_nrmse": round(score.baseline, 4),
+            "command_wall_s": round(time.monotonic() - started, 1), "cxi": str(cxi)}
+
+
+def single_process_iteration(cxi: Path, iterations: int = 5) -> float:
+    """Seconds per iteration per frame of the same solver in this process, on the written frames."""
+    with h5py.File(cxi, "r") as f:
+        scan = ScanDescription.model_validate_json(f["entry_1/scan_description"][()])
+        data = f["entry_1/instrument_1/detector_1/data"][()]
+        pixel = f["entry_1/image_1/x_pixel_size"][()]
+    size = data.shape[1]
+    probe = optics.zone_plate_probe(scan.probe_model, energy_ev=scan.energy_ev, size=size, pixel_m=pixel)
+    solver = StreamingRaar(centres_px=np.asarray(scan.positions_m) / pixel, probe=probe)
+    for index, frame in enumerate(data):
+        solver.add(index, frame)
+    solver.iterate(1)
+    started = time.perf_counter()
+    solver.iterate(iterations)
+    return (time.perf_counter() - started) / iterations / len(data)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=1600)
+    parser.add_argument("--size", type=int, default=128)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        pipeline = run_pipeline(args.frames, args.size, Path(tmp))
+        alone = single_process_iteration(Path(pipeline.pop("cxi")))
+    pipeline["single_process_s_per_iteration_per_frame"] = alone
+    result = {
+        "benchmark": "ptychography", "pipeline": pipeline,
+        "baselines": {"paper": PAPER, "ptypy_dm_numpy_s_per_iteration_per_frame_128": PTYPY_DM_S_PER_FRAME_ITERATION_128},
+        "ratios": {"rate_vs_paper": round(pipeline["end_to_end_rate_hz"] / PAPER["rate_hz"], 1),
+                   "iteration_vs_ptypy_dm": round(PTYPY_DM_S_PER_FRAME_ITERATION_128 / alone, 2)
+                   if args.size == 128 else None,
+                   "pipeline_iteration_vs_single_process": round(
+                       pipeline["pipeline_s_per_iteration_per_frame"] / alone, 2)},
+        "targets": {"rate_hz": 20, "last_frame_to_image_s": 60, "nrmse": 0.15},
+        "met": {"rate": pipeline["end_to_end_rate_hz"] >= 20,
+                "latency": pipeline["last_frame_to_image_s"] <= 60,
+                "nrmse": pipeline["nrmse"] <= 0.15 and not math.isnan(pipeline["nrmse"])},
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

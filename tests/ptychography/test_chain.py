@@ -1,0 +1,85 @@
+"""The ptychography pipeline end to end: `surveyor run pipelines/ptychography.toml --simulate` on a
+small scan (10 x 10 positions, 64 x 64 clean frames from 320 x 320 raw ones), real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import h5py
+import numpy as np
+import pytest
+from scipy.constants import electron_volt
+
+from tests.conftest import REPO, free_endpoints, wait_for
+
+PIPELINE = REPO / "pipelines" / "ptychography.toml"
+SMALL = ("simulation.params={n_dark=10, size=64, raw_shape=[320, 320]}",
+         "stages.frame_worker.params.crop=256", "stages.frame_worker.params.size=64")
+FRAMES = 100
+
+
+def run_small(start_run, *args: str):
+    run = start_run(PIPELINE, "--simulate", "--frames", str(FRAMES), *args, overrides=(*free_endpoints(), *SMALL))
+    return run
+
+
+def check_every_frame_used_once(run) -> tuple[dict, h5py.File]:
+    summary = run.summary()
+    scan = summary["scans"][0]
+    assert scan["frames_lost"] == 0 and scan["frames_rejected"] == 0
+    assert scan["stages"]["reconstruction_worker"]["frames_in"] == FRAMES
+    f = h5py.File(scan["outputs"][0], "r")
+    numbers = f["entry_1/data_1/frame_number"][()]
+    np.testing.assert_array_equal(numbers, 10 + np.arange(FRAMES))  # darks are 0-9
+    process = f["entry_1/image_1/process_1"]
+    assert process["frames_used"][()] == FRAMES
+    np.testing.assert_array_equal(process["weights"][()], np.ones(FRAMES))
+    return scan, f
+
+
+def test_small_scan_reconstructs_the_object_and_writes_the_cxi_layout(start_run):
+    run = run_small(start_run)
+    code, output = run.finish(timeout_s=240)
+    assert code == 0, output
+    assert "reconstruction NRMSE" in output
+    scan, f = check_every_frame_used_once(run)
+    assert scan["nrmse"] <= 0.15
+    with f, h5py.File(scan["truth"], "r") as truth:
+        pixel = truth["pixel_size_m"][()]
+        assert f["cxi_version"][()] == 160
+        detector = f["entry_1/instrument_1/detector_1"]
+        data = detector["data"]
+        assert data.shape == (FRAMES, 64, 64) and data.dtype == np.float32
+        assert data.attrs["axes"] == "translation:y:x"
+        assert f.get("entry_1/data_1/data", getlink=True).path == "/entry_1/instrument_1/detector_1/data"
+        assert f.get("entry_1/data_1/translation", getlink=True).path == "/entry_1/sample_1/geometry_1/translation"
+        assert np.all(data[()].sum(axis=(1, 2)) > 1e5)  # every slot holds a frame of ~2e6 photons
+        assert detector["distance"][()] == pytest.approx(0.08)
+        assert detector["x_pixel_size"][()] == pytest.approx(100e-6) == detector["y_pixel_size"][()]
+        assert detector["data_dark"].shape == (320, 320)
+        assert detector["data_dark"][()].mean() == pytest.approx(1000, abs=5)  # the simulated offset
+        assert f["entry_1/instrument_1/source_1/energy"][()] == pytest.approx(800 * electron_volt)
+        translation = f["entry_1/sample_1/geometry_1/translation"][()]
+        np.testing.assert_allclose(translation[:, :2], truth["positions_m"][()][:, ::-1])
+        assert np.all(translation[:, 2] == 0)
+        image = f["entry_1/image_1"]
+        assert image["data"].dtype == np.complex64
+        np.testing.assert_allclose(image["image_size"][()], np.array(image["data"].shape) * pixel, rtol=1e-6)
+        assert image["process_1/final_illumination"].shape == (64, 64)
+        assert f["entry_1/instrument_1/source_1/probe"].shape == (64, 64)
+
+
+def test_a_frame_worker_killed_mid_scan_loses_no_frame(start_run):
+    run = run_small(start_run, "--rate", "25")
+    run.wait_ready(services=7)
+    victim = wait_for(lambda: next((s for s in run.ctl("status").result["services"]
+                                    if s["name"] == "frame_worker.1" and s["state"] == "up"
+                                    and s["frames_in"] >= 15), None), 60, "frame_worker.1 busy")
+    os.kill(victim["pid"], signal.SIGKILL)
+    code, output = run.finish(timeout_s=240)
+    assert code == 0, output
+    scan, f = check_every_frame_used_once(run)
+    f.close()
+    assert run.summary()["restarts"]["frame_worker.1"] >= 1
+    assert scan["nrmse"] <= 0.15
