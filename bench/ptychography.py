@@ -102,7 +102,8 @@ def main() -> None:
     pipeline["single_process_s_per_iteration_per_frame"] = alone
     result = {
         "benchmark": "ptychography", "pipeline": pipeline,
-        "baselines": {"paper": PAPER, "ptypy_dm_numpy_s_per_iteration_per_frame_128": PTYPY_DM_S_PER_FRAME_ITERATION_128},
+        "baselines": {"paper": PAPER,
+                      "ptypy_dm_numpy_s_per_iteration_per_frame_128": PTYPY_DM_S_PER_FRAME_ITERATION_128},
         "ratios": {"rate_vs_paper": round(pipeline["end_to_end_rate_hz"] / PAPER["rate_hz"], 1),
                    "iteration_vs_ptypy_dm": round(PTYPY_DM_S_PER_FRAME_ITERATION_128 / alone, 2)
                    if args.size == 128 else None,

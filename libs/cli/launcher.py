@@ -291,6 +291,6 @@ def _follow(launcher: Launcher, watcher: client.StatusFeed, finished: list[dict[
             if scan:
                 sources = launcher.pipeline.sources()
                 received = sum(scan["stages"][s]["frames_out"] for s in sources)
-                progress.update(task, description=f"scan {scan['scan_id']}", total=(scan["n_frames"] + scan.get("n_dark", 0)) if scan.get("n_frames") else None,
-                                completed=received)
+                total = scan["n_frames"] + scan.get("n_dark", 0) if scan.get("n_frames") else None
+                progress.update(task, description=f"scan {scan['scan_id']}", total=total, completed=received)
     return code

@@ -18,9 +18,9 @@ are rounded to whole object pixels.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import scipy.fft
-from numpy.lib.stride_tricks import sliding_window_view
 
 
 class StreamingRaar:
@@ -66,10 +66,14 @@ class StreamingRaar:
 
     def scale_probe(self) -> None:
         """Give the probe the mean photon count of the frames received (Parseval)."""
-        taken = self.received
-        photons = float(np.mean(np.sum(self.amplitudes[taken] ** 2, axis=(1, 2))))
+        photons = float(np.mean(np.sum(self.amplitudes[self.received] ** 2, axis=(1, 2))))
         self.probe *= np.float32(np.sqrt(photons / np.sum(np.abs(self.probe) ** 2)))
-        for index in np.flatnonzero(taken):
+        self.restart()
+
+    def restart(self) -> None:
+        """Exit waves from the current object and probe: RAAR starts afresh from its estimate,
+        dropping what its exit waves accumulated while only part of the scan was in."""
+        for index in np.flatnonzero(self.received):
             y, x = self.corners[index]
             self.exit_waves[index] = self.probe * self.object[y:y + self.size, x:x + self.size]
 
@@ -79,49 +83,102 @@ class StreamingRaar:
         taken = np.flatnonzero(self.received)
         if taken.size == 0:
             return self.error
-        corners = self.corners[taken]
+        corners = np.ascontiguousarray(self.corners[taken])
         amplitudes, valid = self.amplitudes[taken], self.valid[taken]
         photons = max(float(np.sum(amplitudes[valid] ** 2)), 1e-30)
+        psi = self.exit_waves[taken]
         for _ in range(count):
-            psi = self.exit_waves[taken]
             spectrum = scipy.fft.fft2(psi, norm="ortho", workers=self.workers)
-            modulus = np.abs(spectrum)
-            spectrum *= np.where(valid, amplitudes / np.maximum(modulus, 1e-12), 1).astype(np.float32)
+            _fourier_constraint(spectrum, amplitudes, valid)
             data = scipy.fft.ifft2(spectrum, norm="ortho", workers=self.workers, overwrite_x=True)
-            reflected = 2 * data - psi
+            reflected = _reflect(data, psi)
             for _ in range(2 if self.refine_probe else 1):
                 self._update_object(reflected, corners)
                 if self.refine_probe:
                     self._update_probe(reflected, corners)
-            overlap = self._views(corners)
-            overlap *= self.probe
-            new = beta * (psi + overlap) + (1 - 2 * beta) * data
-            change = new - psi
-            self.exit_waves[taken] = new
-            self.error = float(np.vdot(change, change).real / photons)
+            change = _mix(psi, data, self.object, self.probe, corners, np.float32(beta))
+            self.error = change / photons
             self.iterations += 1
+        self.exit_waves[taken] = psi
         return self.error
 
-    def _views(self, corners: np.ndarray) -> np.ndarray:
-        windows = sliding_window_view(self.object, (self.size, self.size))
-        return windows[corners[:, 0], corners[:, 1]]
-
     def _update_object(self, psi: np.ndarray, corners: np.ndarray) -> None:
-        n = self.size
         numerator = np.zeros_like(self.object)
         weight = np.zeros(self.object.shape, np.float32)
-        contribution = np.conj(self.probe) * psi
-        power = np.abs(self.probe) ** 2
-        for (y, x), part in zip(corners, contribution, strict=True):
-            numerator[y:y + n, x:x + n] += part
-            weight[y:y + n, x:x + n] += power
+        _scatter(numerator, weight, self.probe, psi, corners)
+        # Regularised towards the current object, not towards zero: where the probes that reached
+        # a pixel so far are faint, it keeps its value for the frames still to come.
         regulariser = np.float32(1e-3) * weight.max()
-        covered = weight > 0
-        self.object[covered] = numerator[covered] / (weight[covered] + regulariser)
+        self.object = (numerator + regulariser * self.object) / (weight + regulariser)
 
     def _update_probe(self, psi: np.ndarray, corners: np.ndarray) -> None:
-        views = self._views(corners)
-        numerator = np.einsum("kij,kij->ij", np.conj(views), psi)
-        weight = np.einsum("kij,kij->ij", views.real, views.real) + np.einsum("kij,kij->ij", views.imag, views.imag)
-        probe = numerator / (weight + 1e-3 * weight.max())
+        numerator = np.zeros_like(self.probe)
+        weight = np.zeros(self.probe.shape, np.float32)
+        _gather(numerator, weight, self.object, psi, corners)
+        probe = numerator / (weight + np.float32(1e-3) * weight.max())
         self.probe = (probe if self.support is None else probe * self.support).astype(np.complex64)
+
+
+# --- fused loops: one pass over the exit waves each, instead of numpy's several -------------------
+
+
+@numba.njit(cache=True, fastmath=True)
+def _fourier_constraint(spectrum, amplitudes, valid):
+    """In place: the measured modulus on valid pixels, the phase kept."""
+    frames, rows, cols = spectrum.shape
+    for k in range(frames):
+        for i in range(rows):
+            for j in range(cols):
+                if valid[k, i, j]:
+                    value = spectrum[k, i, j]
+                    modulus = abs(value)
+                    spectrum[k, i, j] = value * (amplitudes[k, i, j] / modulus) if modulus > 1e-12 else 0
+
+
+@numba.njit(cache=True, fastmath=True)
+def _reflect(data, psi):
+    return np.float32(2) * data - psi
+
+
+@numba.njit(cache=True, fastmath=True)
+def _scatter(numerator, weight, probe, psi, corners):
+    """Object update sums: conj(P) psi_j and |P|^2 added under each frame's window."""
+    n = probe.shape[0]
+    for k in range(psi.shape[0]):
+        y, x = corners[k, 0], corners[k, 1]
+        for i in range(n):
+            for j in range(n):
+                p = probe[i, j]
+                numerator[y + i, x + j] += p.conjugate() * psi[k, i, j]
+                weight[y + i, x + j] += p.real * p.real + p.imag * p.imag
+
+
+@numba.njit(cache=True, fastmath=True)
+def _gather(numerator, weight, obj, psi, corners):
+    """Probe update sums: conj(O_j) psi_j and |O_j|^2 over the frames."""
+    n = numerator.shape[0]
+    for k in range(psi.shape[0]):
+        y, x = corners[k, 0], corners[k, 1]
+        for i in range(n):
+            for j in range(n):
+                o = obj[y + i, x + j]
+                numerator[i, j] += o.conjugate() * psi[k, i, j]
+                weight[i, j] += o.real * o.real + o.imag * o.imag
+
+
+@numba.njit(cache=True, fastmath=True)
+def _mix(psi, data, obj, probe, corners, beta):
+    """In place: psi <- beta (psi + P O_j) + (1 - 2 beta) D; returns |change|^2."""
+    n = probe.shape[0]
+    rest = np.float32(1) - np.float32(2) * beta
+    change = 0.0
+    for k in range(psi.shape[0]):
+        y, x = corners[k, 0], corners[k, 1]
+        for i in range(n):
+            for j in range(n):
+                old = psi[k, i, j]
+                new = beta * (old + probe[i, j] * obj[y + i, x + j]) + rest * data[k, i, j]
+                psi[k, i, j] = new
+                d = new - old
+                change += d.real * d.real + d.imag * d.imag
+    return change

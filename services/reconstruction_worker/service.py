@@ -3,9 +3,9 @@
 The solver runs in a thread of its own, so the event loop keeps taking frames, commands and
 heartbeats while an iteration (about a second for 1600 frames of 128 x 128) is under way. Frames
 are handed over as they come and join between iterations. Once every frame of the scan is in
-(or none has come for `idle_s`: frames rejected upstream never will), `iterations` more are run
-(fewer if the exit-wave change falls below `tolerance`), then the object and probe go to the
-writer as one result frame.
+(or none has come for `idle_s`: frames rejected upstream never will), the solver restarts from
+its estimate and `iterations` more are run, with probe refinement (fewer if the exit-wave change
+falls below `tolerance`), then the object and probe go to the writer as one result frame.
 
 The process keeps the scan from ending until then: it holds the last frame it received
 unacknowledged and sends the result as that frame's child, so the handler's end-of-scan (which
@@ -80,6 +80,8 @@ class Engine(threading.Thread):
             complete = solver.frames >= self.total
             if complete and self.completed_at is None:
                 self.completed_at = time.monotonic()
+                with self.lock:
+                    solver.restart()
             if complete and (self.after_last >= params.iterations or solver.error < params.tolerance):
                 return
             with self.lock:

@@ -45,7 +45,7 @@ def test_dark_statistics_match_numpy_and_flag_stuck_and_hot_pixels():
     model = stats.result(hot_factor=10)
     np.testing.assert_allclose(model.mean, frames.mean(axis=0), rtol=1e-6)
     np.testing.assert_allclose(model.variance, frames.var(axis=0, ddof=1), rtol=1e-4)
-    assert set(zip(*np.nonzero(model.bad))) == {(2, 3), (7, 7)}
+    assert set(zip(*np.nonzero(model.bad), strict=True)) == {(2, 3), (7, 7)}
     assert model.count == 40
 
 
@@ -72,7 +72,7 @@ def test_cleaning_turns_adu_into_binned_photons_around_the_centre_and_masks_bad_
     expected[2, 2] = expected[52, 52] = 0
     np.testing.assert_allclose(clean, bin_downsample(expected, 4), atol=1e-3)
     assert mask.dtype == np.uint8 and mask.shape == (16, 16)
-    assert set(zip(*np.nonzero(mask == 0))) == {(0, 0), (13, 13)}
+    assert set(zip(*np.nonzero(mask == 0), strict=True)) == {(0, 0), (13, 13)}
 
 
 def test_cleaning_masks_what_lies_beyond_the_detector_edge():
