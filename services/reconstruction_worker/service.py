@@ -38,7 +38,7 @@ POLL_S = 0.2
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     beta: float = Field(0.8, gt=0, le=1, description="RAAR relaxation (1 = difference map)")
-    iterations: int = Field(60, ge=0, le=10000, description="iterations after the last frame")
+    iterations: int = Field(40, ge=0, le=10000, description="iterations after the last frame")
     tolerance: float = Field(1e-5, ge=0, description="stop early when the exit-wave change is below this")
     min_frames: int = Field(8, ge=1, description="frames needed before the first iteration")
     probe_fraction: float = Field(1.0, ge=0, le=1, description="refine the probe once this part of the scan is in")

@@ -3,12 +3,14 @@ small scan (10 x 10 positions, 64 x 64 clean frames from 320 x 320 raw ones), re
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
 import h5py
 import numpy as np
 import pytest
+import zmq
 from scipy.constants import electron_volt
 
 from tests.conftest import REPO, free_endpoints, wait_for
@@ -45,6 +47,8 @@ def test_small_scan_reconstructs_the_object_and_writes_the_cxi_layout(start_run)
     assert "reconstruction NRMSE" in output
     scan, f = check_every_frame_used_once(run)
     assert scan["nrmse"] <= 0.15
+    stages = scan["stages"]
+    assert stages["dark_worker"]["frames_in"] == 10 and stages["frame_worker"]["frames_in"] == FRAMES  # routed
     with f, h5py.File(scan["truth"], "r") as truth:
         pixel = truth["pixel_size_m"][()]
         assert f["cxi_version"][()] == 160
@@ -70,8 +74,11 @@ def test_small_scan_reconstructs_the_object_and_writes_the_cxi_layout(start_run)
         assert f["entry_1/instrument_1/source_1/probe"].shape == (64, 64)
 
 
-def test_a_frame_worker_killed_mid_scan_loses_no_frame(start_run):
-    run = run_small(start_run, "--rate", "25")
+def test_a_frame_worker_killed_mid_scan_loses_no_frame_and_previews_are_published(start_run):
+    run = run_small(start_run, "--rate", "20")
+    previews = zmq.Context.instance().socket(zmq.SUB)
+    previews.setsockopt(zmq.SUBSCRIBE, b"preview.")
+    previews.connect(run.pipeline.handler.status)
     run.wait_ready(services=7)
     victim = wait_for(lambda: next((s for s in run.ctl("status").result["services"]
                                     if s["name"] == "frame_worker.1" and s["state"] == "up"
@@ -83,3 +90,15 @@ def test_a_frame_worker_killed_mid_scan_loses_no_frame(start_run):
     f.close()
     assert run.summary()["restarts"]["frame_worker.1"] >= 1
     assert scan["nrmse"] <= 0.15
+    received = {}
+    while previews.poll(0):
+        topic, body, *buffers = previews.recv_multipart()
+        received[topic] = (json.loads(body), buffers)
+    previews.close(linger=0)
+    assert {b"preview.image_worker", b"preview.reconstruction_worker"} <= set(received)
+    body, buffers = received[b"preview.reconstruction_worker"]
+    assert body["scan_id"] == scan["scan_id"] and len(buffers) == len(body["arrays"])
+    for spec, buffer in zip(body["arrays"], buffers, strict=True):
+        assert np.isfinite(np.frombuffer(buffer, spec["dtype"]).reshape(spec["shape"])).all()
+    assert {a["name"] for a in received[b"preview.image_worker"][0]["arrays"]} == {
+        "transmission", "dpc_phase", "probe_amplitude"}
