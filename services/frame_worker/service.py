@@ -26,8 +26,13 @@ FRAMES_HEADER = "frames"
 class Service(Runtime):
     Params = CleaningParams
 
-    def on_scan_start(self, scan: ScanDescription) -> None:
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
         self._uncalibrated: list[tuple[Token, Frame]] = []
+        """Frames that came before the scan's calibration, held (unacknowledged) until it does."""
+
+    def on_scan_start(self, scan: ScanDescription) -> None:
+        self._uncalibrated = []
 
     def on_header(self, header: Frame) -> None:
         super().on_header(header)
@@ -46,7 +51,7 @@ class Service(Runtime):
         self._clean(frame)
 
     def on_abort(self) -> int:
-        dropped, self._uncalibrated = len(getattr(self, "_uncalibrated", [])), []
+        dropped, self._uncalibrated = len(self._uncalibrated), []
         return dropped
 
     def _clean(self, frame: Frame, parent: Token | None = None) -> None:
