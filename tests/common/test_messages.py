@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
+import numpy as np
 import pytest
 
 from libs.common import messages
@@ -49,3 +51,14 @@ def test_oversized_commands_are_refused_before_parsing():
 def test_error_replies_echo_the_id_and_name_the_error_type():
     reply = json.loads(messages.error(messages.request_id(b'{"id": "x7", "cmd": 1}'), UnknownCommand("no")))
     assert reply == {"ok": False, "id": "x7", "error": {"type": "UnknownCommand", "message": "no"}}
+
+
+def test_a_preview_carries_arrays_whose_bytes_match_their_shape():
+    data = base64.b64encode(np.arange(6, dtype="<f4").tobytes()).decode()
+    args = {"instance": "image_worker.1-ab", "name": "stxm", "scan_id": "s1",
+            "arrays": [{"name": "transmission", "dtype": "<f4", "shape": [2, 3], "data": data}]}
+    request = parse_request(json.dumps({"cmd": "preview", "args": args}).encode(), HANDLER_REQUESTS)
+    assert np.frombuffer(request.args.arrays[0].data, "<f4").tolist() == [0, 1, 2, 3, 4, 5]
+    args["arrays"][0]["shape"] = [3, 3]
+    with pytest.raises(MessageError, match="24 bytes for shape"):
+        parse_request(json.dumps({"cmd": "preview", "args": args}).encode(), HANDLER_REQUESTS)

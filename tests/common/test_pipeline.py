@@ -49,6 +49,7 @@ def test_graph_order_and_overrides(tmp_path):
     (GOOD.replace("processes = 3", "procs = 3"), "stages.worker.procs: Extra inputs"),
     (GOOD.replace("processes = 3", "params = { offset = -1 }"), "stages.worker.params: offset"),
     (GOOD.replace("processes = 3", 'delivery = "sometimes"'), "stages.worker.delivery"),
+    (GOOD.replace("processes = 3", 'frames = "odd"'), "stages.worker.frames"),
     ("[stages\n", "not valid TOML"),
 ])
 def test_mistakes_name_the_file_and_the_key(tmp_path, change, fragment):
