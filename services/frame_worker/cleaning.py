@@ -50,11 +50,24 @@ def clean_frame(raw: np.ndarray, *, dark: np.ndarray | None, bad: np.ndarray | N
     photons[invalid] = 0
     if inside != np.s_[:, :]:  # the crop reaches past the detector's edge: pad and mask
         photons, invalid = _pad(photons, inside, params.crop, 0), _pad(invalid, inside, params.crop, True)
-    factor = params.crop // params.size
     clean = fourier_downsample(photons, params.size) if params.downsample == "fourier" \
-        else bin_downsample(photons, factor)
-    mask = ~invalid.reshape(params.size, factor, params.size, factor).any(axis=(1, 3))
-    return clean, mask.astype(np.uint8)
+        else bin_downsample(photons, params.crop // params.size)
+    return clean, _valid_blocks(invalid, params)
+
+
+def static_mask(bad: np.ndarray, *, centre: tuple[int, int], params: CleaningParams) -> np.ndarray:
+    """The clean frames' mask from the bad pixels alone (a frame's own adds its saturated ones)."""
+    window, inside = _window(bad.shape, centre, params.crop)
+    invalid = bad[window]
+    if inside != np.s_[:, :]:
+        invalid = _pad(invalid, inside, params.crop, True)
+    return _valid_blocks(invalid, params)
+
+
+def _valid_blocks(invalid: np.ndarray, params: CleaningParams) -> np.ndarray:
+    """1 where no raw pixel of a clean pixel's block is invalid (uint8)."""
+    factor = params.crop // params.size
+    return (~invalid.reshape(params.size, factor, params.size, factor).any(axis=(1, 3))).astype(np.uint8)
 
 
 def fourier_downsample(image: np.ndarray, size: int) -> np.ndarray:

@@ -16,7 +16,7 @@ from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
 from libs.common.runtime import Service as Runtime, Token, header_name
 from services.dark_worker.service import CALIBRATION
-from services.frame_worker.cleaning import CleaningParams, clean_frame
+from services.frame_worker.cleaning import CleaningParams, clean_frame, static_mask
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +76,8 @@ class Service(Runtime):
         factor = p.crop // p.size
         mask = np.ones((p.size, p.size), np.uint8)
         if "bad" in {spec.name for spec in calibration.header.arrays}:
-            _, mask = clean_frame(np.zeros(calibration.array("bad").shape, np.uint16), dark=None,
-                                  bad=calibration.array("bad").view(bool), centre=calibration.header.meta["centre_px"],
-                                  adu_per_photon=1.0, params=p)
+            mask = static_mask(calibration.array("bad").view(bool), centre=calibration.header.meta["centre_px"],
+                               params=p)
         meta = {"header": FRAMES_HEADER, "size": p.size, "crop": p.crop, "downsample": p.downsample,
                 "centre_px": calibration.header.meta["centre_px"],
                 "pixel_size_m": scan.pixel_size_m * factor if scan.pixel_size_m else None,

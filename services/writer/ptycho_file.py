@@ -18,6 +18,9 @@ from scipy.constants import electron_volt
 
 from libs.common.frames import Frame
 from libs.common.messages import VERSION, ScanDescription
+from services.dark_worker.service import CALIBRATION
+from services.frame_worker.service import FRAMES_HEADER
+from services.reconstruction_worker.service import RESULT
 from services.writer.cxi import CXI_INVALID, TIME, now_iso, put
 
 
@@ -52,7 +55,7 @@ class PtychoFile:
         detector = entry["instrument_1/detector_1"]
         if scan.energy_ev:
             put(entry, "instrument_1/source_1/energy", scan.energy_ev * electron_volt, "J")
-        frames = headers.get("frames")
+        frames = headers.get(FRAMES_HEADER)
         if frames is not None:
             meta = frames.header.meta
             if meta.get("distance_m"):
@@ -66,14 +69,14 @@ class PtychoFile:
                     put(detector, "corner_position", np.array([half, half, meta["distance_m"]]), "m")
             mask = np.where(frames.array("mask") != 0, 0, CXI_INVALID).astype(np.uint32)
             detector.create_dataset("mask", data=mask)
-        calibration = headers.get("calibration")
+        calibration = headers.get(CALIBRATION)
         if calibration is not None and "dark" in {spec.name for spec in calibration.header.arrays}:
             dark = detector.create_dataset("data_dark", data=calibration.array("dark"), compression="gzip")
             dark.attrs["description"] = f"mean of {calibration.header.meta['darks']} dark frames, ADU"
 
     def write(self, frame: Frame) -> bool:
         """A clean frame into its slot, or the reconstruction; False for a frame already written."""
-        if frame.header.meta.get("kind") == "reconstruction":
+        if frame.header.meta.get("kind") == RESULT:
             self._reconstruction(frame)
             return True
         index = frame.header.meta["index"]

@@ -11,7 +11,8 @@ from libs.ptychography import optics
 from libs.ptychography.quality import illuminated, score
 from libs.simulation.ptycho import PtychoScan
 from services.dark_worker.dark_statistics import DarkStatistics, centre_of_mass
-from services.frame_worker.cleaning import CleaningParams, bin_downsample, clean_frame, fourier_downsample
+from services.frame_worker.cleaning import (CleaningParams, bin_downsample, clean_frame, fourier_downsample,
+                                           static_mask)
 from services.image_worker import stxm
 from services.reconstruction_worker.raar import StreamingRaar
 
@@ -201,3 +202,13 @@ def test_simulated_frames_are_poisson_photons_in_adu():
     assert np.abs(photons - np.rint(photons)).max() < 0.5    # whole photons (noise << one photon)
     expected, _ = model_frames(scan)             # the pattern's photons, before Poisson sampling
     assert np.rint(photons).sum() == pytest.approx(expected[0].sum(), rel=0.01)
+
+
+def test_the_static_mask_is_the_frames_mask_without_saturation():
+    bad = np.zeros((100, 120), bool)
+    bad[10, 40] = True
+    params = CleaningParams(crop=64, size=16, downsample="bin")
+    _, frame_mask = clean_frame(np.zeros((100, 120), np.uint16), dark=None, bad=bad, centre=(40, 70),
+                                adu_per_photon=1, params=params)
+    np.testing.assert_array_equal(static_mask(bad, centre=(40, 70), params=params), frame_mask)
+    assert frame_mask[0, 0] == 0 and frame_mask.sum() == 255
