@@ -125,6 +125,7 @@ class Service(Runtime):
         self._started = time.monotonic()
         self._next_preview = self._started + self.params.preview_interval_s
         self._initial_probe: np.ndarray | None = None
+        self._finished = False
         if not self._total:
             self.report("scan_incomplete", f"scan {scan.scan_id}: no positions_m, nothing to reconstruct")
 
@@ -132,8 +133,12 @@ class Service(Runtime):
         index = frame.header.meta["index"]
         if not 0 <= index < self._total:
             raise ValueError(f"frame {frame.header.frame}: index {index} outside the scan's {self._total} positions")
-        if self._engine is None and not self._start_engine(frame):
+        if self._finished:
+            logger.warning("scan %s: frame %d came after the reconstruction was sent; not used",
+                           self.scan.scan_id, frame.header.frame)
             return
+        if self._engine is None:
+            self._start_engine(frame)
         self._engine.inbox.put((index, frame.array("data").copy(), frame.array("mask").copy()))
         self._received += 1
         self._last_frame_at = time.monotonic()
@@ -143,7 +148,7 @@ class Service(Runtime):
         self._held = self.hold()
         self.wake(POLL_S)
 
-    def _start_engine(self, first: Frame) -> bool:
+    def _start_engine(self, first: Frame) -> None:
         geometry = self.headers.get(FRAMES_HEADER)
         meta = geometry.header.meta if geometry else {}
         if not (meta.get("pixel_size_m") and meta.get("distance_m") and meta.get("energy_ev")):
@@ -166,7 +171,6 @@ class Service(Runtime):
         self._engine.start()
         logger.info("scan %s: reconstructing %d positions on a %s object of %.2f nm pixels", self.scan.scan_id,
                     self._total, solver.object.shape, pixel * 1e9)
-        return True
 
     def produce(self) -> float | None:
         engine = self._engine
@@ -194,6 +198,7 @@ class Service(Runtime):
 
     def _finish(self) -> None:
         engine, self._engine = self._engine, None
+        self._finished = True
         if engine.failure is not None:
             self.report("reconstruction_failed", f"scan {self.scan.scan_id}: {engine.failure}")
         else:
