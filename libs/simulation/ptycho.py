@@ -206,7 +206,7 @@ class _Detector:
         self.offset = (scan.offset_adu + rng.normal(0, 20, scan.raw_shape)).astype(np.float32)
         cy, cx = scan.beam_center_px
         half = scan.size * scan.oversampling // 2
-        # Bad pixels, half of them where the diffraction falls: dead (stuck) and hot (noisy).
+        # Bad pixels in the middle of the diffraction window: half dead (stuck at 0), half hot (noisy).
         spots = rng.integers([cy - half // 2, cx - half // 2], [cy + half // 2, cx + half // 2],
                              (scan.bad_pixels, 2))
         self.dead = tuple(spots[: scan.bad_pixels // 2].T)
@@ -217,10 +217,12 @@ class _Detector:
     def read(self, photons: np.ndarray | None) -> np.ndarray:
         scan, rng = self.scan, self.rng
         shape = scan.raw_shape
-        counts = np.bincount(rng.integers(0, shape[0] * shape[1], rng.poisson(scan.background * shape[0] * shape[1])),
-                             minlength=shape[0] * shape[1]).reshape(shape) if photons is not None else None
         adu = self.offset + rng.standard_normal(shape, dtype=np.float32) * np.float32(scan.read_noise_adu)
-        if counts is not None:
+        if photons is not None:
+            # Flat stray light: a Poisson total spread uniformly is exactly Poisson in every pixel.
+            size = shape[0] * shape[1]
+            stray = rng.integers(0, size, rng.poisson(scan.background * size))
+            counts = np.bincount(stray, minlength=size).reshape(shape)
             counts[self.window] += photons
             adu += counts.astype(np.float32) * np.float32(scan.adu_per_photon)
         adu[self.hot] += rng.normal(0, 60 * scan.read_noise_adu, len(self.hot[0]))

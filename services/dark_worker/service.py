@@ -36,6 +36,7 @@ class Service(Runtime):
     def on_scan_start(self, scan: ScanDescription) -> None:
         self._darks: DarkStatistics | None = None
         self._centre_sum: np.ndarray | None = None
+        self._dark_mean: np.ndarray | float | None = None
         self._centre_count = 0
         self._published = False
         self._publish_when_ready()
@@ -53,8 +54,9 @@ class Service(Runtime):
                 self._darks = DarkStatistics(raw.shape)
             self._darks.update(raw)
         elif self._centre() is None:
-            dark = self._darks.result().mean if self._darks else 0
-            self._centre_sum = raw - dark + (0 if self._centre_sum is None else self._centre_sum)
+            if self._dark_mean is None:
+                self._dark_mean = self._darks.result().mean if self._darks else 0.0
+            self._centre_sum = raw - self._dark_mean + (0 if self._centre_sum is None else self._centre_sum)
             self._centre_count += 1
         self._publish_when_ready()
 

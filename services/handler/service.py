@@ -259,7 +259,7 @@ class Handler:
         self._event(args.kind, service=member.identity.name, message=args.message, **details)
         return {}
 
-    def on_preview(self, request: Preview, envelope: Envelope) -> None:
+    def on_preview(self, request: Preview, envelope: Envelope) -> Any:
         """Published as `preview.<stage>`: [topic, JSON (what and whose), one buffer per array].
         A service sends previews without waiting for an answer, so none is given."""
         args = request.args
@@ -271,11 +271,7 @@ class Handler:
         body = {"time": time.time(), "service": member.identity.name, "stage": stage, "name": args.name,
                 "scan_id": args.scan_id, "meta": args.meta,
                 "arrays": [{"name": a.name, "dtype": a.dtype, "shape": list(a.shape)} for a in args.arrays]}
-        try:
-            self._status_socket.send_multipart([f"preview.{stage}".encode(), json.dumps(body).encode(),
-                                                *(a.data for a in args.arrays)], zmq.NOBLOCK)
-        except zmq.Again:
-            pass
+        self._publish(f"preview.{stage}", body, *(a.data for a in args.arrays))
         return DEFERRED
 
     def on_start_scan(self, request: StartScan, envelope: Envelope) -> Any:
@@ -464,9 +460,9 @@ class Handler:
             "scans": [r.summary(self.pipeline) for r in self.scans.history],
         }
 
-    def _publish(self, topic: str, body: dict[str, Any]) -> None:
+    def _publish(self, topic: str, body: dict[str, Any], *buffers: bytes) -> None:
         try:
-            self._status_socket.send_multipart([topic.encode(), json.dumps(body).encode()], zmq.NOBLOCK)
+            self._status_socket.send_multipart([topic.encode(), json.dumps(body).encode(), *buffers], zmq.NOBLOCK)
         except zmq.Again:
             pass
 
