@@ -192,7 +192,8 @@ def parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("simulate", help="a virtual detector streaming a simulated scan")
     p.add_argument("kind", choices=KINDS,
-                   help="what to simulate: ptycho (a ptychography scan), synthetic (numbered frames)")
+                   help="what to simulate: ptycho (a ptychography scan), sx (serial crystallography frames), "
+                        "synthetic (numbered frames)")
     p.add_argument("--protocol", choices=["stream1", "stream2", "stins"], default="stream1")
     p.add_argument("--bind", default="tcp://127.0.0.1:9999", help="PUSH endpoint to bind (default: Eiger's port)")
     p.add_argument("--frames", type=int, help="frames in the series (default: the simulation's own)")

@@ -51,7 +51,7 @@ class Simulation(Strict):
     synthetic source, or else a virtual detector (`surveyor simulate KIND`) bound where the
     receiver connects, streaming in the receiver's protocol."""
 
-    kind: Literal["synthetic", "ptycho"] = "synthetic"
+    kind: Literal["synthetic", "ptycho", "sx"] = "synthetic"
     params: dict[str, Any] = Field(default_factory=dict, description="the generator's parameters")
     frames: int = Field(100, ge=1)
     rate_hz: float = Field(0.0, ge=0, description="0 = as fast as the pipeline takes")

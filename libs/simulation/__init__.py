@@ -27,7 +27,7 @@ class Generator(Protocol):
     def write_truth(self, path: Path) -> None: ...
 
 
-KINDS = ("synthetic", "ptycho")
+KINDS = ("synthetic", "ptycho", "sx")
 
 
 def generator(kind: str, *, frames: int | None, series: str, scan_id: str | None = None,
@@ -35,9 +35,10 @@ def generator(kind: str, *, frames: int | None, series: str, scan_id: str | None
     """The simulation `kind` with `frames` data frames (None: its default), as detector series
     `series`; `params` set the generator's other fields (ValueError names an unknown one)."""
     from libs.simulation.ptycho import PtychoScan
+    from libs.simulation.sx import SxScan
     from libs.simulation.synthetic import SyntheticScan
 
-    generators = {"synthetic": SyntheticScan, "ptycho": PtychoScan}
+    generators = {"synthetic": SyntheticScan, "ptycho": PtychoScan, "sx": SxScan}
     if kind not in generators:
         raise ValueError(f"no simulation {kind!r}; there are {sorted(generators)}")
     cls = generators[kind]

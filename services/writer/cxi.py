@@ -1,11 +1,17 @@
-"""CXI 1.6 conventions the writer's files share: time stamps, units, the mask bits."""
+"""CXI 1.6 conventions the writer's files share: time stamps, units, the mask bits, the detector's metadata."""
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
+from typing import Any
 
 import h5py
 import numpy as np
+from scipy.constants import electron_volt
+
+from libs.common.frames import Frame
+from libs.common.messages import ScanDescription
 
 TIME = h5py.string_dtype("ascii", 40)
 
@@ -33,3 +39,43 @@ def now_iso() -> str:
 def put(group: h5py.Group, name: str, value: float | np.ndarray, unit: str) -> None:
     group[name] = value
     group[name].attrs["units"] = unit
+
+
+def detector_metadata(entry: h5py.Group, scan: ScanDescription | None, header: Frame | None) -> None:
+    """Scan and detector facts (geometry, energy, mask, flatfield) under `entry`, CXI names and SI units."""
+    detector = entry["instrument_1/detector_1"]
+    info: dict[str, Any] = header.header.meta.get("detector", {}) if header else {}
+    if scan is not None:
+        entry["experiment_identifier"] = scan.scan_id
+        entry["scan_description"] = scan.model_dump_json()
+    energy = (scan.energy_ev if scan else None) or info.get("energy_ev")
+    if energy:
+        put(entry, "instrument_1/source_1/energy", energy * electron_volt, "J")
+    distance = (scan.distance_m if scan else None) or info.get("distance_m")
+    if distance:
+        put(detector, "distance", distance, "m")
+    pixel = info.get("pixel_size_m") or ([scan.pixel_size_m] * 2 if scan and scan.pixel_size_m else None)
+    if pixel:
+        put(detector, "y_pixel_size", pixel[0], "m")
+        put(detector, "x_pixel_size", pixel[1], "m")
+    center = (scan.beam_center_px if scan else None) or info.get("beam_center_px")
+    if center:
+        put(detector, "beam_center_y", center[0], "pixel")
+        put(detector, "beam_center_x", center[1], "pixel")
+    for key, name, unit in (("count_time_s", "count_time", "s"), ("frame_time_s", "frame_time", "s"),
+                            ("sensor_thickness_m", "sensor_thickness", "m")):
+        if info.get(key):
+            put(detector, name, info[key], unit)
+    if info.get("threshold_energy_ev"):
+        put(detector, "threshold_energy", info["threshold_energy_ev"] * electron_volt, "J")
+    for key in ("description", "serial_number", "sensor_material"):
+        if info.get(key):
+            detector[key] = info[key]
+    if header is not None:
+        detector["detector_config"] = json.dumps(header.header.meta.get("config", {}))
+        names = {spec.name for spec in header.header.arrays}
+        if "pixel_mask" in names:
+            detector.create_dataset("mask", data=cxi_mask(header.array("pixel_mask")), compression="gzip")
+        if "flatfield" in names:
+            flat = detector.create_dataset("flatfield", data=header.array("flatfield"), compression="gzip")
+            flat.attrs["description"] = "multiplicative flatfield the detector applied or expects"

@@ -13,18 +13,15 @@ of this process. Metadata is CXI 1.6 and SI (energy in J, lengths in m).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import h5py
 import numpy as np
-from scipy.constants import electron_volt
 
 from libs.common import codecs
 from libs.common.frames import ArraySpec, Frame
 from libs.common.messages import VERSION, ScanDescription
-from services.writer.cxi import TIME, cxi_mask, now_iso, put
+from services.writer.cxi import TIME, detector_metadata, now_iso
 
 GROW = 256
 """Frames added to the datasets at a time; the file is trimmed to the last frame on close."""
@@ -64,46 +61,8 @@ class RawFile:
                                                       chunks=(GROW,), dtype="i8", fillvalue=-1))
         detector = entry.create_group("instrument_1/detector_1")
         detector["data"] = h5py.SoftLink("/entry_1/data_1/data")
-        self._metadata(entry, scan, header)
+        detector_metadata(entry, scan, header)
         f.swmr_mode = True
-
-    def _metadata(self, entry: h5py.Group, scan: ScanDescription | None, header: Frame | None) -> None:
-        detector = entry["instrument_1/detector_1"]
-        info: dict[str, Any] = header.header.meta.get("detector", {}) if header else {}
-        if scan is not None:
-            entry["experiment_identifier"] = scan.scan_id
-            entry["scan_description"] = scan.model_dump_json()
-        energy = (scan.energy_ev if scan else None) or info.get("energy_ev")
-        if energy:
-            put(entry, "instrument_1/source_1/energy", energy * electron_volt, "J")
-        distance = (scan.distance_m if scan else None) or info.get("distance_m")
-        if distance:
-            put(detector, "distance", distance, "m")
-        pixel = info.get("pixel_size_m") or ([scan.pixel_size_m] * 2 if scan and scan.pixel_size_m else None)
-        if pixel:
-            put(detector, "y_pixel_size", pixel[0], "m")
-            put(detector, "x_pixel_size", pixel[1], "m")
-        center = (scan.beam_center_px if scan else None) or info.get("beam_center_px")
-        if center:
-            put(detector, "beam_center_y", center[0], "pixel")
-            put(detector, "beam_center_x", center[1], "pixel")
-        for key, name, unit in (("count_time_s", "count_time", "s"), ("frame_time_s", "frame_time", "s"),
-                                ("sensor_thickness_m", "sensor_thickness", "m")):
-            if info.get(key):
-                put(detector, name, info[key], unit)
-        if info.get("threshold_energy_ev"):
-            put(detector, "threshold_energy", info["threshold_energy_ev"] * electron_volt, "J")
-        for key in ("description", "serial_number", "sensor_material"):
-            if info.get(key):
-                detector[key] = info[key]
-        if header is not None:
-            detector["detector_config"] = json.dumps(header.header.meta.get("config", {}))
-            names = {spec.name for spec in header.header.arrays}
-            if "pixel_mask" in names:
-                detector.create_dataset("mask", data=cxi_mask(header.array("pixel_mask")), compression="gzip")
-            if "flatfield" in names:
-                flat = detector.create_dataset("flatfield", data=header.array("flatfield"), compression="gzip")
-                flat.attrs["description"] = "multiplicative flatfield the detector applied or expects"
 
     def write(self, frame: Frame) -> bool:
         """Put one frame's blobs in their slots; False if that frame is already in the file."""

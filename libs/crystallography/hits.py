@@ -1,0 +1,76 @@
+"""What a peak list makes of a frame: hit or not, and the running sums a beamline watches.
+
+A frame is a hit when its number of peaks lies between `min_peaks` and `max_peaks`, both
+**inclusive** (Cheetah's rule; OM's is strict on both sides, so OM's `min_num_peaks_for_hit`
+of 10 is `min_peaks = 11` here). Sums are kept per class (0 = not a hit, 1 = hit) with their
+frame counts, in float64; the virtual powder pattern adds every hit's peak intensities at the
+peaks' nearest pixels.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+CLASSES = ("misses", "hits")
+"""Class 0 and class 1, by the names their sums travel and are written under."""
+
+
+def is_hit(n_peaks: int, min_peaks: int, max_peaks: int) -> bool:
+    return min_peaks <= n_peaks <= max_peaks
+
+
+class ClassSums:
+    """Per class: frames counted and the sum of their corrected pixels."""
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        self.shape = shape
+        self.frames = np.zeros(2, np.int64)
+        self.sums = np.zeros((2, *shape), np.float64)
+
+    def add(self, frame: np.ndarray, hit: bool) -> None:
+        self.frames[int(hit)] += 1
+        self.sums[int(hit)] += frame
+
+    def merge(self, frames: np.ndarray, sums: dict[int, np.ndarray]) -> None:
+        """Add another accumulator's counts and the sums of the classes it has frames of."""
+        self.frames += frames
+        for cls, total in sums.items():
+            self.sums[cls] += total
+
+    def take(self) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """What was added since the last `take` (counts, and sums of the classes with frames), then reset."""
+        frames = self.frames.copy()
+        sums = {cls: self.sums[cls].copy() for cls in (0, 1) if frames[cls]}
+        self.frames[:] = 0
+        for cls in sums:
+            self.sums[cls] = 0
+        return frames, sums
+
+
+def add_to_powder(powder: np.ndarray, fs: np.ndarray, ss: np.ndarray, intensity: np.ndarray) -> None:
+    """Each peak's intensity onto its nearest pixel (half to even, as OM rounds)."""
+    rows = np.clip(np.rint(ss).astype(np.int64), 0, powder.shape[0] - 1)
+    cols = np.clip(np.rint(fs).astype(np.int64), 0, powder.shape[1] - 1)
+    np.add.at(powder, (rows, cols), intensity)
+
+
+class HitRate:
+    """The fraction of hits among the last `window` frames, and its history for display."""
+
+    def __init__(self, window: int, history: int = 600) -> None:
+        self._recent: deque[bool] = deque(maxlen=window)
+        self.history: deque[float] = deque(maxlen=history)
+
+    def add(self, hit: bool) -> None:
+        self._recent.append(hit)
+
+    @property
+    def rate(self) -> float:
+        return sum(self._recent) / len(self._recent) if self._recent else 0.0
+
+    def sample(self) -> float:
+        """Record the current rate in the history (once per display update) and return it."""
+        self.history.append(self.rate)
+        return self.rate
