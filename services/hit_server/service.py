@@ -9,13 +9,15 @@ msgpack-numpy's form), `peak_list` (`num_peaks`, `fs`, `ss`, `intensity`, `num_p
 OM sends under that name is `sigma`. Anything else is answered b"What?".
 
 The newest `buffer` hits are kept (the edge from the peak stage delivers the latest), each served
-once. A request that finds none waits for the next hit; the most recent requests are answered
-first. The pipeline never waits for an indexer: a slow one sees fewer hits, not a slower beamline.
+once; newest means the latest frame of the latest scan, whichever peak process finished first. A
+request that finds none waits for the next hit; the most recent requests are answered first. The
+pipeline never waits for an indexer: a slow one sees fewer hits, not a slower beamline.
 Frames are decoded and corrected only when served.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from collections import deque
@@ -52,7 +54,8 @@ class Service(Runtime):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self._hits: deque[tuple[Frame, dict[str, object]]] = deque(maxlen=self.params.buffer)
+        self._hits: list[tuple[tuple[int, int], Frame, dict[str, object]]] = []
+        """Sorted by (epoch, frame): the newest last."""
         self._requests: deque[list[bytes]] = deque(maxlen=self.params.buffer)
         self._socket = self.context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -73,7 +76,8 @@ class Service(Runtime):
                  "event_id": f"{frame.header.scan_id}//{frame.header.frame}", "timestamp": time.time(),
                  "source": frame.header.scan_id}
         # Hits outlive the scan (an indexer may catch up after it); the detector facts go with them.
-        self._hits.append((frame, {**about, "headers": dict(self.headers)}))
+        bisect.insort(self._hits, (frame.key, frame, {**about, "headers": dict(self.headers)}), key=lambda h: h[0])
+        del self._hits[:-self.params.buffer]
         self._answer()
 
     def _on_request(self) -> None:
@@ -92,7 +96,7 @@ class Service(Runtime):
         """The newest waiting request gets the newest hit, until one of them runs out."""
         while self._requests and self._hits:
             envelope = self._requests.pop()
-            frame, about = self._hits.pop()
+            _, frame, about = self._hits.pop()
             try:
                 payload = self._payload(frame, about)
             except Exception:  # noqa: BLE001 - a bad hit must not stop the serving

@@ -1,0 +1,224 @@
+"""The crystallography pipeline end to end, real processes: the simulated run's CXI file checked
+field by field and against an in-process recomputation of every frame; live reconfiguration; the
+hit server played from the indexer's side; the recorded Eiger streams."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import msgpack
+import numpy as np
+import pytest
+import zmq
+from scipy.constants import electron_volt
+
+from libs.crystallography.hits import is_hit
+from libs.simulation.sx import SxScan
+from services.peak_worker.service import Params
+from tests.conftest import REPO, SHARED, free_endpoints, free_port
+from tests.crystallography.test_science import finder_for
+
+PIPELINE = REPO / "pipelines" / "crystallography.toml"
+FRAMES = 60
+RECORDED = SHARED / "data" / "recorded"
+
+
+def overrides(hit_port: int, *extra: str) -> tuple[str, ...]:
+    return (*free_endpoints(), f'stages.hit_server.params.endpoint="tcp://127.0.0.1:{hit_port}"',
+            "simulation.params={layout='1m', hit_fraction=0.5}", *extra)
+
+
+def recompute(scan: SxScan, params: Params, numbers) -> dict[int, tuple]:
+    """What the peak stage should have made of each frame: (peaks, hit, corrected frame)."""
+    finder, corrections = finder_for(scan, params)
+    results = {}
+    for number in numbers:
+        corrected = corrections.apply(scan.frame(number))
+        peaks = finder.find(corrected)
+        results[number] = (peaks, is_hit(len(peaks), params.min_peaks, params.max_peaks), corrected)
+    return results
+
+
+def worker_tallies(logs) -> np.ndarray:
+    """Frames, hits and peaks the peak processes logged at the end of the scan, added up."""
+    total = np.zeros(3, int)
+    for log in logs.glob("peak_worker*.log"):
+        for line in log.read_text().splitlines():
+            found = re.search(r"(\d+) frames, (\d+) hits, (\d+) peaks in this process", line)
+            if found:
+                total += [int(v) for v in found.groups()]
+    return total
+
+
+def test_simulated_run_writes_cheetah_layout_that_agrees_with_the_workers(start_run):
+    run = start_run(PIPELINE, "--simulate", "--frames", str(FRAMES), overrides=overrides(free_port()))
+    previews = zmq.Context.instance().socket(zmq.SUB)
+    previews.setsockopt(zmq.SUBSCRIBE, b"preview.writer")
+    previews.connect(run.pipeline.handler.status)
+    code, output = run.finish(timeout_s=240)
+    assert code == 0, output[-3000:]
+    assert "peaks against the truth" in output
+    scan = run.summary()["scans"][0]
+    assert scan["frames_lost"] == 0 and scan["frames_rejected"] == 0
+    assert scan["recall"] >= 0.95 and scan["precision"] >= 0.95
+    cxi, geom = (p for p in scan["outputs"] if p.endswith((".cxi", ".geom")))
+    params = Params.model_validate(run.pipeline.stages["peak_worker"].params)
+    sim = SxScan(count=FRAMES, layout="1m", hit_fraction=0.5, scan_id=scan["scan_id"])
+    expected = recompute(sim, params, range(FRAMES))
+    hit_numbers = sorted(n for n, (_, hit, _) in expected.items() if hit)
+    assert 10 < len(hit_numbers) < FRAMES - 10
+
+    with h5py.File(cxi, "r") as f:
+        assert f["cxi_version"][()] == 160
+        entry = f["entry_1"]
+        every = entry["result_2"]
+        order = np.argsort(every["frame_number"][()])
+        np.testing.assert_array_equal(every["frame_number"][()][order], np.arange(FRAMES))
+        np.testing.assert_array_equal(every["n_peaks"][()][order], [len(expected[n][0]) for n in range(FRAMES)])
+        np.testing.assert_array_equal(every["hit"][()][order], [expected[n][1] for n in range(FRAMES)])
+        # Hits: one row each, the frame as the detector sent it, the peak list as the stage found it.
+        result = entry["result_1"]
+        rows = result["frame_number"][()]
+        assert sorted(rows) == hit_numbers
+        data = entry["data_1/data"]
+        assert data.shape == (len(rows), 1024, 1024) and data.dtype == np.uint16
+        assert f.get("entry_1/instrument_1/detector_1/data", getlink=True).path == "/entry_1/data_1/data"
+        assert f.get("entry_1/result_1/data", getlink=True).path == "/entry_1/result_1/peakTotalIntensity"
+        names = {"peakXPosRaw": "fs", "peakYPosRaw": "ss", "peakTotalIntensity": "intensity",
+                 "peakMaximumValue": "max_pixel_intensity", "peakNPixels": "num_pixels", "peakSNR": "snr",
+                 "peakBackgroundSigma": "sigma"}
+        for row, number in enumerate(rows):
+            peaks = expected[number][0]
+            assert result["nPeaks"][row] == len(peaks)
+            for name, field in names.items():
+                assert result[name].shape[1] == params.max_num_peaks and result[name].dtype == np.float32
+                np.testing.assert_array_equal(result[name][row, :len(peaks)], getattr(peaks, field))
+                assert not result[name][row, len(peaks):].any()
+            np.testing.assert_array_equal(data[row], sim.frame(number))
+        # Sums per class, their frame counts, the virtual powder.
+        hits_sum = sum(expected[n][2].astype(np.float64) for n in hit_numbers)
+        misses_sum = sum(expected[n][2].astype(np.float64) for n in range(FRAMES) if n not in hit_numbers)
+        assert entry["image_1/n_frames"][()] == len(hit_numbers)
+        assert entry["image_2/n_frames"][()] == FRAMES - len(hit_numbers)
+        np.testing.assert_allclose(entry["image_1/data"][()], hits_sum, rtol=1e-12)
+        np.testing.assert_allclose(entry["image_2/data"][()], misses_sum, rtol=1e-12)
+        powder = np.zeros((1024, 1024))
+        for n in hit_numbers:
+            p = expected[n][0]
+            np.add.at(powder, (np.rint(p.ss).astype(int), np.rint(p.fs).astype(int)), p.intensity)
+        np.testing.assert_allclose(entry["image_3/data"][()], powder, rtol=1e-6)
+        # Geometry and units.
+        detector = entry["instrument_1/detector_1"]
+        assert detector["distance"][()] == pytest.approx(0.1) and detector["distance"].attrs["units"] == "m"
+        assert detector["x_pixel_size"][()] == pytest.approx(75e-6) == detector["y_pixel_size"][()]
+        assert entry["instrument_1/source_1/energy"][()] == pytest.approx(12000 * electron_volt)
+        assert (detector["mask"][()] != 0).sum() == (sim.pixel_mask != 0).sum()
+
+    # What the workers reported adds up to what is in the file.
+    frames, hits, peaks = worker_tallies(run.logs)
+    assert (frames, hits) == (FRAMES, len(hit_numbers))
+    assert peaks == sum(len(expected[n][0]) for n in range(FRAMES))
+
+    geometry = Path(geom).read_text()
+    for line in ("peak_list = /entry_1/result_1", "peak_list_type = cxi", "data = /entry_1/data_1/data",
+                 "dim0 = %", "photon_energy = 12000", "clen = 0.1", "p0/max_fs = 1023",
+                 "mask = /entry_1/instrument_1/detector_1/mask"):
+        assert line in geometry
+
+    last = None
+    while previews.poll(0):
+        last = previews.recv_multipart()
+    previews.close(linger=0)
+    assert last is not None, "no preview.writer published"
+    body, buffers = json.loads(last[1]), last[2:]
+    arrays = {spec["name"]: np.frombuffer(b, spec["dtype"]).reshape(spec["shape"])
+              for spec, b in zip(body["arrays"], buffers, strict=True)}
+    assert body["meta"]["frames"] == FRAMES and body["meta"]["hits"] == len(hit_numbers)
+    assert arrays["virtual_powder"].shape == (256, 256)
+    assert arrays["virtual_powder"].sum() == pytest.approx(powder.sum(), rel=1e-5)
+    assert 0 < arrays["hit_rate"][-1] < 1
+
+
+def request(socket: zmq.Socket, body: bytes) -> bytes:
+    socket.send(body)
+    assert socket.poll(5000), f"no answer to {body!r}"
+    return socket.recv()
+
+
+def test_live_configure_and_the_indexer_gets_the_newest_hits(start_run, tmp_path):
+    hit_port = free_port()
+    run = start_run(PIPELINE, overrides=overrides(hit_port))
+    run.wait_ready(services=5)
+    refused = run.ctl("configure", {"stage": "peak_worker", "params": {"min_peaks": 50, "max_peaks": 10}})
+    assert not refused.ok and "min_peaks" in refused.error["message"]
+    assert not run.ctl("configure", {"stage": "peak_worker", "params": {"minimum_snr": -1}}).ok
+    reply = run.ctl("configure", {"stage": "peak_worker", "params": {"max_peaks": 150}})
+    assert reply.ok, reply.error
+    source = run.pipeline.stages["receiver"].params["source"]
+    subprocess.run([sys.executable, "-m", "libs.cli.main", "simulate", "sx", "--bind", source, "--frames", "40",
+                    "--rate", "20", "--scan-id", "live", "--handler", run.endpoint, "--param", "hit_fraction=0.6"],
+                   check=True, capture_output=True, timeout=120)
+    run.wait_scan("live", timeout_s=60)
+
+    with h5py.File(tmp_path / "out" / "live.cxi", "r") as f:
+        every = f["entry_1/result_2"]
+        n_peaks, hit = every["n_peaks"][()], every["hit"][()].astype(bool)
+        counts = dict(zip(every["frame_number"][()].tolist(), n_peaks.tolist(), strict=True))
+        hits = f["entry_1/result_1/frame_number"][()]
+        rows = {int(n): row for row, n in enumerate(hits)}
+        fs = f["entry_1/result_1/peakXPosRaw"][()]
+    np.testing.assert_array_equal(hit, (n_peaks >= 10) & (n_peaks <= 150))
+    assert (n_peaks > 150).any(), "the scan should have frames the new limit turns away"
+
+    indexer = zmq.Context.instance().socket(zmq.REQ)
+    indexer.setsockopt(zmq.LINGER, 0)
+    indexer.connect(f"tcp://127.0.0.1:{hit_port}")
+    assert request(indexer, b"hello") == b"What?"
+    sim = SxScan(count=40, hit_fraction=0.6, scan_id="live")
+    _, corrections = finder_for(sim)
+    served = []
+    for _ in range(3):
+        answer = msgpack.unpackb(request(indexer, b"next"))
+        number = int(answer["event_id"].rsplit("//", 1)[1])
+        served.append(number)
+        image = answer["detector_data"]
+        data = np.frombuffer(image[b"data"], image[b"type"]).reshape(image[b"shape"])
+        np.testing.assert_array_equal(data, corrections.apply(sim.frame(number)))
+        peaks = answer["peak_list"]
+        assert peaks["num_peaks"] == len(peaks["fs"]) == counts[number]
+        np.testing.assert_array_equal(np.float32(peaks["fs"]), fs[rows[number], :peaks["num_peaks"]])
+        assert answer["beam_energy"] == 12000
+    assert served == sorted(hits)[::-1][:3], "newest hits first, each once"
+    indexer.close()
+
+
+@pytest.mark.skipif(not RECORDED.is_dir(), reason="../shared/data/recorded is absent")
+@pytest.mark.parametrize(("name", "series"), [("stream1", "14"), ("stream2", "16")])
+def test_recorded_eiger_stream_runs_through_the_chain(start_run, tmp_path, name, series):
+    run = start_run(PIPELINE, "--scans", "1", overrides=(*overrides(free_port()),
+                                                          f'stages.receiver.params.protocol="{name}"'))
+    run.wait_ready(services=5)
+    source = run.pipeline.stages["receiver"].params["source"]
+    subprocess.run([sys.executable, str(SHARED / "tools" / "replay_stream.py"),
+                    str(RECORDED / f"eiger1m_{name}.msgpack.gz"), "--bind", source, "--wait-peer", "30"],
+                   check=True, capture_output=True, timeout=60)
+    code, output = run.finish(timeout_s=120)
+    assert code == 0, output[-3000:]
+    [scan] = run.summary()["scans"]
+    assert scan["frames_rejected"] == 0 and scan["frames_lost"] == 0
+    with h5py.File(tmp_path / "out" / f"series_{series}.cxi", "r") as f:
+        every = f["entry_1/result_2"]
+        assert len(every["frame_number"]) == scan["frames_received"] > 0
+        mask = f["entry_1/instrument_1/detector_1/mask"][()]
+        assert mask.shape == (1065, 1030) and (mask != 0).sum() > 30_000  # the module gaps
+        # The gap pixels (0xFFFFFFFF) are masked: no peaks and nothing in the sums from them.
+        misses = f["entry_1/image_2/data"][()]
+        assert np.isfinite(misses).all() and not misses[mask != 0].any()
+        assert misses.max() < 1e6
+    logs = "".join(p.read_text() for p in run.logs.glob("peak_worker*.log"))
+    assert "Traceback" not in logs and "failed" not in logs
