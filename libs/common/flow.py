@@ -78,6 +78,8 @@ class Outlet:
                  max_pending: int = 4) -> None:
         self.socket = context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # A consumer that reconnects (same identity, new link) takes its identity over at once.
+        self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.SNDHWM, 64)
         port = self.socket.bind_to_random_port(f"tcp://{host}")
@@ -192,6 +194,10 @@ class Outlet:
                            identity.decode(errors="replace"), stage)
             self._strangers[identity] = (stage, credit)
             return
+        if identity in route.consumers:
+            # A consumer says hello again when it had been declared dead and came back: what it
+            # held went with its old link, so it is sent again (to it or another process).
+            self.consumer_lost(identity)
         consumer = route.consumers.setdefault(identity, _Consumer(identity))
         consumer.credit = credit
         self._owner[identity] = route

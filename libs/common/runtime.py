@@ -102,6 +102,8 @@ class Service:
         self._watched: dict[zmq.Socket, Callable[[], None]] = {}
         self._watching = False
         self._holding = False
+        self._rejoining = False
+        """Registering again after losing the handler (see `_reconnect_inputs`)."""
 
         host = pipeline.handler.data_host
         self._command_socket = self.context.socket(zmq.ROUTER)
@@ -269,7 +271,10 @@ class Service:
         if self._watched and self.wants_input() != self._watching:
             self._watching = not self._watching
             for socket in self._watched:
-                (self._poller.register if self._watching else self._poller.unregister)(socket)
+                if self._watching:
+                    self._poller.register(socket, zmq.POLLIN)
+                else:
+                    self._poller.unregister(socket)
         events = dict(self._poller.poll(min(wait, 0.1) * 1000))
         self._drain_control()
         for socket in [s for s in events if s in self._watched]:
@@ -486,6 +491,7 @@ class Service:
             logger.warning("handler at %s silent for %.1f s; reconnecting in %.0f s",
                            self._handler_endpoint, now - self._handler_seen, self._backoff)
             self._connect_handler()
+            self._rejoining = True
             self._handler_seen = now + self._backoff
             self._next_heartbeat = now + self._backoff
             self._backoff = min(self._backoff * 2, 32.0)
@@ -513,6 +519,9 @@ class Service:
         self.params = self.Params.model_validate(pipeline.stages[self.stage].params)
         self._registered = True
         self._backoff = pipeline.handler.heartbeat_s
+        if self._rejoining:
+            self._rejoining = False
+            self._reconnect_inputs()
         logger.info("registered with the handler as %s (epoch %d)", self.instance, result["epoch"])
         if result["epoch"] != self.epoch:
             self._new_epoch(result["epoch"])
@@ -525,6 +534,7 @@ class Service:
             logger.warning("the handler does not know this process (%s); registering again",
                            reply.error.get("message") if reply.error else "")
             self._registered = False
+            self._rejoining = True
             self._next_heartbeat = 0.0
 
     def _apply_topology(self, topology: messages.TopologyArgs) -> None:
@@ -539,6 +549,13 @@ class Service:
                 self._producer_stage[service.instance] = service.stage
                 local = service.host == net.gethostname() and service.data_endpoint_local
                 self.inlet.connect(service.instance, local or service.data_endpoint)
+
+    def _reconnect_inputs(self) -> None:
+        """Registered again (the handler had declared this process dead, or restarted): producers
+        may have given away what they had sent here, so every input link starts afresh."""
+        for producer in self.inlet.producers():
+            self.inlet.disconnect(producer)
+            self._forget_producer(producer)
 
     def _forget_producer(self, producer: str) -> None:
         """Frames from a dead producer will be sent again by nobody; stop waiting to ack them."""

@@ -48,8 +48,9 @@ class Layout:
 
 def radius_map(shape: tuple[int, int], beam_center_px: tuple[float, float]) -> np.ndarray:
     """Distance of every pixel from the beam centre ([y, x], pixels), float32 as peakfinder8 wants it."""
-    ss, fs = np.indices(shape, dtype=np.float64)
-    return np.hypot(ss - beam_center_px[0], fs - beam_center_px[1]).astype(np.float32)
+    ss = np.arange(shape[0]) - beam_center_px[0]
+    fs = np.arange(shape[1]) - beam_center_px[1]
+    return np.hypot(ss[:, None], fs[None, :]).astype(np.float32)
 
 
 LAYOUTS = {

@@ -98,13 +98,15 @@ class PeakFinder8:
         self.bins = np.rint(radius).astype(np.int32)
         self.nbins = int(np.ceil(radius.max())) + 1
         self.mask = (good & (radius >= params.min_res) & (radius <= params.max_res)).astype(np.int8)
-        unmasked = np.flatnonzero(self.mask)
-        order = np.argsort(self.bins.ravel()[unmasked], kind="stable")
-        self.pixels = unmasked[order].astype(np.int32)
-        """Unmasked pixels grouped by radius bin, row-major inside each: the radial statistics'
-        population, in OM's order of summation per bin."""
-        self._starts = np.searchsorted(self.bins.ravel()[self.pixels], np.arange(self.nbins + 1)).astype(np.int64)
-        self._values = np.empty(len(self.pixels), np.float32)
+        counts = np.bincount(self.bins[self.mask != 0], minlength=self.nbins)
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.pixels = int(self._starts[-1])
+        """Pixels searched (unmasked, inside the resolution window)."""
+        self._destination = _group_by_bin(self.bins.ravel(), self.mask.ravel(), self._starts)
+        """Where each slab pixel goes when the values are grouped by radius bin, row-major inside
+        a bin (-1: masked): the radial statistics' population, in OM's order of summation per bin.
+        Scattering the frame there costs a third of gathering it, whose reads jump all over it."""
+        self._values = np.empty(self.pixels, np.float32)
         self._inpeak = np.zeros(layout.shape, np.int8)
         self._queue = np.empty(layout.asic_shape[0] * layout.asic_shape[1], np.int32)
         self._out = np.empty((7, params.max_num_peaks), np.float32)
@@ -112,7 +114,7 @@ class PeakFinder8:
     def radial_statistics(self, data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per radius bin: background (sigma-clipped mean) and detection threshold."""
         data = np.ascontiguousarray(data, dtype=np.float32)
-        return _radial(data.ravel(), self.pixels, self._starts, self._values, F32(self.params.minimum_snr),
+        return _radial(data.ravel(), self._destination, self._starts, self._values, F32(self.params.minimum_snr),
                        F32(self.params.adc_threshold))
 
     def find(self, data: np.ndarray) -> Peaks:
@@ -130,16 +132,17 @@ class PeakFinder8:
 
 
 @numba.njit(cache=True, nogil=True)
-def _radial(data, pixels, starts, values, min_snr, adc):
+def _radial(data, destination, starts, values, min_snr, adc):
     """Step A: five rounds of two-sided sigma clipping per radius bin, float32 as OM does it.
 
-    `pixels` are grouped by bin (`starts[b]:starts[b + 1]`), row-major inside a bin, so every
+    `values` are grouped by bin (`starts[b]:starts[b + 1]`), row-major inside a bin, so every
     bin's float32 sums see its values in OM's order. Two things make it fast without changing a
     bit of the result: bins are summed four side by side (independent chains of additions), and
     a bin whose limits came out of a round unchanged is left alone, since every later round would
     select the same pixels and compute the same numbers."""
-    for k in range(pixels.size):
-        values[k] = data[pixels[k]]
+    for k in range(data.size):
+        if destination[k] >= 0:
+            values[destination[k]] = data[k]
     nbins = starts.size - 1
     offset = np.zeros(nbins, np.float32)
     sigma = np.zeros(nbins, np.float32)
@@ -226,6 +229,18 @@ def _sum_bins(values, starts, bins, lo, hi, offset, sigma, count):
         offset[b], sigma[b], count[b] = t1, t2, tc
 
 
+@numba.njit(cache=True, nogil=True)
+def _group_by_bin(bins, mask, starts):
+    """A counting sort of the unmasked pixels by bin, stable: each pixel's place."""
+    place = starts[:-1].copy()
+    destination = np.full(bins.size, -1, np.int32)
+    for k in range(bins.size):
+        if mask[k] != 0:
+            destination[k] = place[bins[k]]
+            place[bins[k]] += 1
+    return destination
+
+
 # Neighbour order of the growth, as (dfs, dss).
 _NEIGHBOURS = np.array([(-1, -1), (0, -1), (1, -1), (-1, 0), (1, 0), (-1, 1), (0, 1), (1, 1)], np.int64)
 
@@ -234,6 +249,7 @@ _NEIGHBOURS = np.array([(-1, -1), (0, -1), (1, -1), (-1, 0), (1, 0), (-1, 1), (0
 def _search(data, mask, bins, offset, hi, inpeak, queue, out, asic_ny, asic_nx, nasics_y, nasics_x,
             min_snr, min_pix, max_pix, bg_radius):
     """Steps B-D for every ASIC; peaks go to the columns of `out`. Returns (stored, found)."""
+    floor = hi.min()
     width = data.shape[1]
     height = data.shape[0]
     capacity = out.shape[1]
@@ -248,6 +264,9 @@ def _search(data, mask, bins, offset, hi, inpeak, queue, out, asic_ny, asic_nx, 
                 for lfs in range(1, asic_nx - 1):
                     ss = ss0 + lss
                     fs = fs0 + lfs
+                    # No threshold is below `floor`: most pixels are turned away without a bin lookup.
+                    if data[ss, fs] <= floor:
+                        continue
                     if not (data[ss, fs] > hi[bins[ss, fs]] and mask[ss, fs] != 0 and inpeak[ss, fs] == 0):
                         continue
                     # Step B: breadth-first growth inside this ASIC.

@@ -27,7 +27,7 @@ from libs.common.messages import ScanDescription
 from libs.common.runtime import Service as Runtime, Token
 from libs.crystallography.corrections import Corrections
 from libs.crystallography.hits import CLASSES, ClassSums, is_hit
-from libs.crystallography.layouts import radius_map
+from libs.crystallography.layouts import Layout, radius_map
 from libs.crystallography.peakfinder8 import PeakFinder8, Peakfinder8Params
 from services.peak_worker import detector
 
@@ -57,6 +57,8 @@ class Service(Runtime):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self._reset()
+        _compile()
+
 
     def _reset(self) -> None:
         self._finder: PeakFinder8 | None = None
@@ -146,7 +148,18 @@ class Service(Runtime):
                                        self.params)
             logger.info("scan %s: peakfinder8 on %s (ASICs %s), beam centre %s, %d pixels searched",
                         self.scan.scan_id if self.scan else "-", shape, layout.asic_shape, centre,
-                        len(self._finder.pixels))
+                        self._finder.pixels)
         if self._sums is None or self._sums.shape != shape:
             self._sums = ClassSums(shape)
         return self._finder, self._corrections
+
+
+def _compile() -> None:
+    """Compile (or load from numba's cache) the kernels before registering: compiling them on
+    the first frame would block the event loop for seconds, long enough to miss heartbeats."""
+    shape = (8, 8)
+    finder = PeakFinder8(Layout("warm-up", shape, shape), np.ones(shape, np.float32), np.ones(shape, bool),
+                         Peakfinder8Params())
+    corrections = Corrections.build(shape, flatfield=np.ones(shape, np.float32))
+    for dtype in (np.uint16, np.uint32, np.float32):
+        finder.find(corrections.apply(np.zeros(shape, dtype)))
