@@ -6,7 +6,8 @@ bitshuffle/LZ4 as an Eiger sends them, from a virtual detector that cycles a poo
 frames (so the source costs next to nothing), through `pipelines/crystallography.toml` with 2
 peak processes: `surveyor run ... --simulate`. The baseline is the peak stage's work per frame
 (decompress, correct, peakfinder8, classify, add to the sums) done in this process on the same
-kind of frames, with nothing else running. Target: the pipeline at least 0.7 x twice that rate.
+kind of frames, with nothing else running, before and after the pipeline (the faster of the two
+counts). Target: the pipeline at least 0.7 x twice that rate.
 The pipeline's rate is given over the whole scan (from start_scan to the end, start-up included)
 and in steady state (writer progress between 25 % and 90 % of the frames); the ratio uses the
 steady one.
@@ -47,7 +48,7 @@ PIPELINE = REPO / "pipelines" / "crystallography.toml"
 SIMULATION = {"layout": "4m", "dtype": "<u4", "hit_fraction": 0.3, "pool": 16}
 
 
-def single_process_rate(frames: int = 32) -> dict:
+def single_process_rate(frames: int = 64) -> dict:
     """Frames per second of the peak stage's per-frame work, in this process."""
     scan = SxScan(count=SIMULATION["pool"], **{k: v for k, v in SIMULATION.items() if k != "pool"})
     params = Params.model_validate(load(PIPELINE).stages["peak_worker"].params)
@@ -70,7 +71,9 @@ def single_process_rate(frames: int = 32) -> dict:
         started = time.perf_counter()
         one(blobs[i % len(blobs)])
         times.append(time.perf_counter() - started)
-    return {"frames": frames, "rate_hz": round(1 / statistics.mean(times), 2),
+    # The median frame: one stray process on this 2-core machine would skew the mean.
+    return {"frames": frames, "rate_hz": round(1 / statistics.median(times), 2),
+            "ms_per_frame_median": round(statistics.median(times) * 1e3, 2),
             "ms_per_frame_mean": round(statistics.mean(times) * 1e3, 2),
             "ms_per_frame_best": round(min(times) * 1e3, 2),
             "compressed_mb_per_frame": round(statistics.mean(len(b) for b in blobs) / 1e6, 2)}
@@ -79,7 +82,10 @@ def single_process_rate(frames: int = 32) -> dict:
 def run_pipeline(frames: int, workers: int, directory: Path) -> dict:
     params = ", ".join(f"{k}={json.dumps(v)}" for k, v in SIMULATION.items())
     overrides = [*free_endpoints(), f'stages.hit_server.params.endpoint="tcp://127.0.0.1:{free_port()}"',
-                 f"stages.peak_worker.processes={workers}", f"simulation.params={{{params}}}"]
+                 f"stages.peak_worker.processes={workers}", f"simulation.params={{{params}}}",
+                 # Throughput, not burst absorption: a short queue at the receiver, so the virtual
+                 # detector is held back by the pipeline instead of copying frames into memory.
+                 "stages.receiver.params.buffer_frames=8"]
     sets = [arg for o in overrides for arg in ("--set", o)]
     env = {**os.environ, "SURVEYOR_LOG_DIR": str(directory / "logs")}
     handler = load(PIPELINE, overrides).handler
@@ -113,11 +119,15 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=600)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    alone = single_process_rate()
+    before = single_process_rate()
     with tempfile.TemporaryDirectory() as tmp:
         pipeline = run_pipeline(args.frames, args.workers, Path(tmp))
+    after = single_process_rate()
+    # The machine is noisy: the baseline is the faster of the two measurements (the harder target).
+    alone = max(before, after, key=lambda r: r["rate_hz"])
     ratio = (pipeline["steady_rate_hz"] or pipeline["rate_hz"]) / (alone["rate_hz"] * args.workers)
-    print(json.dumps({"benchmark": "crystallography", "simulation": SIMULATION, "single_process": alone,
+    print(json.dumps({"benchmark": "crystallography", "simulation": SIMULATION,
+                      "single_process": {"before": before, "after": after, "rate_hz": alone["rate_hz"]},
                       "pipeline": pipeline, "ratio_vs_single_process_times_workers": round(ratio, 3),
                       "target_ratio": 0.7, "met": ratio >= 0.7, "cores": os.cpu_count()}, indent=2))
 

@@ -42,7 +42,9 @@ def run(*, kind: str, protocol: str, bind: str, frames: int | None, rate: float,
     encode = Numbering().encode if protocol == "stins" else PROTOCOLS[protocol].encode
     context = zmq.Context()
     push = context.socket(zmq.PUSH)
-    push.setsockopt(zmq.SNDHWM, 1000)
+    # Paced, a detector keeps sending while the receiver lags; unpaced ("as fast as taken") it
+    # is held back by the pipeline, not by how many frames fit in the queues.
+    push.setsockopt(zmq.SNDHWM, 1000 if rate > 0 else 4)
     monitor = push.get_monitor_socket(zmq.EVENT_ACCEPTED)
     try:
         push.bind(bind)

@@ -40,13 +40,12 @@ class ClassSums:
             self.sums[cls] += total
 
     def take(self) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-        """What was added since the last `take` (counts, and sums of the classes with frames), then reset."""
-        frames = self.frames.copy()
-        sums = {cls: self.sums[cls].copy() for cls in (0, 1) if frames[cls]}
-        self.frames[:] = 0
-        for cls in sums:
-            self.sums[cls] = 0
-        return frames, sums
+        """What was added since the last `take` (counts, and sums of the classes with frames),
+        handed over rather than copied: the accumulator starts again on fresh memory."""
+        frames, taken = self.frames, self.sums
+        self.frames = np.zeros(2, np.int64)
+        self.sums = np.zeros((2, *self.shape), np.float64)
+        return frames, {cls: taken[cls] for cls in (0, 1) if frames[cls]}
 
 
 def add_to_powder(powder: np.ndarray, fs: np.ndarray, ss: np.ndarray, intensity: np.ndarray) -> None:

@@ -42,7 +42,7 @@ class Params(Peakfinder8Params):
     max_peaks: int = Field(100_000, ge=0, description="and at most this many")
     asic_shape: tuple[int, int] | None = Field(None, description="ASIC (rows, columns); default from the scan")
     flatfield: bool = Field(True, description="apply the detector's flatfield unless it did")
-    sums_interval_s: float = Field(1.0, gt=0, le=60, description="how often the class sums go downstream")
+    sums_interval_s: float = Field(2.0, gt=0, le=60, description="how often the class sums go downstream")
 
     @model_validator(mode="after")
     def _hit_range(self) -> Params:

@@ -50,6 +50,8 @@ class Params(BaseModel):
     republish: str = Field("", description="PUSH endpoint to bind for STINS re-publication; empty: off")
     rate_hz: float = Field(0.0, ge=0, description="replay pace; 0 = as fast as the pipeline takes")
     dataset: str = Field("", description="replay: the frame stack's path in the file; empty: look for it")
+    buffer_frames: int = Field(1000, ge=1, le=100_000,
+                               description="frames queued from the detector before it is made to wait")
 
     @model_validator(mode="after")
     def _source_given(self) -> Params:
@@ -121,7 +123,7 @@ class Service(Runtime):
             self._decode = PROTOCOLS[params.protocol].decode
             self._detector = self.context.socket(zmq.PULL)
             self._detector.setsockopt(zmq.LINGER, 0)
-            self._detector.setsockopt(zmq.RCVHWM, 1000)
+            self._detector.setsockopt(zmq.RCVHWM, params.buffer_frames)
             self._detector.connect(params.source)
             self.watch(self._detector, self._on_detector)
             logger.info("receiving %s from %s", params.protocol, params.source)

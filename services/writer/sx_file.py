@@ -40,7 +40,7 @@ PEAK_COLUMNS = {"peakXPosRaw": "fs", "peakYPosRaw": "ss", "peakTotalIntensity": 
                 "peakBackgroundSigma": "sigma"}
 """Cheetah's names for the peak list's fields."""
 PREVIEW_SIDE = 256
-"""Largest side of an image sent as a preview (binned down to it)."""
+"""Largest side of the virtual powder sent as a preview (binned down to it)."""
 
 
 class SxFile:
@@ -53,6 +53,9 @@ class SxFile:
         self.width = int(record.header.meta["max_num_peaks"])
         self.sums = ClassSums(self.shape)
         self.powder = np.zeros(self.shape, np.float64)
+        self._factor = -(-max(self.shape) // PREVIEW_SIDE)
+        self._powder_preview = np.zeros((self.shape[0] // self._factor, self.shape[1] // self._factor))
+        """The virtual powder binned for display, kept up to date peak by peak."""
         self.hit_rate = HitRate(window)
         self._rows: list[tuple[int, int, bool]] = []
         self._peaks: list[tuple[int, int, dict[str, np.ndarray]]] = []
@@ -114,6 +117,11 @@ class SxFile:
         if hit:
             peaks = {field: record.array(field) for field in PEAK_COLUMNS.values()}
             add_to_powder(self.powder, peaks["fs"], peaks["ss"], peaks["intensity"])
+            inside = (np.rint(peaks["fs"]) < self._powder_preview.shape[1] * self._factor) & \
+                     (np.rint(peaks["ss"]) < self._powder_preview.shape[0] * self._factor)
+            np.add.at(self._powder_preview, (np.rint(peaks["ss"][inside]).astype(int) // self._factor,
+                                             np.rint(peaks["fs"][inside]).astype(int) // self._factor),
+                      peaks["intensity"][inside])
             row = self.hits
             self.hits += 1
             self._data.resize(self.hits, axis=0)
@@ -143,7 +151,7 @@ class SxFile:
     def preview(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """What front-ends show: the virtual powder, the hit-rate history, the counts."""
         rate = self.hit_rate.sample()
-        arrays = {"virtual_powder": binned(self.powder).astype(np.float32),
+        arrays = {"virtual_powder": self._powder_preview.astype(np.float32),
                   "hit_rate": np.array(self.hit_rate.history, np.float32)}
         return arrays, {"frames": len(self.written), "hits": self.hits, "hit_rate": round(rate, 4)}
 
@@ -170,13 +178,6 @@ def _append(dataset: h5py.Dataset, rows: np.ndarray) -> None:
     start = dataset.shape[0]
     dataset.resize(start + len(rows), axis=0)
     dataset[start:] = rows
-
-
-def binned(image: np.ndarray, side: int = PREVIEW_SIDE) -> np.ndarray:
-    """`image` summed over square blocks so that no side exceeds `side` (a small preview)."""
-    factor = -(-max(image.shape) // side)
-    rows, cols = image.shape[0] // factor * factor, image.shape[1] // factor * factor
-    return image[:rows, :cols].reshape(rows // factor, factor, cols // factor, factor).sum(axis=(1, 3))
 
 
 def crystfel_geometry(cxi: Path, scan: ScanDescription | None, header: Frame | None,
