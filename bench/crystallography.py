@@ -63,7 +63,7 @@ def single_process_rate(frames: int = 64) -> dict:
     def one(blob: bytes) -> None:
         corrected = corrections.apply(codecs.decompress(blob, "bslz4", *spec))
         peaks = finder.find(corrected)
-        sums.add(corrected, is_hit(len(peaks), params.min_peaks, params.max_peaks))
+        sums.add(corrected, is_hit(len(peaks), params.min_peaks, params.max_peaks), number=0)
 
     one(blobs[0])
     times = []

@@ -10,6 +10,7 @@ peaks' nearest pixels.
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,31 +22,51 @@ def is_hit(n_peaks: int, min_peaks: int, max_peaks: int) -> bool:
     return min_peaks <= n_peaks <= max_peaks
 
 
+@dataclass
+class SumsDelta:
+    """What one accumulator added since it was last taken: per class the frame count and the sum
+    (only classes with frames), and which frames they are."""
+
+    frames: np.ndarray
+    sums: dict[int, np.ndarray]
+    numbers: list[int]
+
+
 class ClassSums:
-    """Per class: frames counted and the sum of their corrected pixels."""
+    """Per class: frames counted and the sum of their corrected pixels, and which frames are in."""
 
     def __init__(self, shape: tuple[int, int]) -> None:
         self.shape = shape
         self.frames = np.zeros(2, np.int64)
         self.sums = np.zeros((2, *shape), np.float64)
+        self.numbers: set[int] = set()
 
-    def add(self, frame: np.ndarray, hit: bool) -> None:
+    def add(self, frame: np.ndarray, hit: bool, number: int) -> None:
         self.frames[int(hit)] += 1
         self.sums[int(hit)] += frame
+        self.numbers.add(number)
 
-    def merge(self, frames: np.ndarray, sums: dict[int, np.ndarray]) -> None:
-        """Add another accumulator's counts and the sums of the classes it has frames of."""
-        self.frames += frames
-        for cls, total in sums.items():
+    def merge(self, delta: SumsDelta) -> bool:
+        """Add another accumulator's delta, unless it holds a frame already in (a frame processed
+        twice after a peak process was declared dead): then nothing is added and False returned,
+        so that the sums never count a frame twice and `frames` always says what they hold."""
+        if self.numbers.intersection(delta.numbers):
+            return False
+        self.frames += delta.frames
+        for cls, total in delta.sums.items():
             self.sums[cls] += total
+        self.numbers.update(delta.numbers)
+        return True
 
-    def take(self) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-        """What was added since the last `take` (counts, and sums of the classes with frames),
-        handed over rather than copied: the accumulator starts again on fresh memory."""
-        frames, taken = self.frames, self.sums
+    def take(self) -> SumsDelta:
+        """What was added since the last `take`, handed over rather than copied: the accumulator
+        starts again on fresh memory."""
+        delta = SumsDelta(self.frames, {cls: self.sums[cls] for cls in (0, 1) if self.frames[cls]},
+                          sorted(self.numbers))
         self.frames = np.zeros(2, np.int64)
         self.sums = np.zeros((2, *self.shape), np.float64)
-        return frames, {cls: taken[cls] for cls in (0, 1) if frames[cls]}
+        self.numbers = set()
+        return delta
 
 
 def add_to_powder(powder: np.ndarray, fs: np.ndarray, ss: np.ndarray, intensity: np.ndarray) -> None:

@@ -90,7 +90,7 @@ class Service(Runtime):
         corrected = corrections.apply(raw)
         peaks = finder.find(corrected)
         hit = is_hit(len(peaks), self.params.min_peaks, self.params.max_peaks)
-        self._sums.add(corrected, hit)
+        self._sums.add(corrected, hit, frame.header.frame)
         self._tally += (1, hit, len(peaks))
         spec = frame.spec("data")
         blobs = [(ArraySpec(name=name, dtype="<f4", shape=a.shape), a) for name, a in peaks.as_arrays().items()]
@@ -129,10 +129,11 @@ class Service(Runtime):
 
     def _with_sums(self, record: Frame) -> Frame:
         self._sums_due = time.monotonic() + self.params.sums_interval_s
-        frames, sums = self._sums.take()
+        delta = self._sums.take()
         blobs = list(zip(record.header.arrays, record.buffers, strict=True))
-        blobs += [(ArraySpec(name=f"{CLASSES[cls]}_sum", dtype="<f8", shape=s.shape), s) for cls, s in sums.items()]
-        meta = {**record.header.meta, "sum_frames": frames.tolist()}
+        blobs += [(ArraySpec(name=f"{CLASSES[cls]}_sum", dtype="<f8", shape=s.shape), s)
+                  for cls, s in delta.sums.items()]
+        meta = {**record.header.meta, "sum_frames": delta.frames.tolist(), "summed": delta.numbers}
         return Frame.from_blobs(scan_id=record.header.scan_id, epoch=record.header.epoch, frame=record.header.frame,
                                 origin=record.header.origin, blobs=blobs, meta=meta)
 

@@ -23,6 +23,7 @@ The file is in SWMR mode from the start, like the raw file.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,10 @@ import numpy as np
 from libs.common import codecs
 from libs.common.frames import Frame
 from libs.common.messages import VERSION, ScanDescription
-from libs.crystallography.hits import CLASSES, ClassSums, HitRate, add_to_powder
+from libs.crystallography.hits import CLASSES, ClassSums, HitRate, SumsDelta, add_to_powder
 from services.writer.cxi import CXI_INVALID, TIME, detector_metadata, now_iso
+
+logger = logging.getLogger(__name__)
 
 PEAK_COLUMNS = {"peakXPosRaw": "fs", "peakYPosRaw": "ss", "peakTotalIntensity": "intensity",
                 "peakMaximumValue": "max_pixel_intensity", "peakNPixels": "num_pixels", "peakSNR": "snr",
@@ -113,7 +116,11 @@ class SxFile:
         names = {spec.name for spec in record.header.arrays}
         sums = {cls: record.array(f"{name}_sum") for cls, name in enumerate(CLASSES) if f"{name}_sum" in names}
         if "sum_frames" in meta:
-            self.sums.merge(np.asarray(meta["sum_frames"], np.int64), sums)
+            delta = SumsDelta(np.asarray(meta["sum_frames"], np.int64), sums, meta["summed"])
+            if not self.sums.merge(delta):
+                logger.warning("scan %s: class sums of frames %s left out: some were summed already "
+                               "(a peak process was declared dead and came back)", record.header.scan_id,
+                               _span(delta.numbers))
         if hit:
             peaks = {field: record.array(field) for field in PEAK_COLUMNS.values()}
             add_to_powder(self.powder, peaks["fs"], peaks["ss"], peaks["intensity"])
@@ -163,9 +170,17 @@ class SxFile:
         for cls, image in ((1, hits), (0, misses)):
             image["data"][...] = self.sums.sums[cls]
             image["n_frames"][()] = self.sums.frames[cls]
+        missing = self.written - self.sums.numbers
+        if missing:
+            logger.warning("%s: the class sums hold %d of the %d frames; not in them: %s", self.path.name,
+                           len(self.sums.numbers), len(self.written), _span(sorted(missing)))
         powder["data"][...] = self.powder
         self._end_time[()] = now_iso().encode()
         self._file.close()
+
+
+def _span(numbers: list[int]) -> str:
+    return f"{numbers[0]}..{numbers[-1]} ({len(numbers)})" if len(numbers) > 3 else str(numbers)
 
 
 def _growing(group: h5py.Group, name: str, dtype: str, width: int | None = None) -> h5py.Dataset:

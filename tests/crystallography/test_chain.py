@@ -5,9 +5,12 @@ hit server played from the indexer's side; the recorded Eiger streams."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -20,7 +23,7 @@ from scipy.constants import electron_volt
 from libs.crystallography.hits import is_hit
 from libs.simulation.sx import SxScan
 from services.peak_worker.service import Params
-from tests.conftest import REPO, SHARED, free_endpoints, free_port
+from tests.conftest import REPO, SHARED, free_endpoints, free_port, wait_for
 from tests.crystallography.test_science import finder_for
 
 PIPELINE = REPO / "pipelines" / "crystallography.toml"
@@ -195,6 +198,36 @@ def test_live_configure_and_the_indexer_gets_the_newest_hits(start_run, tmp_path
         assert answer["beam_energy"] == 12000
     assert served == sorted(hits)[::-1][:3], "newest hits first, each once"
     indexer.close()
+
+
+def test_a_peak_process_that_stalls_past_its_heartbeats_rejoins_and_no_frame_is_lost(start_run):
+    """SIGSTOP for longer than the handler's liveness: the process is declared dead, its frames go
+    to the other one; after SIGCONT it registers again, takes frames again, and the file holds
+    every frame once, with sums that never count one twice."""
+    frames = 200
+    run = start_run(PIPELINE, "--simulate", "--frames", str(frames), "--rate", "20", overrides=overrides(free_port()))
+    run.wait_ready(services=5)
+    victim = wait_for(lambda: next((s for s in run.ctl("status").result["services"]
+                                    if s["name"] == "peak_worker.1" and s["frames_in"] >= 10), None), 60,
+                      "peak_worker.1 busy")
+    os.kill(victim["pid"], signal.SIGSTOP)
+    time.sleep(5)
+    os.kill(victim["pid"], signal.SIGCONT)
+    code, output = run.finish(timeout_s=240)
+    assert code == 0, output[-3000:]
+    scan = run.summary()["scans"][0]
+    assert scan["frames_lost"] == 0
+    log = (run.logs / "peak_worker.1.log").read_text()
+    assert log.count("registered with the handler") >= 2
+    # Registering again restarts the process's scan state: its tally counts frames since then.
+    after_rejoin = int(re.findall(r"(\d+) frames, \d+ hits", log)[-1])
+    assert after_rejoin >= 10, "the process took frames again after it came back"
+    with h5py.File(next(p for p in scan["outputs"] if p.endswith(".cxi")), "r") as f:
+        numbers = np.sort(f["entry_1/result_2/frame_number"][()])
+        np.testing.assert_array_equal(numbers, np.arange(frames))
+        summed = f["entry_1/image_1/n_frames"][()] + f["entry_1/image_2/n_frames"][()]
+        hits = f["entry_1/result_2/hit"][()].sum()
+        assert summed <= frames and f["entry_1/image_1/n_frames"][()] <= hits
 
 
 @pytest.mark.skipif(not RECORDED.is_dir(), reason="../shared/data/recorded is absent")

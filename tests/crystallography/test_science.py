@@ -164,19 +164,24 @@ def test_hits_are_classified_inclusively_on_both_limits():
     assert is_hit(0, 0, 0) and not is_hit(1, 0, 0)
 
 
-def test_class_sums_travel_as_deltas_and_add_up():
+def test_class_sums_travel_as_deltas_add_up_and_never_count_a_frame_twice():
     rng = np.random.default_rng(0)
     frames = rng.random((6, 8, 8)).astype(np.float32)
     hits = [True, False, False, True, True, False]
     total, worker = ClassSums((8, 8)), ClassSums((8, 8))
     for i, (frame, hit) in enumerate(zip(frames, hits, strict=True)):
-        worker.add(frame, hit)
+        worker.add(frame, hit, number=i)
         if i in (1, 5):
-            total.merge(*worker.take())
-    assert list(total.frames) == [3, 3]
+            assert total.merge(worker.take())
+    assert list(total.frames) == [3, 3] and total.numbers == set(range(6))
     np.testing.assert_allclose(total.sums[1], frames[[0, 3, 4]].sum(axis=0, dtype=np.float64), rtol=1e-12)
     np.testing.assert_allclose(total.sums[0], frames[[1, 2, 5]].sum(axis=0, dtype=np.float64), rtol=1e-12)
-    assert worker.take()[1] == {}  # nothing added since
+    assert worker.take().sums == {}  # nothing added since
+    again = ClassSums((8, 8))
+    again.add(frames[4], True, number=4)  # frame 4 processed a second time elsewhere
+    again.add(frames[0] * 0 + 1, False, number=6)
+    assert not total.merge(again.take())
+    assert list(total.frames) == [3, 3]
 
 
 def test_virtual_powder_and_hit_rate():
