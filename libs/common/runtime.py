@@ -523,9 +523,11 @@ class Service:
             self._rejoining = False
             self._reconnect_inputs()
         logger.info("registered with the handler as %s (epoch %d)", self.instance, result["epoch"])
+        # Registering again within the scan this process is in keeps what it holds of it.
+        in_scan = result["epoch"] == self.epoch and self.scan is not None
         if result["epoch"] != self.epoch:
             self._new_epoch(result["epoch"])
-        if result.get("scan"):
+        if result.get("scan") and not in_scan:
             self._start_scan(ScanDescription.model_validate(result["scan"]))
         self._apply_topology(messages.TopologyArgs.model_validate(result["topology"]))
 

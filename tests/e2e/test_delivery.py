@@ -47,7 +47,9 @@ def test_killed_worker_loses_nothing_and_is_restarted(tmp_path, start_run):
     victim = wait_for(lambda: (s := run.service("worker.1"))["frames_in"] >= 300 and s, 30,
                       "worker.1 to be busy")
     os.kill(victim["pid"], signal.SIGKILL)
-    down = run.feed.wait("service_down", timeout_s=5.0, instance=victim["instance"])
+    handler = run.pipeline.handler
+    down = run.feed.wait("service_down", timeout_s=handler.heartbeat_s * handler.liveness + 2,
+                         instance=victim["instance"])
     assert "heartbeat" in down["message"]
     code, output = run.finish()
     assert code == 0, output
