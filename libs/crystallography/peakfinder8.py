@@ -20,7 +20,7 @@ seed pass, about 10 ns per pixel on one core.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -57,7 +57,8 @@ class Peakfinder8Params(BaseModel):
         return self
 
 
-class Peaks(NamedTuple):
+@dataclass(frozen=True)
+class Peaks:
     """One frame's peaks in scan order (ASIC by ASIC, then by seed), at most `max_num_peaks`."""
 
     fs: np.ndarray

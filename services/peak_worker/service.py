@@ -59,7 +59,6 @@ class Service(Runtime):
         self._reset()
         _compile()
 
-
     def _reset(self) -> None:
         self._finder: PeakFinder8 | None = None
         self._corrections: Corrections | None = None
