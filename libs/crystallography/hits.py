@@ -69,10 +69,12 @@ class ClassSums:
         return delta
 
 
-def add_to_powder(powder: np.ndarray, fs: np.ndarray, ss: np.ndarray, intensity: np.ndarray) -> None:
-    """Each peak's intensity onto its nearest pixel (half to even, as OM rounds)."""
-    rows = np.clip(np.rint(ss).astype(np.int64), 0, powder.shape[0] - 1)
-    cols = np.clip(np.rint(fs).astype(np.int64), 0, powder.shape[1] - 1)
+def add_to_powder(powder: np.ndarray, fs: np.ndarray, ss: np.ndarray, intensity: np.ndarray,
+                  binning: int = 1) -> None:
+    """Each peak's intensity onto its nearest pixel (half to even, as OM rounds), or onto the
+    block of `binning` x `binning` pixels holding it (the edge blocks take any remainder)."""
+    rows = np.clip(np.rint(ss).astype(np.int64) // binning, 0, powder.shape[0] - 1)
+    cols = np.clip(np.rint(fs).astype(np.int64) // binning, 0, powder.shape[1] - 1)
     np.add.at(powder, (rows, cols), intensity)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -41,6 +42,25 @@ def put(group: h5py.Group, name: str, value: float | np.ndarray, unit: str) -> N
     group[name].attrs["units"] = unit
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """What the scan description says, else what the detector's header says (SI, [y, x])."""
+
+    energy_ev: float | None
+    distance_m: float | None
+    pixel_size_m: tuple[float, float] | None
+    beam_center_px: tuple[float, float] | None
+
+    @classmethod
+    def of(cls, scan: ScanDescription | None, header: Frame | None) -> Geometry:
+        info: dict[str, Any] = header.header.meta.get("detector", {}) if header else {}
+        pixel = info.get("pixel_size_m") or ([scan.pixel_size_m] * 2 if scan and scan.pixel_size_m else None)
+        return cls(energy_ev=(scan.energy_ev if scan else None) or info.get("energy_ev"),
+                   distance_m=(scan.distance_m if scan else None) or info.get("distance_m"),
+                   pixel_size_m=tuple(pixel) if pixel else None,
+                   beam_center_px=(scan.beam_center_px if scan else None) or info.get("beam_center_px"))
+
+
 def detector_metadata(entry: h5py.Group, scan: ScanDescription | None, header: Frame | None) -> None:
     """Scan and detector facts (geometry, energy, mask, flatfield) under `entry`, CXI names and SI units."""
     detector = entry["instrument_1/detector_1"]
@@ -48,20 +68,17 @@ def detector_metadata(entry: h5py.Group, scan: ScanDescription | None, header: F
     if scan is not None:
         entry["experiment_identifier"] = scan.scan_id
         entry["scan_description"] = scan.model_dump_json()
-    energy = (scan.energy_ev if scan else None) or info.get("energy_ev")
-    if energy:
-        put(entry, "instrument_1/source_1/energy", energy * electron_volt, "J")
-    distance = (scan.distance_m if scan else None) or info.get("distance_m")
-    if distance:
-        put(detector, "distance", distance, "m")
-    pixel = info.get("pixel_size_m") or ([scan.pixel_size_m] * 2 if scan and scan.pixel_size_m else None)
-    if pixel:
-        put(detector, "y_pixel_size", pixel[0], "m")
-        put(detector, "x_pixel_size", pixel[1], "m")
-    center = (scan.beam_center_px if scan else None) or info.get("beam_center_px")
-    if center:
-        put(detector, "beam_center_y", center[0], "pixel")
-        put(detector, "beam_center_x", center[1], "pixel")
+    geometry = Geometry.of(scan, header)
+    if geometry.energy_ev:
+        put(entry, "instrument_1/source_1/energy", geometry.energy_ev * electron_volt, "J")
+    if geometry.distance_m:
+        put(detector, "distance", geometry.distance_m, "m")
+    if geometry.pixel_size_m:
+        put(detector, "y_pixel_size", geometry.pixel_size_m[0], "m")
+        put(detector, "x_pixel_size", geometry.pixel_size_m[1], "m")
+    if geometry.beam_center_px:
+        put(detector, "beam_center_y", geometry.beam_center_px[0], "pixel")
+        put(detector, "beam_center_x", geometry.beam_center_px[1], "pixel")
     for key, name, unit in (("count_time_s", "count_time", "s"), ("frame_time_s", "frame_time", "s"),
                             ("sensor_thickness_m", "sensor_thickness", "m")):
         if info.get(key):

@@ -34,7 +34,7 @@ from libs.common import codecs
 from libs.common.frames import Frame
 from libs.common.messages import VERSION, ScanDescription
 from libs.crystallography.hits import CLASSES, ClassSums, HitRate, SumsDelta, add_to_powder
-from services.writer.cxi import CXI_INVALID, TIME, detector_metadata, now_iso
+from services.writer.cxi import CXI_INVALID, TIME, Geometry, detector_metadata, now_iso
 
 logger = logging.getLogger(__name__)
 
@@ -124,11 +124,7 @@ class SxFile:
         if hit:
             peaks = {field: record.array(field) for field in PEAK_COLUMNS.values()}
             add_to_powder(self.powder, peaks["fs"], peaks["ss"], peaks["intensity"])
-            inside = (np.rint(peaks["fs"]) < self._powder_preview.shape[1] * self._factor) & \
-                     (np.rint(peaks["ss"]) < self._powder_preview.shape[0] * self._factor)
-            np.add.at(self._powder_preview, (np.rint(peaks["ss"][inside]).astype(int) // self._factor,
-                                             np.rint(peaks["fs"][inside]).astype(int) // self._factor),
-                      peaks["intensity"][inside])
+            add_to_powder(self._powder_preview, peaks["fs"], peaks["ss"], peaks["intensity"], binning=self._factor)
             row = self.hits
             self.hits += 1
             self._data.resize(self.hits, axis=0)
@@ -198,12 +194,10 @@ def _append(dataset: h5py.Dataset, rows: np.ndarray) -> None:
 def crystfel_geometry(cxi: Path, scan: ScanDescription | None, header: Frame | None,
                       shape: tuple[int, int]) -> str:
     """A CrystFEL geometry for the file: one panel, the mask and the peak list in the file."""
-    info = header.header.meta.get("detector", {}) if header else {}
-    energy = (scan.energy_ev if scan else None) or info.get("energy_ev")
-    distance = (scan.distance_m if scan else None) or info.get("distance_m")
-    pixel = info.get("pixel_size_m", [None, None])[1] or (scan.pixel_size_m if scan else None)
-    centre = (scan.beam_center_px if scan else None) or info.get("beam_center_px") or \
-        ((shape[0] - 1) / 2, (shape[1] - 1) / 2)
+    geometry = Geometry.of(scan, header)
+    energy, distance = geometry.energy_ev, geometry.distance_m
+    pixel = geometry.pixel_size_m[1] if geometry.pixel_size_m else None
+    centre = geometry.beam_center_px or ((shape[0] - 1) / 2, (shape[1] - 1) / 2)
     lines = [f"; CrystFEL geometry for {cxi.name}, written by Surveyor {VERSION}",
              f"photon_energy = {energy:g}" if energy else "; photon_energy: not known, give it to indexamajig",
              f"clen = {distance:g}" if distance else "; clen: not known",

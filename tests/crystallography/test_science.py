@@ -110,7 +110,7 @@ def test_masked_pixels_are_not_searched():
     peaks = finder.find(corrections.apply(scan.frame(0)))
     rows, cols = np.rint(peaks.ss).astype(int), np.rint(peaks.fs).astype(int)
     assert hot.sum() == 30 and not hot[rows, cols].any()
-    without_mask = PeakFinder8(scan.geometry, finder_for(scan)[0].bins.astype(np.float32),
+    without_mask = PeakFinder8(scan.geometry, radius_map(scan.geometry.shape, scan.beam_center_px),
                                np.ones(scan.geometry.shape, bool),
                                PARAMS.model_copy(update={"min_pixel_count": 1}))
     noisy = without_mask.find(scan.frame(0).astype(np.float32))
@@ -188,6 +188,10 @@ def test_virtual_powder_and_hit_rate():
     powder = np.zeros((4, 4))
     add_to_powder(powder, fs=np.array([1.4, 1.6, 2.5]), ss=np.array([0.0, 0.0, 3.5]), intensity=np.array([1, 2, 4.0]))
     assert powder[0, 1] == 1 and powder[0, 2] == 2 and powder[3, 2] == 4  # 2.5 and 3.5 round to even
+    preview = np.zeros((2, 2))
+    add_to_powder(preview, fs=np.array([1.4, 1.6, 2.5]), ss=np.array([0.0, 0.0, 3.5]), intensity=np.array([1, 2, 4.0]),
+                  binning=2)
+    assert preview.tolist() == [[1, 2], [0, 4]]
     rate = HitRate(window=4)
     for hit in (True, True, False, False, False, True):
         rate.add(hit)
