@@ -98,6 +98,10 @@ class ServiceIdentity(Strict):
     data_endpoint: str | None = None
     data_endpoint_local: str | None = None
     """The same data port over a Unix socket, for consumers on the same host."""
+    pipeline: str = ""
+    """The identity of the pipeline this process was started for (`Pipeline.identity`)."""
+    epoch: int = 0
+    """The epoch the process is in: a handler that lost its journal never goes back behind it."""
 
 
 class ServiceInfo(ServiceIdentity):
@@ -117,8 +121,16 @@ class ScanCounters(BaseModel):
     duplicates: int = 0
     dropped: int = 0
     written: int = 0
+    """Frames of the scan on disk, counted once across every file of the scan (continuations too)."""
+    delivered: int = 0
+    """Output stages: distinct frames of the scan kept as an output (on disk; in the calibration)."""
+    lost: int = 0
+    """Frames this process gave up on (each with an event saying why)."""
     unacknowledged: int = 0
-    """Sources, at scan end: frames emitted that some stage never acknowledged (lost)."""
+    """Sources: frames emitted that some stage has not acknowledged yet."""
+    source_done: int | None = None
+    """Sources: every frame of the scan emitted and delivered (how many); also in heartbeats, so a
+    handler that restarted learns it."""
     busy_s: float = 0.0
     outputs: list[str] = Field(default_factory=list)
 

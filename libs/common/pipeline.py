@@ -11,7 +11,9 @@ with a scan waiting.
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib
+import json
 import tomllib
 from functools import cached_property
 from pathlib import Path
@@ -32,6 +34,8 @@ class HandlerConfig(Strict):
     heartbeat_s: float = Field(1.0, gt=0, le=30)
     liveness: int = Field(5, ge=1, le=10, description="heartbeats missed before a process is declared dead")
     scan_end_timeout_s: float = Field(30.0, gt=0)
+    state_dir: str = Field("state", description="the handler's journal and the stages' checkpoints "
+                           "(shared storage when stages run on several hosts)")
 
 
 class StageConfig(Strict):
@@ -63,6 +67,8 @@ class Simulation(Strict):
 
 class Pipeline(Strict):
     name: str = ""
+    identity: str = Field("", description="digest of the pipeline as loaded: a service registers only "
+                          "with the handler of its own pipeline")
     handler: HandlerConfig = HandlerConfig()
     stages: dict[str, StageConfig]
     simulation: Simulation = Simulation()
@@ -100,6 +106,12 @@ class Pipeline(Strict):
 
     def sources(self) -> list[str]:
         return [name for name, s in self.stages.items() if not s.inputs]
+
+    @property
+    def state_path(self) -> Path:
+        """This pipeline's own folder under `state_dir` (two pipelines never share one)."""
+        port = self.handler.command.rsplit(":", 1)[-1]
+        return Path(self.handler.state_dir) / f"{self.name or 'pipeline'}-{port}"
 
 
 def service_class(service: str) -> type:
@@ -164,6 +176,7 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipel
 def from_dict(tree: dict[str, Any], *, origin: str = "<pipeline>") -> Pipeline:
     tree = copy.deepcopy(tree)
     tree.setdefault("name", Path(origin).stem)
+    tree.setdefault("identity", hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16])
     try:
         pipeline = Pipeline.model_validate(tree)
     except ValidationError as exc:

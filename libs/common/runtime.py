@@ -26,7 +26,8 @@ import socket as net
 import threading
 import time
 import uuid
-from typing import Any, Callable, ClassVar
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterable
 
 import numpy as np
 import zmq
@@ -49,7 +50,9 @@ FRAMES_PER_TURN = 8
 """Frames taken from one producer link per loop turn; commands are still served between frames."""
 
 Token = tuple[str, FrameKey]
-"""A frame being worked on: (producer instance, (epoch, frame))."""
+"""A frame being worked on: (producer stage, (epoch, frame)). It names the frame, not the link it
+came by: when a producer re-sends a frame this process still holds (after a reconnection, or from
+a successor of a dead producer), the hold and the pending children carry over to the new copy."""
 
 
 def header_name(header: Frame) -> str:
@@ -94,14 +97,20 @@ class Service:
         self._sequence = 0
         self._producer_stage: dict[str, str] = {}
         self._children: dict[Token, int] = {}
+        self._on_hold: set[Token] = set()
+        self._producer_of: dict[Token, str] = {}
+        """The producer instance that sent each frame not yet acknowledged: where the ack goes."""
         self._current: Token | None = None
+        self._input_paused = False
+        self._ended: tuple[int, ScanCounters] | None = None
+        """The last scan this process finished, with its counters: a repeated scan_end (from a
+        handler that restarted while ending the scan) gets the same answer."""
         self._owed: dict[str, int] = {}
         self._seen: dict[str, set[int]] = {}
         self._source_done: tuple[int, int] | None = None
         self._next_produce: float | None = None
         self._watched: dict[zmq.Socket, Callable[[], None]] = {}
         self._watching = False
-        self._holding = False
         self._rejoining = False
         """Registering again after losing the handler (see `_reconnect_inputs`)."""
 
@@ -134,7 +143,8 @@ class Service:
         return None
 
     def on_scan_start(self, scan: ScanDescription) -> None:
-        """A scan starts; `self.scan` and `self.epoch` are already set."""
+        """A scan starts; `self.scan` and `self.epoch` are already set. Raise a SurveyorError to
+        refuse it (an output directory that cannot take it): the handler then starts nothing."""
 
     def on_header(self, header: Frame) -> None:
         """A scan header arrived (`self.headers[header_name(header)]`): the detector's (geometry,
@@ -163,16 +173,19 @@ class Service:
         """The detector's scan header, once it has come."""
         return self.headers.get(DETECTOR_HEADER)
 
-    def emit(self, frame: Frame, parent: Token | None = None) -> None:
+    def emit(self, frame: Frame, parent: Token | None = None, *, parents: Iterable[Token] = ()) -> None:
         """Send a frame downstream, as a child of `parent` (a held token), else of the frame
-        being handled (if any): the parent is acknowledged once every child is.
+        being handled (if any), and of every token in `parents` (a sum over many frames): each
+        parent is acknowledged once every child is.
 
         Stages whose edge takes only `darks` or `data` (pipeline `frames`) get only those frames,
         told apart by the frame number and the scan's `n_dark`."""
         parent = parent or self._current
-        expected = self.outlet.send(frame.key, frame.encode(), parent=parent, stages=self._stages_for(frame))
-        if expected and parent is not None:
-            self._children[parent] = self._children.get(parent, 0) + expected
+        family = {parent, *parents} - {None}
+        expected = self.outlet.send(frame.key, frame.encode(), parent=tuple(family) if family else None,
+                                    stages=self._stages_for(frame))
+        for token in family if expected else ():
+            self._children[token] = self._children.get(token, 0) + expected
         self.counters.frames_out += 1
         self.totals.frames_out += 1
 
@@ -200,14 +213,29 @@ class Service:
                                "meta": meta, "arrays": specs})
 
     def hold(self) -> Token:
-        """Sinks, inside `on_frame`: do not acknowledge this frame yet (it is not safe on disk);
-        `release` the returned token when it is. Until then the producer keeps it and re-sends it
-        to another process if this one dies."""
-        self._holding = True
+        """Inside `on_frame`: do not acknowledge this frame yet (it is not safe: not on disk, or
+        its contribution not checkpointed); `release` the returned token when it is. Until then the
+        producer keeps it and re-sends it to another process if this one dies."""
+        self._on_hold.add(self._current)
         return self._current
 
     def release(self, token: Token) -> None:
-        self.inlet.ack(*token)
+        """A held frame is safe; it is acknowledged once what was derived from it is, too."""
+        self._on_hold.discard(token)
+        if not self._children.get(token):
+            self._ack(token)
+
+    def checkpoint_dir(self) -> Path:
+        """Where this stage keeps, for the current scan, what a successor restores after a crash:
+        the same folder for every process of the stage, one per scan and epoch."""
+        path = self.pipeline.state_path / "scans" / f"{self.scan.scan_id}.{self.epoch}" / self.stage
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def pause_input(self, paused: bool = True) -> None:
+        """Stop (or resume) granting credit to producers: back-pressure when this process cannot
+        make frames safe (a full disk). Frames already here stay held."""
+        self._input_paused = paused
 
     def finish_source(self, frames: int) -> None:
         """Sources: every frame of the current scan is emitted; the handler hears of it once
@@ -320,7 +348,7 @@ class Service:
 
     def _settle(self) -> None:
         """Grant the credit owed once there is room downstream, send acks, report a finished source."""
-        if self._owed and not self.outlet.full():
+        if self._owed and not self._input_paused and not self.outlet.full():
             for producer, credit in self._owed.items():
                 self.inlet.grant(producer, credit)
             self._owed.clear()
@@ -329,6 +357,7 @@ class Service:
                 and self.outlet.outstanding(self.epoch) == 0:
             epoch, frames = self._source_done
             self._source_done = None
+            self.counters.source_done = frames
             self._send("source_done", {"instance": self.instance, "epoch": epoch, "frames": frames})
             logger.info("scan %s: all %d frames delivered", self.scan.scan_id if self.scan else "?", frames)
 
@@ -356,17 +385,22 @@ class Service:
         if epoch > self.epoch:
             logger.warning("frame %d of epoch %d arrived before the scan start; taking it", number, epoch)
             self._new_epoch(epoch)
-        seen = self._seen.setdefault(self._producer_stage.get(producer, ""), set())
+        stage = self._producer_stage.get(producer, "")
+        token = (stage, frame.key)
+        seen = self._seen.setdefault(stage, set())
         if number in seen:
             self.count("duplicates")
-            self.inlet.ack(producer, frame.key)
+            if token in self._on_hold or self._children.get(token):
+                # Still being made safe here: the new copy is acknowledged when the old one would be.
+                self._producer_of[token] = producer
+            else:
+                self.inlet.ack(producer, frame.key)
             logger.debug("dropped duplicate of frame %d of scan %s", number, frame.header.scan_id)
             return
         seen.add(number)
         self.count("frames_in")
-        token = (producer, frame.key)
+        self._producer_of[token] = producer
         self._current = token
-        self._holding = False
         started = time.perf_counter()
         try:
             self.on_frame(frame)
@@ -376,9 +410,14 @@ class Service:
         finally:
             self._current = None
             self._busy(time.perf_counter() - started)
-        if not self._children.get(token) and not self._holding:
+        if not self._children.get(token) and token not in self._on_hold:
             self._children.pop(token, None)
-            self.inlet.ack(producer, frame.key)
+            self._ack(token)
+
+    def _ack(self, token: Token) -> None:
+        producer = self._producer_of.pop(token, None)
+        if producer is not None:
+            self.inlet.ack(producer, token[1])
 
     def _on_header_message(self, parts: list[Any]) -> None:
         """Every producer process forwards the header; the first one of an epoch counts."""
@@ -401,15 +440,17 @@ class Service:
         except Exception:  # noqa: BLE001 - a bad header must not end the service
             logger.exception("scan header of %s failed in %s", header.header.scan_id, self.stage)
 
-    def _delivered(self, parent: Token) -> None:
-        left = self._children.get(parent)
-        if left is None:
-            return
-        if left > 1:
-            self._children[parent] = left - 1
-        else:
-            del self._children[parent]
-            self.inlet.ack(*parent)
+    def _delivered(self, parents: tuple[Token, ...]) -> None:
+        for parent in parents:
+            left = self._children.get(parent)
+            if left is None:
+                continue
+            if left > 1:
+                self._children[parent] = left - 1
+            else:
+                del self._children[parent]
+                if parent not in self._on_hold:
+                    self._ack(parent)
 
     def count(self, name: str, n: int = 1) -> None:
         """Add to a counter of the scan and of the lifetime totals."""
@@ -419,6 +460,9 @@ class Service:
     def _new_epoch(self, epoch: int) -> int:
         dropped = self.outlet.drop_before(epoch) + self.on_abort()
         self._children = {t: n for t, n in self._children.items() if t[1][0] >= epoch}
+        self._on_hold = {t for t in self._on_hold if t[1][0] >= epoch}
+        self._producer_of = {t: p for t, p in self._producer_of.items() if t[1][0] >= epoch}
+        self._input_paused = False
         self._seen.clear()
         self.headers = {}
         self._source_done = None
@@ -502,7 +546,8 @@ class Service:
                                        host=net.gethostname(), pid=os.getpid(),
                                        command_endpoint=self.command_endpoint,
                                        data_endpoint=self.outlet.endpoint,
-                                       data_endpoint_local=self.outlet.local_endpoint)
+                                       data_endpoint_local=self.outlet.local_endpoint,
+                                       pipeline=self.pipeline.identity, epoch=self.epoch)
             self._send("register", identity.model_dump(), self._on_registered)
             return
         self._send("heartbeat", {"instance": self.instance, "topology_version": self._topology_version,
@@ -560,8 +605,8 @@ class Service:
             self._forget_producer(producer)
 
     def _forget_producer(self, producer: str) -> None:
-        """Frames from a dead producer will be sent again by nobody; stop waiting to ack them."""
-        self._children = {t: n for t, n in self._children.items() if t[0] != producer}
+        """A producer link is gone: no credit is owed to it. What it had sent and this process
+        still holds stays held: a re-sent copy takes over its acknowledgement."""
         self._owed.pop(producer, None)
         self._producer_stage.pop(producer, None)
 
@@ -615,6 +660,8 @@ class Service:
         return {}
 
     def _cmd_scan_start(self, args: messages.ScanStartArgs) -> dict[str, Any]:
+        if args.epoch == self.epoch and self.scan is not None and self.scan.scan_id == args.scan.scan_id:
+            return {}  # told again by a handler that restarted while starting the scan
         if args.epoch != self.epoch:
             self._new_epoch(args.epoch)
         self._start_scan(args.scan)
@@ -623,17 +670,24 @@ class Service:
     def _start_scan(self, scan: ScanDescription) -> None:
         self.scan = scan
         self.counters = ScanCounters()
+        try:
+            self.on_scan_start(scan)
+        except Exception:
+            self.scan = None
+            raise
         logger.info("scan %s started (epoch %d)", scan.scan_id, self.epoch)
-        self.on_scan_start(scan)
         self._next_produce = time.monotonic()
 
     def _cmd_scan_end(self, args: messages.EpochArgs) -> dict[str, Any]:
+        if self._ended is not None and self._ended[0] == args.epoch:
+            return self._ended[1].model_dump()
         if args.epoch != self.epoch or self.scan is None:
             return ScanCounters().model_dump()
         self._next_produce = None
         self.on_scan_end()
         counters = self.scan_counters()
         logger.info("scan %s ended: %s", self.scan.scan_id, counters.model_dump())
+        self._ended = (args.epoch, counters)
         self.scan = None
         return counters.model_dump()
 

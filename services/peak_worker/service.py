@@ -113,6 +113,7 @@ class Service(Runtime):
             token, record = self._pending
             self._pending = None
             self.emit(self._with_sums(record), parent=token)
+            self.release(token)
         return None
 
     def on_scan_end(self) -> None:
@@ -125,6 +126,7 @@ class Service(Runtime):
             token, record = self._pending
             self._pending = None
             self.emit(record, parent=token)
+            self.release(token)
 
     def _with_sums(self, record: Frame) -> Frame:
         self._sums_due = time.monotonic() + self.params.sums_interval_s

@@ -218,7 +218,7 @@ class Service(Runtime):
                       "seconds_after_last_frame": round(after_last_s, 3),
                       "seconds_per_iteration_after_last_frame": round(after_last_s / max(engine.after_last, 1), 4)}),
                 parent=self._held)
-        if self._held is not None and engine.failure is not None:
+        if self._held is not None:
             self.release(self._held)
         self._held = None
 
