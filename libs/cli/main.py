@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -55,7 +56,12 @@ def cmd_handler(args: argparse.Namespace) -> int:
 
     pipeline = _pipeline(args.pipeline, args.set)
     logs.configure("handler")
-    return Handler(pipeline).run()
+    try:
+        handler = Handler(pipeline, fresh=args.fresh)
+    except PipelineError as exc:
+        logging.getLogger("services.handler").error("%s", exc)
+        sys.exit(f"surveyor handler: {exc}")
+    return handler.run()
 
 
 def cmd_service(args: argparse.Namespace) -> int:
@@ -83,13 +89,35 @@ def cmd_ctl(args: argparse.Namespace) -> int:
     return 0 if reply.ok else 1
 
 
+def _status_endpoint(args: argparse.Namespace) -> str:
+    """The status feed that goes with the handler asked for: --status, else what the handler at
+    --handler reports (`status_endpoint` in its ping), else its port + 1 (the shipped pipelines'
+    layout), else the pipeline's, else the default."""
+    if args.status:
+        return args.status
+    if not args.handler:
+        return _pipeline(args.pipeline, []).handler.status if args.pipeline else HandlerConfig().status
+    try:
+        reported = client.call(args.handler, "ping", timeout_s=min(args.timeout, 2.0)).result.get("status_endpoint")
+    except client.NoReply:
+        reported = None
+    if reported:
+        return reported
+    address, _, port = args.handler.rpartition(":")
+    if not address.startswith("tcp://") or not port.isdigit():
+        sys.exit(f"surveyor status: cannot tell the status endpoint of handler {args.handler}; give it with --status")
+    guess = f"{address}:{int(port) + 1}"
+    print(f"the handler at {args.handler} did not report its status endpoint; following {guess} (its port + 1); "
+          f"give --status ENDPOINT if that is not it", file=sys.stderr)
+    return guess
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from libs.cli import status_view
 
-    endpoint = _handler_endpoint(args)
     if args.watch:
-        status = _pipeline(args.pipeline, []).handler.status if args.pipeline else HandlerConfig().status
-        return status_view.watch(status)
+        return status_view.watch(_status_endpoint(args))
+    endpoint = _handler_endpoint(args)
     try:
         reply = client.call(endpoint, "status", timeout_s=args.timeout)
     except client.NoReply as exc:
@@ -98,15 +126,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _find_log(service: str) -> Path:
+    """SERVICE's log in the log directory (supervisord, honcho, a service started by hand), else
+    in the newest `surveyor run` directory under it; a unique prefix will do (`worker` = worker.1)."""
+    root = logs.log_dir()
+    newest = logs.newest_run(root)
+    for directory in (root, newest):
+        if directory is None:
+            continue
+        path = directory / f"{service}.log"
+        matches = [path] if path.exists() else sorted(directory.glob(f"{service}*.log"))
+        if len(matches) == 1:
+            return matches[0]
+    where = newest or root
+    known = ", ".join(p.stem for p in sorted(where.glob("*.log"))) or "none"
+    sys.exit(f"surveyor logs: no log of {service} in {root}" + (f" nor in the newest run, {newest}" if newest else "")
+             + f"; logs in {where}: {known}")
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
-    directory = logs.log_dir()
-    path = logs.log_path(args.service)
-    if not path.exists():
-        matches = sorted(directory.glob(f"{args.service}*.log"))
-        if len(matches) != 1:
-            known = ", ".join(p.stem for p in sorted(directory.glob("*.log"))) or "none"
-            sys.exit(f"surveyor logs: no log {path}; logs in {directory}: {known}")
-        path = matches[0]
+    path = _find_log(args.service)
     with open(path, encoding="utf-8", errors="replace") as handle:
         sys.stdout.write(handle.read())
         sys.stdout.flush()
@@ -148,12 +187,17 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a key of the pipeline file by its dotted path (value read as TOML)")
 
-    p = commands.add_parser("run", help="start the handler and every stage on this machine")
+    p = commands.add_parser("run", help="start the handler and every stage on this machine",
+                            description="Start the handler and every stage on this machine. Logs go to "
+                                        "$SURVEYOR_LOG_DIR (default ./logs)/PIPELINE-YYYYmmdd-HHMMSS. Exit code 1 "
+                                        "when a scan lost frames (each loss is printed with its reason) or the "
+                                        "pipeline could not run; 130 when interrupted; else 0.")
     p.add_argument("pipeline")
     p.add_argument("--simulate", action="store_true", help="run one scan from the built-in simulated detector")
     p.add_argument("--frames", type=int, help="frames in the simulated scan")
     p.add_argument("--rate", type=float, help="simulated frame rate in Hz (0 = as fast as the pipeline takes)")
-    p.add_argument("--scans", type=int, help="exit after this many scans (default: until interrupted)")
+    p.add_argument("--scans", type=int,
+                   help="exit after this many finished scans; aborted ones do not count (default: until interrupted)")
     p.add_argument("--out", default="out", help="output directory (default ./out)")
     p.add_argument("--summary", help="summary JSON path (default OUT/summary.json)")
     overrides(p)
@@ -161,6 +205,8 @@ def parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("handler", help="the handler alone")
     p.add_argument("pipeline")
+    p.add_argument("--fresh", action="store_true",
+                   help="a new run: close a scan the journal has as running instead of carrying it on")
     overrides(p)
     p.set_defaults(func=cmd_handler)
 
@@ -183,9 +229,14 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("cmd")
             p.add_argument("--args", help="command arguments as a JSON object")
         else:
-            p.add_argument("--watch", action="store_true", help="follow the live status feed")
+            p.add_argument("--watch", action="store_true",
+                           help="follow the live status feed: --status, else the one the --handler reports "
+                                "(or its port + 1), else the pipeline's")
+            p.add_argument("--status", help="status feed endpoint to follow with --watch")
 
-    p = commands.add_parser("logs", help="print (or follow) one service's log")
+    p = commands.add_parser("logs", help="print (or follow) one service's log",
+                            description="Print (or follow) one service's log: $SURVEYOR_LOG_DIR/SERVICE.log "
+                                        "(default ./logs), else the newest `surveyor run` directory's.")
     p.add_argument("service")
     p.add_argument("-f", "--follow", action="store_true")
     p.set_defaults(func=cmd_logs)

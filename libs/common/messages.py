@@ -122,8 +122,9 @@ class ScanCounters(BaseModel):
     dropped: int = 0
     written: int = 0
     """Frames of the scan on disk, counted once across every file of the scan (continuations too)."""
-    delivered: int = 0
-    """Output stages: distinct frames of the scan kept as an output (on disk; in the calibration)."""
+    delivered: int | None = None
+    """Output stages: distinct frames of the scan kept as an output (on disk; in the calibration);
+    None for stages that are not outputs."""
     lost: int = 0
     """Frames this process gave up on (each with an event saying why)."""
     unacknowledged: int = 0

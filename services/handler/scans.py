@@ -25,25 +25,64 @@ class ScanRecord:
     counters: dict[str, tuple[str, ScanCounters]] = field(default_factory=dict)
     """instance -> (stage, what it reported at scan end, or in its last heartbeat if it died:
     a killed writer's file and frames still count)."""
+    names: dict[str, str] = field(default_factory=dict)
+    """instance -> process name, for the summary's words."""
+    deaths: list[str] = field(default_factory=list)
+    """Processes of source stages that died during the scan (what they held is gone)."""
+
+    def by_stage(self, key: str) -> dict[str, list[Any]]:
+        values: dict[str, list[Any]] = {}
+        for stage, counters in self.counters.values():
+            values.setdefault(stage, []).append(getattr(counters, key))
+        return values
 
     def stage_sum(self, stage: str, key: str) -> float:
-        return sum(getattr(c, key) for s, c in self.counters.values() if s == stage)
+        return sum(self.by_stage(key).get(stage, ()))
+
+    def outputs_count(self, key: str) -> int | None:
+        """Frames the output stages hold (`delivered`) or have on disk (`written`): the largest
+        report per stage, since each process of a stage reports the whole scan (a writer's
+        successor counts its predecessor's file too); None if no stage reports it."""
+        per_stage = [max(v for v in values if v is not None)
+                     for values in self.by_stage(key).values() if any(v is not None for v in values)]
+        return sum(per_stage) if per_stage else None
+
+    def losses(self, pipeline: Pipeline) -> tuple[int, list[str]]:
+        """How many frames of the scan reached no output, and why, in words."""
+        received = sum(self.stage_sum(s, "frames_out") for s in pipeline.sources())
+        expected = self.scan.n_frames + self.scan.n_dark if self.scan.n_frames is not None else received
+        delivered = self.outputs_count("delivered")
+        if delivered is None:
+            # No output stage counts: acknowledgements are chained to the sinks, so what the
+            # sources still held is what was lost.
+            lost = sum(self.stage_sum(s, "unacknowledged") for s in pipeline.sources())
+        else:
+            lost = max(0, expected - delivered)
+        reasons = [f"{self.names.get(instance, instance)} gave up on {c.lost} frames (see its events)"
+                   for instance, (_, c) in self.counters.items() if c.lost]
+        unexplained = lost - sum(c.lost for _, c in self.counters.values())
+        if unexplained > 0:
+            why = (f"; source process {', '.join(self.deaths)} died during the scan and a detector does not "
+                   "send again what was in its buffers" if self.deaths else "")
+            reasons.append(f"{unexplained} of {expected} frames reached no output{why}")
+        return lost, reasons
 
     def summary(self, pipeline: Pipeline) -> dict[str, Any]:
         """The scan's entry of summary.json (INTERFACES.md)."""
         received = sum(self.stage_sum(s, "frames_out") for s in pipeline.sources())
-        # Acknowledgements are chained to the sinks, so a frame the sources no longer hold
-        # reached every sink: what they still hold at the end is what was lost.
-        lost = sum(self.stage_sum(s, "unacknowledged") for s in pipeline.sources())
+        lost, reasons = self.losses(pipeline)
         wall = (self.finished or time.time()) - self.started
         outputs = sorted({path for _, c in self.counters.values() for path in c.outputs})
+        written = self.outputs_count("written")
         return {
             "scan_id": self.scan.scan_id,
             "epoch": self.epoch,
             "state": self.state,
+            "frames_expected": self.scan.n_frames + self.scan.n_dark if self.scan.n_frames is not None else None,
             "frames_received": received,
-            "frames_written": sum(c.written for _, c in self.counters.values()),
+            "frames_written": written or 0,
             "frames_lost": lost if self.state == "finished" else None,
+            "losses": reasons if self.state == "finished" else [],
             "frames_rejected": sum(c.rejected for _, c in self.counters.values()),
             "duplicates_dropped": sum(c.duplicates for _, c in self.counters.values()),
             "wall_s": round(wall, 3),
@@ -57,6 +96,23 @@ class ScanRecord:
                        for name in pipeline.stages},
         }
 
+    def to_json(self) -> dict[str, Any]:
+        return {"scan": self.scan.model_dump(mode="json"), "epoch": self.epoch, "state": self.state,
+                "started": self.started, "finished": self.finished, "sources_done": self.sources_done,
+                "counters": {i: [stage, c.model_dump()] for i, (stage, c) in self.counters.items()},
+                "names": self.names, "deaths": self.deaths}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ScanRecord:
+        return cls(scan=ScanDescription.model_validate(data["scan"]), epoch=data["epoch"], state=data["state"],
+                   started=data["started"], finished=data["finished"], sources_done=data["sources_done"],
+                   counters={i: (stage, ScanCounters.model_validate(c)) for i, (stage, c) in data["counters"].items()},
+                   names=data.get("names", {}), deaths=data.get("deaths", []))
+
+
+HISTORY = 100
+"""Scans kept in the status and the journal."""
+
 
 class ScanBook:
     def __init__(self) -> None:
@@ -69,12 +125,12 @@ class ScanBook:
         self.current = ScanRecord(scan, self.epoch)
         return self.current
 
-    def abort(self) -> ScanRecord | None:
-        """Move to a new epoch; the current scan, if any, ends as aborted."""
+    def abort(self, state: str = "aborted") -> ScanRecord | None:
+        """Move to a new epoch; the current scan, if any, ends as aborted (or refused)."""
         self.epoch += 1
         record = self.current
         if record is not None:
-            self._close(record, "aborted")
+            self._close(record, state)
         return record
 
     def finish(self, record: ScanRecord) -> None:
@@ -83,6 +139,19 @@ class ScanBook:
     def _close(self, record: ScanRecord, state: str) -> None:
         record.state = state
         record.finished = time.time()
-        self.history.append(record)
+        self.history = [*self.history, record][-HISTORY:]
         if self.current is record:
             self.current = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "current": self.current.to_json() if self.current else None,
+                "history": [r.to_json() for r in self.history]}
+
+    def restore(self, data: dict[str, Any], *, fresh: bool) -> None:
+        """Carry on from a journal; `fresh`: a new run, so a scan left running is closed as
+        interrupted (its processes are gone) and the next scan gets a new epoch all the same."""
+        self.epoch = int(data["epoch"])
+        self.history = [ScanRecord.from_json(r) for r in data.get("history", [])]
+        self.current = ScanRecord.from_json(data["current"]) if data.get("current") else None
+        if fresh and self.current is not None:
+            self.abort("interrupted")

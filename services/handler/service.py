@@ -7,6 +7,11 @@ publishes status and events for front-ends (INTERFACES.md).
 
 Commands that involve the services (start_scan, abort, configure, shutdown) are answered once
 every live process concerned has answered, or its time is up: a `Barrier`. They run one at a time.
+
+A handler can be killed at any moment: its journal (journal.py) keeps the epoch and the running
+scan, and a restarted handler carries on with it. Until the processes that were up have registered
+again (or `liveness` x 2 heartbeats have passed), it only listens; then it finishes what it was
+doing (starting or ending the scan), so the scan completes with every frame in its own files.
 """
 
 from __future__ import annotations
@@ -25,11 +30,12 @@ import zmq
 from pydantic import ValidationError
 
 from libs.common import messages
-from libs.common.errors import MessageError, ParameterError
+from libs.common.errors import MessageError, ParameterError, PipelineError
 from libs.common.messages import (Abort, Configure, Event, Heartbeat, Ping, Preview, Register, ScanCounters,
                                   ScanDescription, Shutdown, SourceDone, StartScan, Status, Unregister)
 from libs.common.pipeline import Pipeline, service_class
 from libs.common.ports import DEFERRED, CommandPort, Envelope
+from services.handler.journal import Journal
 from services.handler.registry import Registry
 from services.handler.scans import ScanBook, ScanRecord
 
@@ -37,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 STATUS_PERIOD_S = 1.0
 SERVICE_TIMEOUT_S = 10.0
+JOURNAL_PERIOD_S = 1.0
 
 
 @dataclass
@@ -48,10 +55,18 @@ class Barrier:
 
 
 class Handler:
-    def __init__(self, pipeline: Pipeline, context: zmq.Context | None = None) -> None:
+    def __init__(self, pipeline: Pipeline, context: zmq.Context | None = None, *, fresh: bool = False) -> None:
+        """`fresh`: a new run (the launcher's first start); a scan the journal has as running
+        belonged to processes that are gone, and is closed as interrupted."""
         self.pipeline = pipeline
         self.registry = Registry()
         self.scans = ScanBook()
+        self.journal = Journal(pipeline.state_path / "handler.json")
+        self._awaited: set[str] = set()
+        """Processes that were up when the previous handler stopped, not registered again yet."""
+        self._recovering_until = 0.0
+        self._journal_due: float | None = None
+        self._restore(fresh)
         self._context = context or zmq.Context()
         self._stopping = False
         self._barriers: dict[str, Barrier] = {}
@@ -66,17 +81,89 @@ class Handler:
         self._command_socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._command_socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self._command_socket.setsockopt(zmq.MAXMSGSIZE, 16 * messages.MAX_COMMAND_BYTES)
-        self._command_socket.bind(pipeline.handler.command)
         self._status_socket = self._context.socket(zmq.PUB)
         self._status_socket.setsockopt(zmq.LINGER, 0)
         self._status_socket.setsockopt(zmq.SNDHWM, 100)
-        self._status_socket.bind(pipeline.handler.status)
+        for socket, endpoint, what in ((self._command_socket, pipeline.handler.command, "command"),
+                                       (self._status_socket, pipeline.handler.status, "status")):
+            try:
+                socket.bind(endpoint)
+            except zmq.ZMQError as exc:
+                self._command_socket.close(linger=0)
+                self._status_socket.close(linger=0)
+                raise PipelineError(
+                    f"cannot bind the handler's {what} endpoint {endpoint}: {exc.strerror}. Another pipeline's "
+                    f"handler (or another program) holds it: stop it, or give this pipeline other endpoints "
+                    f"([handler] command and status, or --set handler.{what}=...)") from None
         self._port = CommandPort(self._command_socket, messages.HANDLER_REQUESTS, self._dispatch)
         self._commands = {Ping: self.on_ping, Status: self.on_status, StartScan: self.on_start_scan,
                           Abort: self.on_abort, Configure: self.on_configure, Shutdown: self.on_shutdown,
                           Register: self.on_register, Heartbeat: self.on_heartbeat,
                           Unregister: self.on_unregister, SourceDone: self.on_source_done,
                           Event: self.on_event, Preview: self.on_preview}
+
+    # --- journal -----------------------------------------------------------------------------------
+
+    def _restore(self, fresh: bool) -> None:
+        state = self.journal.load()
+        if state is None or state.get("pipeline") != self.pipeline.identity:
+            if state is not None:
+                logger.warning("journal %s is another pipeline's; only its epoch %d is kept", self.journal.path,
+                               state.get("scans", {}).get("epoch", 0))
+                self.scans.epoch = int(state.get("scans", {}).get("epoch", 0))
+            self._save()
+            return
+        self.scans.restore(state["scans"], fresh=fresh)
+        configured = {name: params for name, params in state.get("params", {}).items() if name in self.pipeline.stages}
+        if configured:
+            stages = {name: stage.model_copy(update={"params": configured.get(name, stage.params)})
+                      for name, stage in self.pipeline.stages.items()}
+            self.pipeline = self.pipeline.model_copy(update={"stages": stages})
+        record = self.scans.current
+        if record is not None:
+            self._awaited = set(state.get("up", []))
+            config = self.pipeline.handler
+            self._recovering_until = time.monotonic() + 2 * config.heartbeat_s * config.liveness
+            logger.warning("restarted during scan %s (epoch %d, %s): waiting for %d processes to register again",
+                           record.scan.scan_id, record.epoch, record.state, len(self._awaited))
+        else:
+            logger.info("journal %s: carrying on from epoch %d", self.journal.path, self.scans.epoch)
+        self._save()
+
+    def _save(self) -> None:
+        """Journal the state now (a scan changed state)."""
+        self._journal_due = None
+        self.journal.save({"pipeline": self.pipeline.identity, "scans": self.scans.to_json(),
+                           "params": {name: stage.params for name, stage in self.pipeline.stages.items()},
+                           "up": [m.identity.instance for m in self.registry.up()] or sorted(self._awaited)})
+
+    def _save_soon(self) -> None:
+        """Journal counters at most once a JOURNAL_PERIOD_S."""
+        if self._journal_due is None:
+            self._journal_due = time.monotonic() + JOURNAL_PERIOD_S
+
+    @property
+    def recovering(self) -> bool:
+        return bool(self._awaited) and time.monotonic() < self._recovering_until
+
+    def _recovered(self) -> None:
+        """Every process is back (or the wait is over): finish what the old handler was doing."""
+        self._recovering_until = 0.0
+        if self._awaited:
+            logger.warning("processes %s did not register again; going on without them", sorted(self._awaited))
+        self._awaited = set()
+        record = self.scans.current
+        if record is None:
+            return
+        logger.info("recovered scan %s (epoch %d) in state %s", record.scan.scan_id, record.epoch, record.state)
+        self._event("handler_recovered", scan_id=record.scan.scan_id, epoch=record.epoch,
+                    message=f"handler restarted; scan {record.scan.scan_id} goes on ({record.state})")
+        if record.state == "starting":
+            self._exclusive(lambda: self._arm(record, None, None))
+        elif record.state == "ending":
+            self._exclusive(lambda: self._end_scan(record, list(self.pipeline.topological_order)))
+        else:
+            self._maybe_end_scan()
 
     # --- loop -------------------------------------------------------------------------------------
 
@@ -137,6 +224,10 @@ class Handler:
         for member in self.registry.expire(config.heartbeat_s * config.liveness):
             self._service_down(member.identity.instance, member.identity.name, member.cause)
         now = time.monotonic()
+        if self._recovering_until and not self.recovering:
+            self._recovered()
+        if self._journal_due is not None and now >= self._journal_due:
+            self._save()
         for rid, barrier in list(self._barriers.items()):
             if now > barrier.deadline:
                 logger.warning("no answer from %s in time", sorted(barrier.waiting))
@@ -180,6 +271,12 @@ class Handler:
     def _service_down(self, instance: str, name: str, cause: str) -> None:
         logger.log(logging.INFO if self._shutting_down else logging.WARNING,
                    "service %s (%s) is down: %s", name, instance, cause)
+        record = self.scans.current
+        member = self.registry.members.get(instance)
+        if record is not None and member is not None and member.identity.stage in self.pipeline.sources() \
+                and not self._shutting_down and instance not in record.sources_done:
+            record.deaths.append(name)
+        self._save_soon()
         for barrier in self._barriers.values():
             barrier.waiting.discard(instance)
         for rid in list(self._barriers):
@@ -213,17 +310,32 @@ class Handler:
             self._port.reply(envelope, messages.ok(rid, result))
 
     def on_ping(self, request: Ping, envelope: Envelope) -> dict[str, Any]:
-        return {"pong": True, "version": messages.VERSION}
+        return {"pong": True, "version": messages.VERSION, "pipeline": self.pipeline.name,
+                "identity": self.pipeline.identity, "status_endpoint": self.pipeline.handler.status}
 
     def on_status(self, request: Status, envelope: Envelope) -> dict[str, Any]:
         return self.snapshot()
 
     def on_register(self, request: Register, envelope: Envelope) -> dict[str, Any]:
         identity = request.args
+        if identity.pipeline and identity.pipeline != self.pipeline.identity:
+            raise MessageError(f"this handler runs another pipeline ({self.pipeline.name}, identity "
+                               f"{self.pipeline.identity}) than {identity.name} was started for (identity "
+                               f"{identity.pipeline}): start it with this pipeline's file and --set options, "
+                               "or point it at its own pipeline's handler")
         if identity.stage not in self.pipeline.stages:
             raise MessageError(f"stage {identity.stage!r} is not in pipeline {self.pipeline.name!r}; "
                                f"its stages are {sorted(self.pipeline.stages)}")
+        if identity.epoch > self.scans.epoch:
+            # A journal lost or behind: never hand out an epoch some process has already seen.
+            logger.warning("%s is at epoch %d, past this handler's %d: moving on to it", identity.name,
+                           identity.epoch, self.scans.epoch)
+            self.scans.epoch = identity.epoch
+            self._save()
         self.registry.register(identity)
+        self._awaited.discard(identity.instance)
+        if self._recovering_until and not self._awaited:
+            self._recovered()
         logger.info("service %s of stage %s registered from %s pid %d", identity.name, identity.stage,
                     identity.host, identity.pid)
         self._broadcast_topology()
@@ -240,7 +352,14 @@ class Handler:
             raise MessageError(f"unknown service instance {args.instance}: register again")
         record = self.scans.current
         if record is not None and record.state == "running" and args.stats.epoch == record.epoch:
-            record.counters[args.instance] = (self.registry.members[args.instance].identity.stage, args.stats.scan)
+            identity = self.registry.members[args.instance].identity
+            record.counters[args.instance] = (identity.stage, args.stats.scan)
+            record.names[args.instance] = identity.name
+            self._save_soon()
+            if args.stats.scan.source_done is not None and args.instance not in record.sources_done:
+                # The source_done message went to a handler that died: the heartbeat says it too.
+                record.sources_done[args.instance] = args.stats.scan.source_done
+                self._maybe_end_scan()
         return {"epoch": self.scans.epoch, "topology_version": self.registry.version}
 
     def on_unregister(self, request: Unregister, envelope: Envelope) -> dict[str, Any]:
@@ -286,40 +405,69 @@ class Handler:
             self._next_operation()
             return
         record = self.scans.start(scan)
-        sources = set(self.pipeline.sources())
+        self._save()
+        self._arm(record, rid, envelope)
+
+    def _arm(self, record: ScanRecord, rid: Any, envelope: Envelope | None) -> None:
+        """Tell every process of the scan, downstream first, so no frame of the scan meets a stage
+        that has not heard of it; then the sources. A stage that refuses (an output directory
+        that cannot take it) stops the start: nothing runs, and the answer says why."""
+        scan, sources = record.scan, set(self.pipeline.sources())
         args = {"epoch": record.epoch, "scan": scan.model_dump(mode="json")}
         arm = [m.identity.instance for m in self.registry.up() if m.identity.stage not in sources]
 
-        def go(replies: dict, missing: set[str]) -> None:
+        def answer(result: dict[str, Any] | Exception) -> None:
+            if envelope is not None:
+                self._answer(envelope, rid, result)
+            self._next_operation()
+
+        def go(replies: dict[str, messages.Reply], missing: set[str]) -> None:
+            refused = {self._name_of(i): r.error.get("message") for i, r in replies.items() if not r.ok and r.error}
+            if refused:
+                self._refuse(record, refused, answer)
+                return
             record.state = "running"
+            self._save()
             trigger = [m.identity.instance for m in self.registry.up() if m.identity.stage in sources]
             self._request_all(trigger, "scan_start", args, SERVICE_TIMEOUT_S, started)
 
-        def started(replies: dict, missing: set[str]) -> None:
+        def started(replies: dict[str, messages.Reply], missing: set[str]) -> None:
             logger.info("scan %s started, epoch %d", scan.scan_id, record.epoch)
             self._event("scan_started", scan_id=scan.scan_id, epoch=record.epoch,
                         message=f"scan {scan.scan_id} started ({scan.technique})")
-            self._answer(envelope, rid, {"scan_id": scan.scan_id, "epoch": record.epoch})
-            self._next_operation()
+            answer({"scan_id": scan.scan_id, "epoch": record.epoch})
 
-        # Everything downstream is told first, so no frame of the scan meets a stage that has not
-        # heard of it; then the sources start.
         self._request_all(arm, "scan_start", args, SERVICE_TIMEOUT_S, go)
+
+    def _refuse(self, record: ScanRecord, refused: dict[str, str | None],
+                answer: Callable[[dict[str, Any] | Exception], None]) -> None:
+        self.scans.abort("refused")
+        self._save()
+        reasons = "; ".join(f"{name}: {why}" for name, why in sorted(refused.items()))
+        logger.warning("scan %s refused: %s", record.scan.scan_id, reasons)
+        self._event("scan_refused", scan_id=record.scan.scan_id, epoch=record.epoch,
+                    message=f"scan {record.scan.scan_id} refused: {reasons}")
+        # The processes that took the scan drop it: a new epoch, as for an abort.
+        self._request_all([m.identity.instance for m in self.registry.up()], "abort", {"epoch": self.scans.epoch},
+                          SERVICE_TIMEOUT_S,
+                          lambda *_: answer(MessageError(f"scan {record.scan.scan_id} refused: {reasons}")))
 
     def on_source_done(self, request: SourceDone, envelope: Envelope) -> dict[str, Any]:
         record = self.scans.current
         if record is not None and record.epoch == request.args.epoch:
             record.sources_done[request.args.instance] = request.args.frames
+            self._save()
             self._maybe_end_scan()
         return {}
 
     def _maybe_end_scan(self) -> None:
         record = self.scans.current
-        if record is None or record.state != "running":
+        if record is None or record.state != "running" or self.recovering:
             return
         sources = [m.identity.instance for s in self.pipeline.sources() for m in self.registry.up(s)]
         if sources and all(instance in record.sources_done for instance in sources):
             record.state = "ending"
+            self._save()
             self._exclusive(lambda: self._end_scan(record, list(self.pipeline.topological_order)))
 
     def _end_scan(self, record: ScanRecord, stages: list[str]) -> None:
@@ -329,6 +477,7 @@ class Handler:
             return
         if not stages:
             self.scans.finish(record)
+            self._save()
             summary = record.summary(self.pipeline)
             logger.info("scan %s finished: %s", record.scan.scan_id, summary)
             self._event("scan_finished", scan_id=record.scan.scan_id, epoch=record.epoch,
@@ -344,6 +493,8 @@ class Handler:
                 member = self.registry.members.get(instance)
                 if reply.ok and member is not None:
                     record.counters[instance] = (stage, ScanCounters.model_validate(reply.result))
+                    record.names[instance] = member.identity.name
+            self._save()
             self._end_scan(record, rest)
 
         members = [m.identity.instance for m in self.registry.up(stage)]
@@ -365,6 +516,7 @@ class Handler:
 
     def _abort(self, rid: Any, envelope: Envelope) -> None:
         record = self.scans.abort()
+        self._save()
         scan_id = record.scan.scan_id if record else None
 
         def dropped(replies: dict[str, messages.Reply], missing: set[str]) -> None:
@@ -405,6 +557,7 @@ class Handler:
                 self._answer(envelope, rid, ParameterError(f"stage {name}: refused by {refused}"))
             else:
                 logger.info("stage %s parameters now %s", name, params)
+                self._save()
                 self._event("config_changed", message=f"stage {name} parameters changed",
                             stage=name, params=params)
                 self._answer(envelope, rid, {"stage": name, "params": params})
