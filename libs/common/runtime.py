@@ -87,6 +87,7 @@ class Service:
         self._own_context = context is None
         self._poller = zmq.Poller()
         self._stopping = False
+        self._exit_code = 0
         self._handler_endpoint = handler
         self._registered = False
         self._next_heartbeat = 0.0
@@ -128,8 +129,8 @@ class Service:
         self._wire(pipeline)
         self.inlet = Inlet(self.context, self._poller, identity=self.instance.encode(), stage=stage,
                            credit=pipeline.stages[stage].credit)
-        self._link: zmq.Socket | None = None
-        self._link_port: CommandPort | None = None
+        self._handler_link: zmq.Socket | None = None
+        self._handler_port: CommandPort | None = None
         self._connect_handler()
 
     # --- hooks for services -------------------------------------------------------------------
@@ -289,7 +290,7 @@ class Service:
                 self._step()
         finally:
             self._leave()
-        return 0
+        return self._exit_code
 
     def _step(self) -> None:
         now = time.monotonic()
@@ -343,7 +344,7 @@ class Service:
         """Serve waiting commands; checking EVENTS first keeps this cheap between frames."""
         if self._command_socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             self._commands.drain()
-        if self._link.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if self._handler_link.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             self._drain_link()
 
     def _settle(self) -> None:
@@ -482,15 +483,15 @@ class Service:
     # --- handler link ------------------------------------------------------------------------
 
     def _connect_handler(self) -> None:
-        if self._link is not None:
-            self._poller.unregister(self._link)
-            self._link.close(linger=0)
-        self._link = self.context.socket(zmq.DEALER)
-        self._link.setsockopt(zmq.ROUTING_ID, self.instance.encode())
-        self._link.setsockopt(zmq.LINGER, 0)
-        self._link.connect(self._handler_endpoint)
-        self._link_port = CommandPort(self._link, messages.SERVICE_REQUESTS, self._dispatch)
-        self._poller.register(self._link, zmq.POLLIN)
+        if self._handler_link is not None:
+            self._poller.unregister(self._handler_link)
+            self._handler_link.close(linger=0)
+        self._handler_link = self.context.socket(zmq.DEALER)
+        self._handler_link.setsockopt(zmq.ROUTING_ID, self.instance.encode())
+        self._handler_link.setsockopt(zmq.LINGER, 0)
+        self._handler_link.connect(self._handler_endpoint)
+        self._handler_port = CommandPort(self._handler_link, messages.SERVICE_REQUESTS, self._dispatch)
+        self._poller.register(self._handler_link, zmq.POLLIN)
         self._registered = False
         self._waiting.clear()
 
@@ -500,14 +501,14 @@ class Service:
         if on_reply is not None:
             self._waiting[rid] = on_reply
         try:
-            self._link.send(messages.request(cmd, args, rid), zmq.NOBLOCK)
+            self._handler_link.send(messages.request(cmd, args, rid), zmq.NOBLOCK)
         except zmq.Again:
             logger.warning("handler link is full; %s not sent", cmd)
 
     def _drain_link(self) -> None:
         while True:
             try:
-                parts = self._link.recv_multipart(zmq.NOBLOCK)
+                parts = self._handler_link.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             self._handler_seen = time.monotonic()
@@ -526,7 +527,7 @@ class Service:
                 if callback is not None:
                     callback(reply)
             else:
-                self._link_port.serve(parts[:-1], payload)
+                self._handler_port.serve(parts[:-1], payload)
 
     def _heartbeat(self) -> None:
         config = self.pipeline.handler
@@ -555,7 +556,8 @@ class Service:
 
     def _on_registered(self, reply: messages.Reply) -> None:
         if not reply.ok:
-            logger.error("the handler refused registration: %s", reply.error)
+            logger.error("the handler refused registration: %s", reply.error.get("message") if reply.error else "")
+            self._exit_code = 2
             self.stop()
             return
         result = reply.result
@@ -716,7 +718,7 @@ class Service:
             self._send("unregister", {"instance": self.instance})
         self.inlet.close()
         self.outlet.close()
-        self._link.close(linger=200)
+        self._handler_link.close(linger=200)
         self._command_socket.close(linger=0)
         if self._own_context:
             self.context.term()
