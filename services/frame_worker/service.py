@@ -1,16 +1,23 @@
 """The frame stage (run several): raw frames to clean, downsampled frames for the reconstruction.
 
 It needs the scan's calibration (dark, bad pixels, centre) from the dark stage; frames that come
-before it are held, not dropped, and cleaned once it arrives. Each clean frame carries its index
-in the scan (frame number minus `n_dark`) and its mask. The geometry of the clean frames (size,
-pixel size, distance, energy, static mask) goes downstream once as the scan's `frames` header.
+before it are held, not dropped, and cleaned once it arrives. Not forever: `calibration_timeout_s`
+after the first frame held for it, the process gives up on them with a `calibration_missing`
+event (the scan, what never came, what to do), counts them lost and acknowledges them, so the scan
+can end and says what it lost; later frames of that scan without a calibration are lost at once.
+
+Each clean frame carries its index in the scan (frame number minus `n_dark`) and its mask. The
+geometry of the clean frames (size, pixel size, distance, energy, static mask) goes downstream
+once as the scan's `frames` header.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
+from pydantic import Field
 
 from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
@@ -23,8 +30,15 @@ logger = logging.getLogger(__name__)
 FRAMES_HEADER = "frames"
 
 
+class Params(CleaningParams):
+    calibration_timeout_s: float = Field(
+        60.0, gt=0, description="give up on frames held for the calibration this long after the first one")
+
+
 class Service(Runtime):
-    Params = CleaningParams
+    Params = Params
+    _waiting_since: float | None = None
+    _gave_up = 0
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -33,25 +47,77 @@ class Service(Runtime):
 
     def on_scan_start(self, scan: ScanDescription) -> None:
         self._uncalibrated = []
+        self._waiting_since = None
+        self._gave_up = 0
 
     def on_header(self, header: Frame) -> None:
         super().on_header(header)
         if header_name(header) == CALIBRATION and self.scan is not None:
             self._send_geometry(header)
             waiting, self._uncalibrated = self._uncalibrated, []
+            self._waiting_since = None
+            if self._gave_up:
+                logger.info("scan %s: the calibration came after all; cleaning frames again", self.scan.scan_id)
             for token, frame in waiting:
-                self._clean(frame, parent=token)
+                try:
+                    self._clean(frame, parent=token)
+                except Exception:  # noqa: BLE001 - one bad frame must not keep the others
+                    self.count("rejected")
+                    logger.exception("frame %d of scan %s failed", frame.header.frame, self.scan.scan_id)
+                self.release(token)
 
     def on_frame(self, frame: Frame) -> None:
         if CALIBRATION not in self.headers:
+            if self._gave_up:
+                self._gave_up += 1
+                self.count("lost")
+                logger.warning("scan %s: frame %d lost: still no calibration (%d given up on)",
+                               frame.header.scan_id, frame.header.frame, self._gave_up)
+                return
             self._uncalibrated.append((self.hold(), frame))
             if len(self._uncalibrated) == 1:
-                logger.info("scan %s: holding frames until the calibration comes", frame.header.scan_id)
+                self._waiting_since = time.monotonic()
+                self.wake(self.params.calibration_timeout_s)
+                logger.info("scan %s: holding frames until the calibration comes (at most %g s)",
+                            frame.header.scan_id, self.params.calibration_timeout_s)
             return
         self._clean(frame)
 
+    def produce(self) -> float | None:
+        """The calibration timer: give up on the frames held for it once it is past."""
+        if not self._uncalibrated or self._waiting_since is None or self.scan is None:
+            return None
+        left = self._waiting_since + self.params.calibration_timeout_s - time.monotonic()
+        if left > 0:
+            return left
+        self._give_up()
+        return None
+
+    def _give_up(self) -> None:
+        waiting, self._uncalibrated = self._uncalibrated, []
+        self._waiting_since = None
+        self._gave_up = len(waiting)
+        scan = self.scan
+        inputs = self.pipeline.stages[self.stage].inputs
+        darks = [name for name in inputs if self.pipeline.stages[name].service == "dark_worker"] or ["dark stage"]
+        message = (f"scan {scan.scan_id}: the calibration (mean dark, bad pixels, centre) from {', '.join(darks)} "
+                   f"({scan.n_dark} darks expected) did not come within {self.params.calibration_timeout_s:g} s "
+                   f"of the first frame held for it; {len(waiting)} frames given up on and counted lost, and so "
+                   f"will be the rest of the scan's frames here until it comes. Check that the {darks[0]} "
+                   f"processes are up (their logs), that the scan's first {scan.n_dark} frames reach them, and "
+                   "that they can find a diffraction centre (beam_center_px in start_scan, or centre_frames); "
+                   "then run the scan again")
+        logger.error(message)
+        self.report("calibration_missing", message, scan_id=scan.scan_id, waiting_for=CALIBRATION,
+                    stage=darks[0], n_dark=scan.n_dark, frames_lost=len(waiting),
+                    timeout_s=self.params.calibration_timeout_s)
+        self.count("lost", len(waiting))
+        for token, _ in waiting:
+            self.release(token)
+
     def on_abort(self) -> int:
         dropped, self._uncalibrated = len(self._uncalibrated), []
+        self._waiting_since = None
         return dropped
 
     def _clean(self, frame: Frame, parent: Token | None = None) -> None:
