@@ -47,10 +47,19 @@ class ScanRecord:
                      for values in self.by_stage(key).values() if any(v is not None for v in values)]
         return sum(per_stage) if per_stage else None
 
+    @property
+    def expected(self) -> int | None:
+        return self.scan.n_frames + self.scan.n_dark if self.scan.n_frames is not None else None
+
+    def received(self, pipeline: Pipeline) -> int:
+        """Frames the source processes took in; a restarted source that generates its frames
+        again (the synthetic one) counts them again, so never more than the scan announced."""
+        taken = int(sum(self.stage_sum(s, "frames_out") for s in pipeline.sources()))
+        return taken if self.expected is None else min(taken, self.expected)
+
     def losses(self, pipeline: Pipeline) -> tuple[int, list[str]]:
         """How many frames of the scan reached no output, and why, in words."""
-        received = sum(self.stage_sum(s, "frames_out") for s in pipeline.sources())
-        expected = self.scan.n_frames + self.scan.n_dark if self.scan.n_frames is not None else received
+        expected = self.received(pipeline) if self.expected is None else self.expected
         delivered = self.outputs_count("delivered")
         if delivered is None:
             # No output stage counts: acknowledgements are chained to the sinks, so what the
@@ -69,7 +78,7 @@ class ScanRecord:
 
     def summary(self, pipeline: Pipeline) -> dict[str, Any]:
         """The scan's entry of summary.json (INTERFACES.md)."""
-        received = sum(self.stage_sum(s, "frames_out") for s in pipeline.sources())
+        received = self.received(pipeline)
         lost, reasons = self.losses(pipeline)
         wall = (self.finished or time.time()) - self.started
         outputs = sorted({path for _, c in self.counters.values() for path in c.outputs})
@@ -78,7 +87,7 @@ class ScanRecord:
             "scan_id": self.scan.scan_id,
             "epoch": self.epoch,
             "state": self.state,
-            "frames_expected": self.scan.n_frames + self.scan.n_dark if self.scan.n_frames is not None else None,
+            "frames_expected": self.expected,
             "frames_received": received,
             "frames_written": written or 0,
             "frames_lost": lost if self.state == "finished" else None,

@@ -6,6 +6,9 @@ ones (`--kills N --minutes M`)."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import numpy as np
 import pytest
 
 from tests import chaos
-from tests.conftest import synthetic_pipeline
+from tests.conftest import free_port, ingest_pipeline, synthetic_pipeline, wait_for
 
 SEED = int(os.environ.get("SURVEYOR_CHAOS_SEED", "11"))
 
@@ -56,3 +59,31 @@ def test_synthetic_scan_survives_kills_and_stops_of_every_process(tmp_path, star
     assert sorted(numbers) == list(range(frames)), f"{len(numbers)} on disk, {len(set(numbers))} distinct"
     [scan] = run.summary()["scans"]
     assert scan["frames_written"] == frames and scan["frames_lost"] == 0 and scan["losses"] == []
+
+
+@pytest.mark.slow
+def test_a_receiver_killed_during_a_detector_stream_reports_exactly_what_is_missing(tmp_path, start_run):
+    """A detector does not send again what a dead receiver had in its buffers: that loss is
+    real, so it must be counted, exactly, with the reason, and the run must exit 1."""
+    source = f"tcp://127.0.0.1:{free_port()}"
+    frames = 1500
+    run = start_run(ingest_pipeline(tmp_path, protocol="stream1", source=source), "--scans", "1")
+    run.wait_ready(2)
+    detector = subprocess.Popen([sys.executable, "-m", "libs.cli.main", "simulate", "synthetic", "--protocol",
+                                 "stream1", "--bind", source, "--frames", str(frames), "--rate", "300",
+                                 "--series-id", "7"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        victim = wait_for(lambda: (s := run.service("receiver.1"))["frames_out"] >= 300 and s, 30, "frames")
+        os.kill(victim["pid"], signal.SIGKILL)
+        code, output = run.finish(timeout_s=120)
+    finally:
+        detector.kill()
+    [scan] = run.summary()["scans"]
+    on_disk = frames_on_disk(run.out, "series_7_raw")
+    assert len(on_disk) == len(set(on_disk)), "a frame written twice"
+    missing = frames - len(set(on_disk))
+    assert scan["frames_expected"] == frames and scan["frames_written"] == len(set(on_disk))
+    assert scan["frames_lost"] == missing, (scan, missing)
+    assert (code == 1) == (missing > 0), output[-2000:]
+    if missing:
+        assert any("receiver.1" in reason for reason in scan["losses"]), scan["losses"]
