@@ -16,6 +16,7 @@ from typing import Any, Callable
 import pytest
 
 from libs.common import client
+from libs.common.logs import newest_run
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -117,12 +118,17 @@ class Run:
         self.endpoint = self.pipeline.handler.command
         self.feed = Feed(self.pipeline.handler.status)
         self.out = cwd / "out"
-        self.logs = cwd / "logs"
-        env = {**os.environ, "SURVEYOR_LOG_DIR": str(self.logs)}
+        self.log_root = cwd / "logs"
+        env = {**os.environ, "SURVEYOR_LOG_DIR": str(self.log_root)}
         sets = [arg for override in overrides for arg in ("--set", override)]
         self.process = subprocess.Popen(
             [sys.executable, "-m", "libs.cli.main", "run", str(pipeline), "--out", str(self.out), *args, *sets],
             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    @property
+    def logs(self) -> Path:
+        """This run's own log directory (`surveyor run` makes one under the log root)."""
+        return newest_run(self.log_root) or self.log_root
 
     def ctl(self, cmd: str, args: dict[str, Any] | None = None, timeout_s: float = 10.0) -> Any:
         return client.call(self.endpoint, cmd, args, timeout_s=timeout_s)

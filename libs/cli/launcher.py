@@ -1,28 +1,38 @@
 """`surveyor run`: the handler and every stage's processes as children of one launcher.
 
-It restarts a child that dies (with back-off when it keeps dying), shows the scan's progress,
-writes summary.json, and on Ctrl-C or when the scans are done asks the handler to shut everything
-down, then makes sure no child is left behind. Children run in their own session, so a Ctrl-C at
-the terminal reaches only the launcher, which then stops them in order.
+It restarts a child that dies (with back-off when it keeps dying), but stops at once, with the
+reason from the child's log, when a child could not bind its endpoint (restarting cannot help:
+another pipeline or program holds it), and refuses to run when a handler of another pipeline
+answers at its endpoint. It shows the scan's progress, writes summary.json, and on Ctrl-C or when
+the scans are done asks the handler to shut everything down, then makes sure no child is left
+behind. Children run in their own session, so a Ctrl-C at the terminal reaches only the launcher,
+which then stops them in order. Each run logs into a directory of its own (libs/common/logs.py).
+The exit code is 1 exactly when something was lost (or the run failed), and the run says what and
+why.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import logging
+import os
+import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from libs.common import client
+from libs.common import client, logs
 from libs.common.detector import PROTOCOLS
 from libs.common.logs import log_path
 from libs.common.pipeline import Pipeline
@@ -31,6 +41,10 @@ logger = logging.getLogger(__name__)
 console = Console(stderr=True)
 
 RESTART_BACKOFF_MAX_S = 10.0
+QUICK_EXIT_S = 5.0
+"""A child that exits sooner than this after its start is failing to start, not crashing in work."""
+BIND_FAILED = re.compile(r"address already in use|assign requested address|cannot bind|could not bind", re.I)
+"""What a child's last error says when its endpoint is not to be had: restarting cannot help."""
 PR_SET_PDEATHSIG = 1
 
 
@@ -51,15 +65,31 @@ class Child:
     restarts: int = 0
     backoff: float = 0.5
     not_before: float = 0.0
+    log_from: int = 0
+    """Where this start's output begins in the (appended) log."""
 
-    def start(self) -> None:
+    def start(self, *extra: str) -> None:
         path = log_path(self.name)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "ab") as log:
-            self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
+            self.log_from = log.tell()
+            self.process = subprocess.Popen([*self.argv, *extra], stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True,
                                             preexec_fn=_die_with_parent)
         self.started = time.monotonic()
+
+    def reason(self) -> str:
+        """Why the child stopped, as its log says: the last error line it wrote since its start
+        (a traceback's last line, a refusal, an ERROR record), else its last line."""
+        try:
+            with open(log_path(self.name), "rb") as log:
+                log.seek(self.log_from)
+                text = log.read().decode(errors="replace")
+        except OSError as exc:
+            return f"its log could not be read: {exc}"
+        lines = [line.strip() for line in text.splitlines() if line.strip() and not line[0].isspace()]
+        errors = [line for line in lines if re.search(r"error|exception|cannot|refus|failed|critical", line, re.I)]
+        return (errors or lines or ["it wrote nothing to its log"])[-1]
 
 
 @dataclass
@@ -71,6 +101,9 @@ class Launcher:
     stopping: bool = False
     detector: Child | None = None
     """The virtual detector of `--simulate`, when the receiver listens to a detector: not restarted."""
+    handler_is_ours: bool = False
+    """Our handler answered at the endpoint: only then may `shutdown` go there (never to another
+    pipeline's handler)."""
 
     def __post_init__(self) -> None:
         cli = [sys.executable, "-m", "libs.cli.main"]
@@ -89,15 +122,43 @@ class Launcher:
 
     def start(self, timeout_s: float = 60.0) -> None:
         """Start the handler, wait for it, start the services, wait until all have registered."""
-        self.children["handler"].start()
-        self._wait(lambda: client.call(self.endpoint, "ping", timeout_s=1.0).ok, timeout_s,
-                   "the handler did not answer ping")
+        self._refuse_taken_endpoint()
+        # A new run: a scan the handler's journal has as running belongs to an earlier run. A
+        # restarted handler (supervise) carries the scan on.
+        self.children["handler"].start("--fresh")
+        self._wait(self._own_handler_answers, timeout_s, "the handler did not answer ping")
         for child in self.children.values():
             if child.process is None:
                 child.start()
         expected = sum(stage.processes for stage in self.pipeline.stages.values())
         self._wait(lambda: self.services_up() >= expected, timeout_s,
                    f"not all {expected} service processes registered with the handler")
+
+    def _refuse_taken_endpoint(self) -> None:
+        """A handler that answers before ours has started is someone else's: ours could not bind
+        there, and our services would register with it."""
+        try:
+            reply = client.call(self.endpoint, "ping", timeout_s=0.5)
+        except client.NoReply:
+            return
+        self._check_identity(reply.result or {})
+        name = (reply.result or {}).get("pipeline") or "unknown"
+        raise RuntimeError(f"a handler (pipeline {name}) already answers at {self.endpoint}: another `surveyor "
+                           f"run` or `surveyor handler` is running there; stop it, or choose other endpoints with "
+                           f"--set handler.command=... handler.status=...")
+
+    def _own_handler_answers(self) -> bool:
+        reply = client.call(self.endpoint, "ping", timeout_s=1.0)
+        self._check_identity(reply.result or {})
+        self.handler_is_ours = reply.ok
+        return reply.ok
+
+    def _check_identity(self, pong: dict[str, Any]) -> None:
+        theirs = pong.get("identity")
+        if theirs and theirs != self.pipeline.identity:
+            raise RuntimeError(f"the handler at {self.endpoint} belongs to another pipeline "
+                               f"({pong.get('pipeline') or 'unknown'}); choose other endpoints with "
+                               f"--set handler.command=... handler.status=...")
 
     def services_up(self) -> int:
         reply = client.call(self.endpoint, "status", timeout_s=2.0)
@@ -120,20 +181,26 @@ class Launcher:
         self.detector.start()
 
     def supervise(self) -> None:
-        """Restart every child that has exited, unless we are stopping."""
+        """Restart every child that has exited, unless we are stopping; stop the run when one
+        could not bind its endpoint."""
         if self.detector is not None and self.detector.process.poll() not in (None, 0):
-            raise RuntimeError(f"the virtual detector failed (exit code {self.detector.process.returncode}); "
-                               f"see {log_path('simulator')}")
+            raise RuntimeError(f"the virtual detector failed (exit code {self.detector.process.returncode}): "
+                               f"{self.detector.reason()}; see {log_path('simulator')}")
         now = time.monotonic()
         for child in self.children.values():
             if self.stopping or child.process is None or child.process.poll() is None:
                 continue
             if child.not_before == 0.0:
                 code = child.process.returncode
-                quick = now - child.started < 5.0
+                quick = now - child.started < QUICK_EXIT_S
+                reason = child.reason()
+                if quick and BIND_FAILED.search(reason):
+                    hint = ("choose other endpoints with --set handler.command=... handler.status=..."
+                            if child.name == "handler" else "another pipeline or program holds its endpoint")
+                    raise RuntimeError(f"{child.name} could not bind: {reason}; {hint} (log: {log_path(child.name)})")
                 child.backoff = min(child.backoff * 2, RESTART_BACKOFF_MAX_S) if quick else 0.5
                 child.not_before = now + (child.backoff if quick else 0.0)
-                console.log(f"[yellow]{child.name} exited with code {code}; restarting")
+                console.log(f"[yellow]{child.name} exited with code {code} ({reason}); restarting")
             if now >= child.not_before:
                 child.not_before = 0.0
                 child.restarts += 1
@@ -146,11 +213,15 @@ class Launcher:
         self.stopping = True
         if self.detector is not None and self.detector.process.poll() is None:
             self.detector.process.terminate()
-        try:
-            client.call(self.endpoint, "shutdown", timeout_s=timeout_s)
-        except client.NoReply:
-            console.log("[yellow]the handler did not answer shutdown; stopping the processes directly")
-        deadline = time.monotonic() + timeout_s
+        handler = self.children["handler"].process
+        asked = False
+        if self.handler_is_ours and handler is not None and handler.poll() is None:
+            try:
+                client.call(self.endpoint, "shutdown", timeout_s=timeout_s)
+                asked = True
+            except client.NoReply:
+                console.log("[yellow]the handler did not answer shutdown; stopping the processes directly")
+        deadline = time.monotonic() + (timeout_s if asked else 0.0)
         for child in self.children.values():
             if child.process is None:
                 continue
@@ -178,6 +249,9 @@ def unique_scan_id(prefix: str, out: Path) -> str:
 def run(*, pipeline_file: str, pipeline: Pipeline, overrides: list[str], simulate: bool, scans: int | None,
         out: Path, summary_path: Path) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # The children inherit the run's own log directory; the launcher's log_path() follows it too.
+    os.environ["SURVEYOR_LOG_DIR"] = str(logs.run_dir(pipeline.name))
+    console.log(f"logs in {logs.log_dir()}")
     launcher = Launcher(pipeline_file, pipeline, overrides)
     watcher = client.StatusFeed(pipeline.handler.status)
     finished: list[dict[str, Any]] = []
@@ -191,7 +265,7 @@ def run(*, pipeline_file: str, pipeline: Pipeline, overrides: list[str], simulat
         if simulate:
             scan_id = unique_scan_id(pipeline.simulation.scan_id, out)
             truth = _simulate(launcher, scan_id, out)
-        code = _follow(launcher, watcher, finished, wanted)
+        code = _follow(launcher, watcher, finished, wanted, simulate=simulate)
         if truth is not None and finished:
             finished[-1]["truth"] = str(truth)
             _score(finished[-1], truth)
@@ -204,17 +278,43 @@ def run(*, pipeline_file: str, pipeline: Pipeline, overrides: list[str], simulat
     finally:
         launcher.shutdown()
         watcher.close()
-        summary = {"pipeline": pipeline.name, "scans": finished,
-                   "stages": stage_totals(pipeline, finished), "restarts": launcher.restarts()}
-        summary_path.parent.mkdir(parents=True, exist_ok=True)
-        summary_path.write_text(json.dumps(summary, indent=2))
-        console.log(f"summary written to {summary_path}")
+        write_summary(summary_path, {"pipeline": pipeline.name, "scans": finished,
+                                     "stages": stage_totals(pipeline, finished), "restarts": launcher.restarts()})
     return code
 
 
+def write_summary(path: Path, summary: dict[str, Any]) -> bool:
+    """Write the summary whole or not at all (a temporary file beside it, synced, then renamed over
+    it): a full disk or a read-only directory is reported, never fatal, and never leaves a
+    truncated summary.json behind."""
+    temporary: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
+                                         delete=False) as handle:
+            temporary = Path(handle.name)
+            json.dump(summary, handle, indent=2)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except OSError as exc:
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
+        name = errno.errorcode.get(exc.errno, "?") if exc.errno is not None else "?"
+        console.log(f"[red]summary not written to {path}: {exc.strerror or exc} (errno {exc.errno}, {name}); "
+                    f"the run's results are in its output files and logs; free space or choose another "
+                    f"--summary path")
+        return False
+    console.log(f"summary written to {path}")
+    return True
+
+
 def _simulate(launcher: Launcher, scan_id: str, out: Path) -> Path | None:
-    """Start the simulated scan: a virtual detector where the receiver listens (it announces the
-    scan itself), or the receiver's synthetic source. Returns the ground-truth file, if any."""
+    """Start the simulated scan. A receiver that listens to a detector gets a virtual detector of
+    the simulation's kind bound where it connects, in its protocol, so the scan takes the real
+    ingest path (numbered `synthetic` frames carry no scan description: the launcher announces the
+    scan first, as an operator would); any other receiver makes the frames itself. Returns the
+    ground-truth file, if any."""
     pipeline, simulation = launcher.pipeline, launcher.pipeline.simulation
     receiver = pipeline.stages.get("receiver")
     protocol = receiver.params.get("protocol") if receiver else None
@@ -223,10 +323,14 @@ def _simulate(launcher: Launcher, scan_id: str, out: Path) -> Path | None:
             "scan_id": scan_id, "technique": simulation.technique, "n_frames": simulation.frames})
         if not reply.ok:
             raise RuntimeError(f"start_scan refused: {reply.error}")
+    if protocol not in PROTOCOLS:
         return None
     out.mkdir(parents=True, exist_ok=True)
     truth = out / f"{scan_id}_truth.h5"
-    params = [arg for key, value in simulation.params.items() for arg in ("--param", f"{key}={json.dumps(value)}")]
+    values = dict(simulation.params)
+    if simulation.kind == "synthetic":
+        values = {"shape": list(simulation.shape), "dtype": np.dtype(simulation.dtype).str, **values}
+    params = [arg for key, value in values.items() for arg in ("--param", f"{key}={json.dumps(value)}")]
     launcher.start_detector(["simulate", simulation.kind, "--protocol", protocol, "--bind", receiver.params["source"],
                              "--frames", str(simulation.frames), "--rate", str(simulation.rate_hz),
                              "--truth", str(truth), "--scan-id", scan_id, "--series-id", scan_id,
@@ -252,6 +356,20 @@ def _score(record: dict[str, Any], truth: Path) -> None:
     console.log(f"[{colour}]{line}[/]: {result}")
 
 
+def _report_scan(record: dict[str, Any]) -> bool:
+    """Print how a finished scan went; True when something was lost (each loss with its reason)."""
+    lost = record.get("frames_lost") or 0
+    losses = record.get("losses", [])
+    colour = "red" if lost or losses else "green"
+    console.log(f"[{colour}]scan {record['scan_id']}: {record['frames_received']} frames received, "
+                f"{record.get('frames_written', 0)} written, {lost} lost, {record['rate_hz']} Hz")
+    if lost and not losses:
+        losses = [f"{lost} frames reached no output and no stage said why; see the logs in {logs.log_dir()}"]
+    for reason in losses:
+        console.log(f"[red]scan {record['scan_id']} lost: {reason}")
+    return bool(lost or losses)
+
+
 def stage_totals(pipeline: Pipeline, scans: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per stage, what its processes did over every scan of the run."""
     totals = {}
@@ -264,15 +382,26 @@ def stage_totals(pipeline: Pipeline, scans: list[dict[str, Any]]) -> dict[str, d
     return totals
 
 
-def _follow(launcher: Launcher, watcher: client.StatusFeed, finished: list[dict[str, Any]], wanted: int | None) -> int:
-    """Supervise and show progress until `wanted` scans have ended (forever if None)."""
+def _follow(launcher: Launcher, watcher: client.StatusFeed, finished: list[dict[str, Any]], wanted: int | None,
+            *, simulate: bool = False) -> int:
+    """Supervise and show progress until `wanted` scans have finished (forever if None): 1 when a
+    scan lost something, else 0. An aborted scan is not counted and the run goes on (the operator
+    dropped it); with `simulate` it ends the run, since no other scan is coming."""
     code = 0
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("waiting for a scan", total=None)
-        while wanted is None or len(finished) < wanted:
+        while wanted is None or sum(done.get("state") != "aborted" for done in finished) < wanted:
             launcher.supervise()
-            for event in watcher.pump(0.2):
+            events = watcher.pump(0.2)
+            # The snapshot first: the scan_finished event after it has the final count.
+            scan = (watcher.status or {}).get("scan")
+            if scan and scan.get("state") not in ("finished", "aborted"):
+                sources = launcher.pipeline.sources()
+                received = sum(scan["stages"][s]["frames_out"] for s in sources)
+                total = scan["n_frames"] + scan.get("n_dark", 0) if scan.get("n_frames") else None
+                progress.update(task, description=f"scan {scan['scan_id']}", total=total, completed=received)
+            for event in events:
                 kind = event.get("kind")
                 if kind in ("service_down", "service_up", "scan_started"):
                     console.log(f"{event['service']}: {event['message']}")
@@ -280,17 +409,14 @@ def _follow(launcher: Launcher, watcher: client.StatusFeed, finished: list[dict[
                     record = event["summary"]
                     finished.append(record)
                     progress.update(task, total=record["frames_received"], completed=record["frames_received"])
-                    console.log(f"scan {record['scan_id']}: {record['frames_received']} frames received, "
-                                f"{record['frames_lost']} lost, {record['rate_hz']} Hz")
-                    if record["frames_lost"]:
+                    if _report_scan(record):
                         code = 1
-                elif kind == "scan_aborted":
-                    finished.append({"scan_id": event.get("scan_id"), "state": "aborted"})
-                    code = 1
-            scan = (watcher.status or {}).get("scan")
-            if scan:
-                sources = launcher.pipeline.sources()
-                received = sum(scan["stages"][s]["frames_out"] for s in sources)
-                total = scan["n_frames"] + scan.get("n_dark", 0) if scan.get("n_frames") else None
-                progress.update(task, description=f"scan {scan['scan_id']}", total=total, completed=received)
+                elif kind == "scan_aborted" and event.get("scan_id"):
+                    dropped = event.get("dropped", 0)
+                    finished.append({"scan_id": event["scan_id"], "state": "aborted", "dropped": dropped})
+                    if simulate:
+                        raise RuntimeError(f"the simulated scan {event['scan_id']} was aborted "
+                                           f"({dropped} frames dropped); nothing more is coming")
+                    console.log(f"[yellow]scan {event['scan_id']} aborted ({dropped} frames dropped); "
+                                f"not counted as done, waiting for the next scan")
     return code

@@ -85,9 +85,19 @@ class Outlet:
         port = self.socket.bind_to_random_port(f"tcp://{host}")
         self.endpoint = f"tcp://{host}:{port}"
         # Consumers on this host connect over a Unix socket instead: same semantics, less work
-        # per byte than loopback TCP (reference/zmq_patterns.md 3.1).
-        self.local_endpoint = f"ipc://{tempfile.gettempdir()}/surveyor-{uuid.uuid4().hex}.ipc"
-        self.socket.bind(self.local_endpoint)
+        # per byte than loopback TCP (reference/zmq_patterns.md 3.1). Its path holds 107 bytes at
+        # most, so under a longer TMPDIR it goes in /tmp; where none can be bound, TCP serves all.
+        name = f"surveyor-{uuid.uuid4().hex}.ipc"
+        path = f"{tempfile.gettempdir()}/{name}"
+        if len(path.encode()) > zmq.IPC_PATH_MAX_LEN:
+            path = f"/tmp/{name}"
+        self.local_endpoint: str | None = f"ipc://{path}"
+        try:
+            self.socket.bind(self.local_endpoint)
+        except zmq.ZMQError as exc:
+            logger.warning("no Unix socket at %s (%s); consumers on this host connect to %s",
+                           self.local_endpoint, exc, self.endpoint)
+            self.local_endpoint = None
         self.routes: dict[str, _Route] = {}
         self._owner: dict[bytes, _Route] = {}
         self._strangers: dict[bytes, tuple[str, int]] = {}
@@ -274,7 +284,8 @@ class Outlet:
 
     def close(self) -> None:
         self.socket.close(linger=0)
-        Path(self.local_endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
+        if self.local_endpoint is not None:
+            Path(self.local_endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
 
 
 class Inlet:

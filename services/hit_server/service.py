@@ -13,6 +13,10 @@ once; newest means the latest frame of the latest scan, whichever peak process f
 request that finds none waits for the next hit; the most recent requests are answered first. The
 pipeline never waits for an indexer: a slow one sees fewer hits, not a slower beamline.
 Frames are decoded and corrected only when served.
+
+The endpoint is loopback by default (two pipelines on one host each choose a port; nobody off the
+host reads the beamline's hits unasked); an indexer on another host needs an explicit
+`endpoint = "tcp://*:12322"`, which is logged as a warning naming the port.
 """
 
 from __future__ import annotations
@@ -37,9 +41,18 @@ logger = logging.getLogger(__name__)
 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    endpoint: str = Field("tcp://*:12322", description="where indexers connect (OM's default port)")
+    endpoint: str = Field("tcp://127.0.0.1:12322", description="where indexers connect (OM's default port, "
+                          "loopback: bind tcp://*:PORT for indexers on other hosts)")
     buffer: int = Field(20, ge=1, le=1000, description="newest hits kept, and requests waiting")
     flatfield: bool = Field(True, description="as the peak stage: apply the detector's flatfield unless it did")
+
+
+def beyond_loopback(endpoint: str) -> bool:
+    """A TCP endpoint that other hosts can reach (`*`, an interface's address or name)."""
+    if not endpoint.startswith("tcp://"):
+        return False
+    host = endpoint.removeprefix("tcp://").rpartition(":")[0].strip("[]")
+    return host not in ("localhost", "::1", "lo") and not host.startswith("127.")
 
 
 def packed_array(array: np.ndarray) -> dict[bytes, object]:
@@ -66,6 +79,11 @@ class Service(Runtime):
                              "set stages.<stage>.params.endpoint to a free port") from None
         self.watch(self._socket, self._on_request)
         logger.info("serving hits to indexers at %s", self.params.endpoint)
+        if beyond_loopback(self.params.endpoint):
+            port = self.params.endpoint.rpartition(":")[2]
+            logger.warning("the hit server listens beyond loopback on port %s (%s): anyone who reaches this host "
+                           "can take the hits; bind tcp://127.0.0.1:%s unless indexers run on other hosts",
+                           port, self.params.endpoint, port)
 
     def on_frame(self, frame: Frame) -> None:
         if not frame.header.meta.get("hit"):

@@ -16,6 +16,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from libs.common.detector import Event, SeriesEnd, SeriesStart
 from libs.common.detector.stins import Numbering
+from libs.common.errors import ParameterError
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,12 @@ class Republisher:
         self.socket.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 60)
         self.socket.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 1)
         self._monitor = self.socket.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-        self.socket.bind(endpoint)
+        try:
+            self.socket.bind(endpoint)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise ParameterError(f"receiver: cannot bind the re-publication endpoint {endpoint}: {exc.strerror}; "
+                                 f"give params.republish a free endpoint (\"\" for none)") from None
         self.peers = 0
         self.sent = 0
         self.dropped = 0

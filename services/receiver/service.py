@@ -12,11 +12,19 @@ it has started. The header goes to every downstream process as the scan header. 
 or `series_timeout_s` without any message, ends the series. Compressed blobs are checked, never
 decompressed, and travel as they came. A bad message is rejected, counted, logged, and reported as
 a `frame_rejected` event (at most one a second, with the count); the receiver keeps going.
+
+Memory from the detector is bounded twice. A message part over `max_message_bytes` (ZeroMQ's
+MAXMSGSIZE) never gets in: ZeroMQ closes the link and drops it, and does not reconnect after
+such a protocol error, so the receiver notices a disconnect with no retry, counts and reports the
+loss as a rejected message, and connects again. And ZeroMQ's queue (RCVHWM) counts messages, not
+bytes: it is `buffer_frames`, lowered to keep about `buffer_mb` MiB queued by the largest image of
+the current series (until its first image comes, the frame size its header announces).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from typing import Iterator, Literal
@@ -24,6 +32,7 @@ from typing import Iterator, Literal
 import numpy as np
 import zmq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from zmq.utils.monitor import recv_monitor_message
 
 from libs.common import messages
 from libs.common.detector import PROTOCOLS, Event, Image, SeriesEnd, SeriesStart, StreamError
@@ -40,6 +49,9 @@ BATCH = 16
 """Messages taken per loop turn at most, so commands are never kept waiting."""
 REPORT_PERIOD_S = 1.0
 RETRY_S = 0.5
+LINK_RETRY_S = 0.5
+"""A detector link that went down and was not retried within this long was closed for good."""
+MIB = 2**20
 
 
 class Params(BaseModel):
@@ -51,7 +63,11 @@ class Params(BaseModel):
     rate_hz: float = Field(0.0, ge=0, description="replay pace; 0 = as fast as the pipeline takes")
     dataset: str = Field("", description="replay: the frame stack's path in the file; empty: look for it")
     buffer_frames: int = Field(1000, ge=1, le=100_000,
-                               description="frames queued from the detector before it is made to wait")
+                               description="messages queued from the detector before it is made to wait")
+    buffer_mb: float = Field(1024, gt=0, description="and at most about this many MiB of them, by the largest "
+                             "image of the series (the header's frame size before the first)")
+    max_message_bytes: int = Field(256 * MIB, ge=4096, description="a larger message part from the detector is "
+                                   "dropped (ZeroMQ MAXMSGSIZE), counted as rejected and reported")
 
     @model_validator(mode="after")
     def _source_given(self) -> Params:
@@ -84,6 +100,14 @@ class Service(Runtime):
         self._reject_reason = ""
         self._next_report = 0.0
         self._detector: zmq.Socket | None = None
+        self._detector_monitor: zmq.Socket | None = None
+        """Monitor of the detector socket: its disconnects and reconnection attempts."""
+        self._unlinked: float | None = None
+        """When the detector link went down with no reconnection attempt since."""
+        self._largest = 0
+        """Bytes of the largest image of the series from the detector (0: none yet)."""
+        self._hwm = 0
+        """The detector socket's RCVHWM now."""
         self._replay: Iterator[Event] | None = None
         self._paced_from = 0.0
         self._replayed = 0
@@ -105,8 +129,11 @@ class Service(Runtime):
     def _disconnect(self) -> None:
         if self._detector is not None:
             self.unwatch(self._detector)
+            self.unwatch(self._detector_monitor)
+            self._detector.disable_monitor()
+            self._detector_monitor.close(linger=0)
             self._detector.close(linger=0)
-            self._detector = None
+            self._detector = self._detector_monitor = self._unlinked = None
         if self._republisher is not None:
             self._republisher.close()
             self._republisher = None
@@ -123,9 +150,14 @@ class Service(Runtime):
             self._decode = PROTOCOLS[params.protocol].decode
             self._detector = self.context.socket(zmq.PULL)
             self._detector.setsockopt(zmq.LINGER, 0)
-            self._detector.setsockopt(zmq.RCVHWM, params.buffer_frames)
+            self._detector.setsockopt(zmq.MAXMSGSIZE, params.max_message_bytes)
+            self._hwm = params.buffer_frames
+            self._detector.setsockopt(zmq.RCVHWM, self._hwm)
+            self._detector_monitor = self._detector.get_monitor_socket(
+                zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
             self._detector.connect(params.source)
             self.watch(self._detector, self._on_detector)
+            self.watch(self._detector_monitor, self._on_detector_event)
             logger.info("receiving %s from %s", params.protocol, params.source)
         elif params.protocol == "replay":
             self._replay = replay_events(params.source, params.dataset)
@@ -152,7 +184,51 @@ class Service(Runtime):
             except StreamError as exc:
                 self._reject(str(exc))
                 continue
+            if isinstance(event, Image):
+                size = sum(len(part) for part in parts)
+                if size > self._largest:
+                    self._largest = size
+                    self._bound_queue(size)
             self._handle(event)
+
+    def _bound_queue(self, message_bytes: int) -> None:
+        """Queue about `buffer_mb` of detector messages of this size, `buffer_frames` at most."""
+        params = self.params
+        hwm = max(1, min(params.buffer_frames, int(params.buffer_mb * MIB) // max(1, message_bytes)))
+        if hwm != self._hwm:
+            self._hwm = hwm
+            self._detector.setsockopt(zmq.RCVHWM, hwm)
+            logger.info("detector queue: %d messages of up to %.1f MiB", hwm, message_bytes / MIB)
+
+    def _on_detector_event(self) -> None:
+        self._read_detector_events()
+        if self._unlinked is not None:
+            self.wake(LINK_RETRY_S)
+
+    def _read_detector_events(self) -> None:
+        """ZeroMQ retries a detector link that broke, but not one it closed for a protocol error
+        (a message part over max_message_bytes): that one shows as a disconnect with no retry."""
+        while self._detector_monitor.poll(0):
+            event = recv_monitor_message(self._detector_monitor)["event"]
+            self._unlinked = time.monotonic() if event == zmq.EVENT_DISCONNECTED else None
+
+    def _check_detector_link(self, now: float) -> float | None:
+        """Connect again to a detector whose link ZeroMQ gave up; seconds until that is known."""
+        if self._unlinked is None:
+            return None
+        self._read_detector_events()  # a full pipeline leaves watched sockets unread: a retry may be waiting
+        if self._unlinked is None:
+            return None
+        waited = now - self._unlinked
+        if waited < LINK_RETRY_S:
+            return LINK_RETRY_S - waited
+        self._unlinked = None
+        self._reject(f"ZeroMQ closed the link to the detector at {self.params.source} and did not retry: a message "
+                     f"part over max_message_bytes ({self.params.max_message_bytes} bytes) does that, and the "
+                     f"message is lost; connected again (raise stages.{self.stage}.params.max_message_bytes if "
+                     f"the detector's frames are that large)")
+        self._detector.connect(self.params.source)
+        return None
 
     def _handle(self, event: Event) -> None:
         if self._republisher is not None:
@@ -165,6 +241,14 @@ class Service(Runtime):
             self._on_series_end(event)
 
     def _on_series_start(self, event: SeriesStart) -> None:
+        if self._detector is not None:
+            self._largest = 0
+            shape, dtype = event.info.shape, event.info.dtype
+            if shape and dtype:
+                try:
+                    self._bound_queue(math.prod(shape) * np.dtype(dtype).itemsize)
+                except TypeError:
+                    logger.warning("series %s: the header's dtype %r is not a numpy dtype", event.series, dtype)
         if self._series is not None:
             self._end_series(f"series {self._series} ended without its end message: series "
                              f"{event.series} started")
@@ -293,7 +377,7 @@ class Service(Runtime):
         waiting_for_scan = self._held is not None and self.scan is None
         if waiting_for_scan:
             self._ask_for_scan()
-        timers = [self._generate(now), self._check_silence(now),
+        timers = [self._generate(now), self._check_silence(now), self._check_detector_link(now),
                   self._next_report - now if self._rejects else None, RETRY_S if waiting_for_scan else None]
         timers = [t for t in timers if t is not None]
         return max(0.0, min(timers)) if timers else None
