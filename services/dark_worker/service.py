@@ -5,23 +5,34 @@ The centre comes from the scan description, else the detector header; failing bo
 centre of mass of the mean of the first `centre_frames` data frames (the stage's edge must then
 take `all` frames). A scan without darks still gets a calibration (no dark, detector mask only),
 since the frame workers wait for one.
+
+Every frame that goes into the calibration is held (unacknowledged) until the calibration is
+checkpointed (`calibration.npz` in the stage's checkpoint folder: the header's arrays and meta,
+written atomically) and published; then all of them are released. So a process killed during the
+darks loses none: they are re-sent to its successor. A successor that starts mid-scan restores the
+checkpoint, if there is one, and publishes the same calibration again instead of waiting for darks
+that will not come again (the re-sent ones are acknowledged: they are in it already).
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from libs.common import checkpoint
 from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
-from libs.common.runtime import Service as Runtime
+from libs.common.runtime import Service as Runtime, Token
 from services.dark_worker.dark_statistics import DarkStatistics, centre_of_mass
 
 logger = logging.getLogger(__name__)
 
 CALIBRATION = "calibration"
+CHECKPOINT = "calibration.npz"
+SAVE_RETRY_S = 2.0
 
 
 class Params(BaseModel):
@@ -32,6 +43,15 @@ class Params(BaseModel):
 
 class Service(Runtime):
     Params = Params
+    _calibration: Frame | None = None
+    _save_failed = False
+    _published = True
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._early: list[tuple[Token, Frame]] = []
+        """Frames that came before the scan start (a process that joins a running scan can be sent
+        frames before it hears of the scan): held, and taken once it starts."""
 
     def on_scan_start(self, scan: ScanDescription) -> None:
         self._darks: DarkStatistics | None = None
@@ -39,15 +59,38 @@ class Service(Runtime):
         self._dark_mean: np.ndarray | float | None = None
         self._centre_count = 0
         self._published = False
-        self._publish_when_ready()
+        self._held: list[Token] = []
+        """The frames in the calibration being built: acknowledged once it is checkpointed."""
+        self._calibration = None
+        self._save_failed = False
+        if not self._restore():
+            self._publish_when_ready()
+        early, self._early = self._early, []
+        for token, frame in early:
+            if frame.header.epoch == self.epoch:
+                self._take(token, frame)
 
     def on_header(self, header: Frame) -> None:
         super().on_header(header)
         self._publish_when_ready()
 
     def on_frame(self, frame: Frame) -> None:
-        if self._published or self.scan is None:
+        token = self.hold()
+        if self.scan is None:
+            self._early.append((token, frame))
             return
+        self._take(token, frame)
+
+    def on_abort(self) -> int:
+        dropped, self._early = len(self._early), []
+        return dropped
+
+    def _take(self, token: Token, frame: Frame) -> None:
+        """One frame, held: released at once unless it goes into the calibration being built."""
+        if self._published or (frame.header.frame >= self.scan.n_dark and self._centre() is not None):
+            self.release(token)  # in the calibration already (a re-sent dark), or not needed
+            return
+        self._held.append(token)
         raw = frame.array("data")
         if frame.header.frame < self.scan.n_dark:
             if self._darks is None:
@@ -82,6 +125,8 @@ class Service(Runtime):
                 self._published = True
                 self.report("calibration_failed", f"scan {self.scan.scan_id}: no diffraction centre: give "
                             "beam_center_px in start_scan, or set the dark stage's centre_frames")
+                self.count("lost", len(self._held))
+                self._release_held()
             return
         bad = None
         arrays = {}
@@ -97,6 +142,68 @@ class Service(Runtime):
         self._published = True
         logger.info("scan %s: calibration from %d darks: %d bad pixels, centre %s",
                     self.scan.scan_id, darks, 0 if bad is None else int(bad.sum()), centre)
-        self.send_header(Frame.from_arrays(scan_id=self.scan.scan_id, epoch=self.epoch, frame=0, origin=self.name,
-                                           arrays=arrays, meta={"header": CALIBRATION, "darks": darks,
-                                                                "centre_px": [float(c) for c in centre]}))
+        self._calibration = Frame.from_arrays(
+            scan_id=self.scan.scan_id, epoch=self.epoch, frame=0, origin=self.name, arrays=arrays,
+            meta={"header": CALIBRATION, "darks": darks, "centre_px": [float(c) for c in centre]})
+        # Published even if it cannot be saved: the frame workers wait for it. Its frames stay
+        # unacknowledged until it is saved (retried), so a successor could build it again.
+        self.send_header(self._calibration)
+        self.counters.delivered = darks
+        self._save()
+
+    def _save(self) -> None:
+        """Checkpoint the calibration, then acknowledge the frames in it; retried until it works."""
+        calibration, path = self._calibration, f"the checkpoint folder of scan {self.scan.scan_id}"
+        try:
+            path = self.checkpoint_dir() / CHECKPOINT
+            checkpoint.save(path, {spec.name: calibration.array(spec.name) for spec in calibration.header.arrays},
+                            calibration.header.meta)
+        except OSError as exc:
+            if not self._save_failed:
+                self.report("checkpoint_failed", f"scan {self.scan.scan_id}: the calibration could not be saved "
+                            f"to {path}: {exc}; its {len(self._held)} frames stay unacknowledged until it is "
+                            f"(retried every {SAVE_RETRY_S:.0f} s)", path=str(path), errno=exc.errno)
+            self._save_failed = True
+            self.wake(SAVE_RETRY_S)
+            return
+        if self._save_failed:
+            logger.info("scan %s: calibration saved to %s at last", self.scan.scan_id, path)
+        self._save_failed = False
+        self._release_held()
+
+    def produce(self) -> float | None:
+        if self._save_failed and self.scan is not None and self._calibration is not None:
+            self._save()
+        return None
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, []
+        for token in held:
+            self.release(token)
+
+    def _restore(self) -> bool:
+        """A successor mid-scan: publish the calibration its predecessor checkpointed, if any."""
+        try:
+            found = checkpoint.load(self.checkpoint_dir() / CHECKPOINT)
+        except OSError as exc:
+            logger.warning("scan %s: no checkpoint folder (%s); the calibration is built from the darks",
+                           self.scan.scan_id, exc)
+            return False
+        if found is None:
+            return False
+        arrays, meta = found
+        self._published = True
+        self._calibration = Frame.from_arrays(scan_id=self.scan.scan_id, epoch=self.epoch, frame=0,
+                                              origin=self.name, arrays=arrays, meta=meta)
+        logger.info("scan %s: calibration from %d darks restored from the checkpoint; publishing it again",
+                    self.scan.scan_id, meta["darks"])
+        self.send_header(self._calibration)
+        self.counters.delivered = int(meta["darks"])
+        return True
+
+    def on_scan_end(self) -> None:
+        # Every frame of the scan is delivered: nothing is left to restore.
+        try:
+            shutil.rmtree(self.checkpoint_dir(), ignore_errors=True)
+        except OSError:
+            pass

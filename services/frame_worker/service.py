@@ -43,45 +43,62 @@ class Service(Runtime):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self._uncalibrated: list[tuple[Token, Frame]] = []
-        """Frames that came before the scan's calibration, held (unacknowledged) until it does."""
+        """Frames that came before the scan's calibration (or before the scan start: a process that
+        joins a running scan can be sent frames before it hears of it), held until it does."""
 
     def on_scan_start(self, scan: ScanDescription) -> None:
-        self._uncalibrated = []
+        self._uncalibrated = [(token, frame) for token, frame in self._uncalibrated
+                              if frame.header.epoch == self.epoch]
         self._waiting_since = None
         self._gave_up = 0
+        if CALIBRATION in self.headers:  # it came before the scan start
+            self._calibrated(self.headers[CALIBRATION])
+        elif self._uncalibrated:
+            self._start_waiting()
 
     def on_header(self, header: Frame) -> None:
         super().on_header(header)
         if header_name(header) == CALIBRATION and self.scan is not None:
-            self._send_geometry(header)
-            waiting, self._uncalibrated = self._uncalibrated, []
-            self._waiting_since = None
-            if self._gave_up:
-                logger.info("scan %s: the calibration came after all; cleaning frames again", self.scan.scan_id)
-            for token, frame in waiting:
-                try:
-                    self._clean(frame, parent=token)
-                except Exception:  # noqa: BLE001 - one bad frame must not keep the others
-                    self.count("rejected")
-                    logger.exception("frame %d of scan %s failed", frame.header.frame, self.scan.scan_id)
-                self.release(token)
+            self._calibrated(header)
+
+    def _calibrated(self, calibration: Frame) -> None:
+        self._send_geometry(calibration)
+        waiting, self._uncalibrated = self._uncalibrated, []
+        self._waiting_since = None
+        if self._gave_up:
+            logger.info("scan %s: the calibration came after all; cleaning frames again", self.scan.scan_id)
+        for token, frame in waiting:
+            self._clean_held(token, frame)
 
     def on_frame(self, frame: Frame) -> None:
-        if CALIBRATION not in self.headers:
-            if self._gave_up:
-                self._gave_up += 1
-                self.count("lost")
-                logger.warning("scan %s: frame %d lost: still no calibration (%d given up on)",
-                               frame.header.scan_id, frame.header.frame, self._gave_up)
-                return
-            self._uncalibrated.append((self.hold(), frame))
-            if len(self._uncalibrated) == 1:
-                self._waiting_since = time.monotonic()
-                self.wake(self.params.calibration_timeout_s)
-                logger.info("scan %s: holding frames until the calibration comes (at most %g s)",
-                            frame.header.scan_id, self.params.calibration_timeout_s)
+        token = self.hold()
+        if self.scan is not None and CALIBRATION in self.headers:
+            self._clean_held(token, frame)
             return
-        self._clean(frame)
+        if self.scan is not None and self._gave_up:
+            self._gave_up += 1
+            self.count("lost")
+            logger.warning("scan %s: frame %d lost: still no calibration (%d given up on)",
+                           frame.header.scan_id, frame.header.frame, self._gave_up)
+            self.release(token)
+            return
+        self._uncalibrated.append((token, frame))
+        if len(self._uncalibrated) == 1 and self.scan is not None:
+            self._start_waiting()
+
+    def _start_waiting(self) -> None:
+        self._waiting_since = time.monotonic()
+        self.wake(self.params.calibration_timeout_s)
+        logger.info("scan %s: holding frames until the calibration comes (at most %g s)",
+                    self.scan.scan_id, self.params.calibration_timeout_s)
+
+    def _clean_held(self, token: Token, frame: Frame) -> None:
+        try:
+            self._clean(frame, parent=token)
+        except Exception:  # noqa: BLE001 - one bad frame must not end the service, nor stay held
+            self.count("rejected")
+            logger.exception("frame %d of scan %s failed in %s", frame.header.frame, self.scan.scan_id, self.stage)
+        self.release(token)
 
     def produce(self) -> float | None:
         """The calibration timer: give up on the frames held for it once it is past."""

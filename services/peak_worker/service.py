@@ -7,8 +7,11 @@ corrected frames of each class and sends what it added since last time with a re
 `sums_interval_s`: the one place that sees every frame's pixels adds them, and the aggregation
 downstream receives one image per interval instead of every frame.
 
-The record of the newest frame is kept back (unacknowledged) until the next frame or the sums
-timer, so the sums of a scan's last frames always leave before the scan can end.
+The record of the newest frame is kept back until the next frame or the sums timer, so the sums of
+a scan's last frames always leave before the scan can end. Every summed frame stays unacknowledged
+until the record carrying the delta with its sum has been sent (that record is a child of every
+frame in the delta), so a process killed between two deltas loses no frame's contribution: the
+frames are re-sent to another process, which sums them again.
 
 Parameters are OM's peakfinder8 ones plus the hit limits; `configure` changes them for the
 next frame, and a bad value is refused with the reason.
@@ -57,6 +60,9 @@ class Service(Runtime):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self._reset()
+        self._early: list[tuple[Token, Frame]] = []
+        """Frames that came before the scan start (a process that joins a running scan can be sent
+        frames before it hears of it): held, and taken once it starts."""
         _compile()
 
     def _reset(self) -> None:
@@ -64,12 +70,19 @@ class Service(Runtime):
         self._corrections: Corrections | None = None
         self._sums: ClassSums | None = None
         self._pending: tuple[Token, Frame] | None = None
+        """The newest record, kept back: the next delta leaves with it."""
+        self._summed: list[Token] = []
+        """The frames in the sums not yet sent: held until the delta with them is."""
         self._sums_due = time.monotonic()
         self._tally = np.zeros(3, np.int64)
         """Frames, hits and peaks of this process in the current scan."""
 
     def on_scan_start(self, scan: ScanDescription) -> None:
         self._reset()
+        early, self._early = self._early, []
+        for token, frame in early:
+            if frame.header.epoch == self.epoch:
+                self._take_held(token, frame)
 
     def on_header(self, header: Frame) -> None:
         super().on_header(header)
@@ -79,18 +92,36 @@ class Service(Runtime):
         self._finder = None
 
     def on_abort(self) -> int:
-        dropped = 1 if self._pending else 0
+        dropped = len(self._summed) + len(self._early)
         self._reset()
+        self._early = []
         return dropped
 
     def on_frame(self, frame: Frame) -> None:
+        token = self.hold()
+        if self.scan is None:
+            self._early.append((token, frame))
+            return
+        self._take_held(token, frame)
+
+    def _take_held(self, token: Token, frame: Frame) -> None:
+        try:
+            self._take(token, frame)
+        except Exception:  # noqa: BLE001 - one bad frame must not end the service, nor stay held
+            self.count("rejected")
+            logger.exception("frame %d of scan %s failed in %s", frame.header.frame, frame.header.scan_id, self.stage)
+            if token not in self._summed:
+                self.release(token)
+
+    def _take(self, token: Token, frame: Frame) -> None:
+        """One frame, held: its record (kept back until the next), its sum, held until the delta."""
         raw = frame.array("data")
+        if self._sums is not None and self._sums.shape != raw.shape:
+            self._send_sums()  # what is summed so far leaves before the accumulator is replaced
         finder, corrections = self._prepare(raw.shape)
         corrected = corrections.apply(raw)
         peaks = finder.find(corrected)
         hit = is_hit(len(peaks), self.params.min_peaks, self.params.max_peaks)
-        self._sums.add(corrected, hit, frame.header.frame)
-        self._tally += (1, hit, len(peaks))
         spec = frame.spec("data")
         blobs = [(ArraySpec(name=name, dtype="<f4", shape=a.shape), a) for name, a in peaks.as_arrays().items()]
         if hit:
@@ -100,20 +131,23 @@ class Service(Runtime):
                 "max_num_peaks": self.params.max_num_peaks}
         record = Frame.from_blobs(scan_id=frame.header.scan_id, epoch=self.epoch, frame=frame.header.frame,
                                   origin=self.name, blobs=blobs, meta=meta)
-        self._send_pending()
+        self._sums.add(corrected, hit, frame.header.frame)
+        self._tally += (1, hit, len(peaks))
+        self._summed.append(token)
+        if self._pending is not None:
+            # The previous record goes now, without the sums; its frame stays held for the delta.
+            previous, kept = self._pending
+            self._pending = None
+            self.emit(kept, parent=previous)
+        self._pending = (token, record)
         if time.monotonic() >= self._sums_due:
-            self.emit(self._with_sums(record))
+            self._send_sums()
         else:
-            self._pending = (self.hold(), record)
             self.wake(self._sums_due - time.monotonic())
 
     def produce(self) -> float | None:
         """The sums timer: the kept-back record leaves with the sums."""
-        if self._pending is not None:
-            token, record = self._pending
-            self._pending = None
-            self.emit(self._with_sums(record), parent=token)
-            self.release(token)
+        self._send_sums()
         return None
 
     def on_scan_end(self) -> None:
@@ -121,12 +155,17 @@ class Service(Runtime):
         logger.info("scan %s: %d frames, %d hits, %d peaks in this process",
                     self.scan.scan_id, frames, hits, peaks)
 
-    def _send_pending(self) -> None:
-        if self._pending is not None:
-            token, record = self._pending
-            self._pending = None
-            self.emit(record, parent=token)
-            self.release(token)
+    def _send_sums(self) -> None:
+        """The kept-back record leaves with the delta of the sums, as a child of every frame in it;
+        then those frames are released (acknowledged once their records and the delta are)."""
+        if self._pending is None:
+            return
+        token, record = self._pending
+        self._pending = None
+        summed, self._summed = self._summed, []
+        self.emit(self._with_sums(record), parent=token, parents=summed)
+        for held in summed:
+            self.release(held)
 
     def _with_sums(self, record: Frame) -> Frame:
         self._sums_due = time.monotonic() + self.params.sums_interval_s

@@ -10,21 +10,34 @@ falls below `tolerance`), then the object and probe go to the writer as one resu
 The process keeps the scan from ending until then: it holds the last frame it received
 unacknowledged and sends the result as that frame's child, so the handler's end-of-scan (which
 waits until every frame is acknowledged everywhere) follows the result onto disk.
+
+A frame is acknowledged only once a successor could restore it: frames are appended to batch files
+in the stage's checkpoint folder (`batch-<instance>-<n>.npz`: index, data, mask; written atomically
+every `checkpoint_interval_s` or `checkpoint_frames` frames), and their tokens released once their
+batch is on disk. The solver's state (object, probe, the initial probe, iterations) goes to
+`solver.npz` every `state_interval_s`. A process that starts mid-scan (its predecessor was killed)
+finds the checkpoint, loads every batch (each index once), puts the saved object and probe back and
+iterates on from there; the frames its predecessor had not saved are re-sent to it and join as new
+ones, those it had saved but not yet acknowledged are acknowledged on arrival. The folder is removed
+when the scan ends.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import shutil
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from libs.common import checkpoint
 from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
-from libs.common.runtime import Service as Runtime, Token
+from libs.common.runtime import Service as Runtime, Token, header_name
 from libs.ptychography import optics
 from services.frame_worker.service import FRAMES_HEADER
 from services.reconstruction_worker.raar import StreamingRaar
@@ -33,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 RESULT = "reconstruction"
 POLL_S = 0.2
+STATE = "solver.npz"
+BATCHES = "batch-*.npz"
 
 
 class Params(BaseModel):
@@ -45,19 +60,26 @@ class Params(BaseModel):
     preview_interval_s: float = Field(3.0, gt=0)
     idle_s: float = Field(30.0, gt=0, description="finish with the frames received after this long without one")
     threads: int = Field(1, ge=1, le=64, description="FFT threads")
+    checkpoint_interval_s: float = Field(0.5, gt=0, le=60, description="frames are saved (then acknowledged) "
+                                         "at least this often")
+    checkpoint_frames: int = Field(64, ge=1, le=100_000, description="or as soon as this many wait")
+    state_interval_s: float = Field(5.0, gt=0, description="the solver's object and probe are saved this often")
 
 
 class Engine(threading.Thread):
     """The solver's thread: adds arrived frames between iterations, iterates, stops when done."""
 
-    def __init__(self, solver: StreamingRaar, params: Params, total: int) -> None:
+    def __init__(self, solver: StreamingRaar, params: Params, total: int, *, scaled: bool = False,
+                 after_last: int = 0) -> None:
         super().__init__(name="raar", daemon=True)
         self.solver, self.params, self.total = solver, params, total
+        self.scaled = scaled
+        """The probe has been given the frames' photon count (a restored solver's has)."""
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.lock = threading.Lock()
         self.finished = threading.Event()
         self.stopping = False
-        self.after_last = 0
+        self.after_last = after_last
         self.completed_at: float | None = None
         """When the last frame joined (monotonic); the post-scan iterations are timed from here."""
         self.failure: BaseException | None = None
@@ -72,7 +94,6 @@ class Engine(threading.Thread):
 
     def _run(self) -> None:
         solver, params = self.solver, self.params
-        scaled = False
         while not self.stopping:
             self._take(block=solver.frames < params.min_frames)
             if solver.frames < params.min_frames:
@@ -85,9 +106,9 @@ class Engine(threading.Thread):
             if complete and (self.after_last >= params.iterations or solver.error < params.tolerance):
                 return
             with self.lock:
-                if not scaled:
+                if not self.scaled:
                     solver.scale_probe()
-                    scaled = True
+                    self.scaled = True
                 solver.refine_probe = solver.frames >= params.probe_fraction * self.total
                 solver.iterate(1, beta=params.beta)
             if complete:
@@ -111,79 +132,251 @@ class Engine(threading.Thread):
             s = self.solver
             return s.object.copy(), s.probe.copy(), s.iterations, s.error
 
+    def state(self) -> tuple[dict[str, np.ndarray], dict]:
+        """What a successor needs to iterate on from here: the object, the probe and the counts."""
+        with self.lock:
+            s = self.solver
+            return ({"object": s.object.copy(), "probe": s.probe.copy()},
+                    {"iterations": s.iterations, "after_last": self.after_last, "scaled": self.scaled,
+                     "frames": s.frames})
+
 
 class Service(Runtime):
     Params = Params
     _engine: Engine | None = None
+    _folder: Path | None = None
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._early: list[tuple[Token, Frame]] = []
 
     def on_scan_start(self, scan: ScanDescription) -> None:
         self._stop_engine()
         self._total = len(scan.positions_m or ())
-        self._received = 0
+        self._indices: set[int] = set()
+        """The scan positions whose frame is in the solver (restored or received)."""
         self._last_frame_at = time.monotonic()
-        self._held: Token | None = None
+        self._newest: Token | None = None
+        """The newest frame, held until the result is sent (as its parent)."""
+        self._newest_saved = False
+        self._unsaved: list[tuple[Token, int, np.ndarray, np.ndarray]] = []
+        """Frames in the solver and not yet in a batch file: held until they are."""
+        self._batch_due = 0.0
+        self._batches = 0
+        self._state_due = 0.0
+        self._save_failed = False
         self._started = time.monotonic()
         self._next_preview = self._started + self.params.preview_interval_s
         self._initial_probe: np.ndarray | None = None
         self._finished = False
+        self._folder: Path | None = None
+        self._resume = False
+        try:
+            self._folder = self.checkpoint_dir()
+            self._resume = bool(checkpoint.files(self._folder, BATCHES)) or (self._folder / STATE).exists()
+        except OSError as exc:
+            self.report("checkpoint_failed", f"scan {scan.scan_id}: no checkpoint folder ({exc}); frames are "
+                        "acknowledged only once the result is sent", error=str(exc))
+        if self._resume:
+            logger.info("scan %s: a checkpoint is in %s: resuming the reconstruction from it", scan.scan_id,
+                        self._folder)
         if not self._total:
             self.report("scan_incomplete", f"scan {scan.scan_id}: no positions_m, nothing to reconstruct")
+        # What came before the scan start (a process joining a running scan can be sent its
+        # headers and frames before it hears of it).
+        self._resume_from_checkpoint()
+        early, self._early = self._early, []
+        for token, frame in early:
+            if frame.header.epoch == self.epoch:
+                self._take(token, frame)
+
+    def on_header(self, header: Frame) -> None:
+        super().on_header(header)
+        if header_name(header) == FRAMES_HEADER and self.scan is not None:
+            self._resume_from_checkpoint()
+
+    def _resume_from_checkpoint(self) -> None:
+        """A successor: the solver from the checkpoint as soon as the frames' geometry is known."""
+        if not self._resume or self._engine is not None or self._finished or FRAMES_HEADER not in self.headers:
+            return
+        try:
+            self._start_engine(None)
+        except Exception:  # noqa: BLE001 - tried again with the first frame
+            logger.exception("scan %s: resuming from the checkpoint failed", self.scan.scan_id)
+        self.wake(0)
 
     def on_frame(self, frame: Frame) -> None:
-        index = frame.header.meta["index"]
-        if not 0 <= index < self._total:
-            raise ValueError(f"frame {frame.header.frame}: index {index} outside the scan's {self._total} positions")
-        if self._finished:
-            logger.warning("scan %s: frame %d came after the reconstruction was sent; not used",
-                           self.scan.scan_id, frame.header.frame)
+        token = self.hold()
+        if self.scan is None:
+            self._early.append((token, frame))
             return
-        if self._engine is None:
-            self._start_engine(frame)
-        self._engine.inbox.put((index, frame.array("data").copy(), frame.array("mask").copy()))
-        self._received += 1
-        self._last_frame_at = time.monotonic()
-        # Keep the newest frame unacknowledged: the scan cannot end before the result is written.
-        if self._held is not None:
-            self.release(self._held)
-        self._held = self.hold()
-        self.wake(POLL_S)
+        self._take(token, frame)
 
-    def _start_engine(self, first: Frame) -> None:
+    def _take(self, token: Token, frame: Frame) -> None:
+        """One frame, held: into the solver, released once it is in a batch file (the newest one
+        once the result is sent)."""
+        index = frame.header.meta.get("index")
+        try:
+            if not isinstance(index, int) or not 0 <= index < self._total:
+                raise ValueError(f"frame {frame.header.frame}: index {index} outside the scan's {self._total} "
+                                 "positions")
+            if self._engine is None and not self._finished:
+                self._start_engine(frame)
+        except Exception as exc:  # noqa: BLE001 - rejected, and never left held
+            self.count("rejected")
+            logger.error("scan %s: frame %d rejected: %s", self.scan.scan_id, frame.header.frame, exc)
+            self.release(token)
+            return
+        if self._finished:
+            if index not in self._indices:
+                self.count("lost")
+                logger.warning("scan %s: frame %d came after the reconstruction was sent; not in it",
+                               self.scan.scan_id, frame.header.frame)
+            self.release(token)
+            return
+        if index in self._indices:
+            # Saved by a predecessor (it is in the solver from its batch file): safe already.
+            self._make_newest(token, saved=True)
+        else:
+            data, mask = frame.array("data").copy(), frame.array("mask").copy()
+            self._engine.inbox.put((index, data, mask))
+            self._indices.add(index)
+            if not self._unsaved:
+                self._batch_due = time.monotonic() + self.params.checkpoint_interval_s
+            self._unsaved.append((token, index, data, mask))
+            self._make_newest(token, saved=False)
+            if len(self._unsaved) >= self.params.checkpoint_frames:
+                self._save_batch()
+        self._last_frame_at = time.monotonic()
+        self.wake(min(POLL_S, self.params.checkpoint_interval_s))
+
+    def _make_newest(self, token: Token, *, saved: bool) -> None:
+        """Keep the newest frame unacknowledged (the scan cannot end before the result is written);
+        the one before it is released once it is saved."""
+        old, old_saved = self._newest, self._newest_saved
+        self._newest, self._newest_saved = token, saved
+        if old is not None and old != token and old_saved:
+            self.release(old)
+
+    def _save_batch(self) -> None:
+        """The frames not yet on disk go to a batch file; then they are acknowledged."""
+        if not self._unsaved or self._folder is None:
+            return
+        batch = self._unsaved
+        path = self._folder / f"batch-{self.instance}-{self._batches:06d}.npz"
+        try:
+            checkpoint.save(path, {"index": np.array([index for _, index, _, _ in batch], np.int64),
+                                   "data": np.stack([data for _, _, data, _ in batch]),
+                                   "mask": np.stack([mask for _, _, _, mask in batch])})
+        except OSError as exc:
+            if not self._save_failed:
+                self.report("checkpoint_failed", f"scan {self.scan.scan_id}: frames could not be saved to {path}: "
+                            f"{exc}; they stay unacknowledged (tried again every "
+                            f"{self.params.checkpoint_interval_s:g} s)", path=str(path), errno=exc.errno)
+            self._save_failed = True
+            self._batch_due = time.monotonic() + self.params.checkpoint_interval_s
+            return
+        if self._save_failed:
+            logger.info("scan %s: frames saved again (%s)", self.scan.scan_id, path.name)
+        self._save_failed = False
+        self._batches += 1
+        self._unsaved = []
+        for token, _, _, _ in batch:
+            if token == self._newest:
+                self._newest_saved = True
+            else:
+                self.release(token)
+
+    def _save_state(self) -> None:
+        self._state_due = time.monotonic() + self.params.state_interval_s
+        if self._folder is None or self._engine is None or not self._engine.scaled:
+            return
+        arrays, meta = self._engine.state()
+        arrays["initial_probe"] = self._start_probe
+        try:
+            checkpoint.save(self._folder / STATE, arrays, meta)
+        except OSError as exc:
+            logger.warning("scan %s: the solver state could not be saved: %s", self.scan.scan_id, exc)
+
+    def _start_engine(self, first: Frame | None) -> None:
+        """Start the solver; from the checkpoint when there is one (`first` None: only from it)."""
         geometry = self.headers.get(FRAMES_HEADER)
         meta = geometry.header.meta if geometry else {}
         if not (meta.get("pixel_size_m") and meta.get("distance_m") and meta.get("energy_ev")):
             raise ValueError("the clean frames carry no geometry (energy, distance, pixel size): "
                              "cannot place them on the object")
+        state, batches = self._load_checkpoint() if self._resume else (None, [])
+        if first is None and not batches and state is None:
+            return
         size = meta["size"]
         pixel = optics.object_pixel_m(energy_ev=meta["energy_ev"], distance_m=meta["distance_m"],
                                       detector_pixel_m=meta["pixel_size_m"], size=size)
         support = optics.soft_support(size, size / 4)
-        if self.scan.probe_model is not None:
+        if state is not None and "initial_probe" in state[0]:
+            probe = state[0]["initial_probe"]
+        elif self.scan.probe_model is not None:
             probe = optics.zone_plate_probe(self.scan.probe_model, energy_ev=meta["energy_ev"], size=size,
                                             pixel_m=pixel)
         else:
-            probe = optics.probe_from_patterns(first.array("data"))
+            probe = optics.probe_from_patterns(batches[0][1] if batches else first.array("data"))
+        self._start_probe = probe
         self._initial_probe = probe * support
         self._pixel_m = pixel
         solver = StreamingRaar(centres_px=np.asarray(self.scan.positions_m) / pixel, probe=probe, support=support,
                                workers=self.params.threads)
-        self._engine = Engine(solver, self.params, self._total)
+        scaled, after_last = False, 0
+        if state is not None and state[0]["object"].shape == solver.object.shape:
+            arrays, saved = state
+            solver.object = arrays["object"].astype(np.complex64)
+            solver.probe = arrays["probe"].astype(np.complex64)
+            solver.iterations = int(saved["iterations"])
+            scaled, after_last = bool(saved["scaled"]), int(saved["after_last"])
+        for index, data, mask in batches:
+            solver.add(index, data, mask)  # its exit wave from the restored object and probe
+            self._indices.add(index)
+        self._engine = Engine(solver, self.params, self._total, scaled=scaled, after_last=after_last)
         self._engine.start()
+        self._state_due = time.monotonic() + self.params.state_interval_s
+        if self._resume:
+            logger.info("scan %s: resumed from the checkpoint: %d frames, %s", self.scan.scan_id, len(batches),
+                        f"{solver.iterations} iterations of object and probe" if state else "no solver state")
         logger.info("scan %s: reconstructing %d positions on a %s object of %.2f nm pixels", self.scan.scan_id,
                     self._total, solver.object.shape, pixel * 1e9)
 
+    def _load_checkpoint(self) -> tuple[tuple[dict, dict] | None, list[tuple[int, np.ndarray, np.ndarray]]]:
+        """The solver state and every saved frame, each index once (oldest file first)."""
+        state = checkpoint.load(self._folder / STATE)
+        frames: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}
+        for path in checkpoint.files(self._folder, BATCHES):
+            found = checkpoint.load(path)
+            if found is None:
+                continue
+            arrays, _ = found
+            for index, data, mask in zip(arrays["index"].tolist(), arrays["data"], arrays["mask"], strict=True):
+                if 0 <= index < self._total:
+                    frames.setdefault(index, (index, data, mask))
+        # A successor writes batches of its own: numbered on from what is there.
+        self._batches = len(checkpoint.files(self._folder, f"batch-{self.instance}-*.npz"))
+        return state, list(frames.values())
+
     def produce(self) -> float | None:
+        now = time.monotonic()
+        if self._unsaved and now >= self._batch_due:
+            self._save_batch()
         engine = self._engine
         if engine is None:
-            return None
-        if time.monotonic() >= self._next_preview:
+            return self.params.checkpoint_interval_s if self._unsaved else None
+        if now >= self._state_due:
+            self._save_state()
+        if now >= self._next_preview:
             self._publish_preview()
-        if engine.total > self._received and time.monotonic() - self._last_frame_at > self.params.idle_s:
+        received = len(self._indices)
+        if engine.total > received and now - self._last_frame_at > self.params.idle_s:
             self.report("reconstruction_incomplete", f"scan {self.scan.scan_id}: no frame for {self.params.idle_s} s; "
-                        f"finishing with the {self._received} of {engine.total} that came")
-            engine.total = self._received
+                        f"finishing with the {received} of {engine.total} that came")
+            engine.total = received
         if not engine.finished.is_set():
-            return POLL_S
+            return min(POLL_S, self.params.checkpoint_interval_s)
         self._finish()
         return None
 
@@ -197,6 +390,7 @@ class Service(Runtime):
                      iterations=iterations, error=error, frames=self._engine.solver.frames)
 
     def _finish(self) -> None:
+        self._save_batch()
         engine, self._engine = self._engine, None
         self._finished = True
         if engine.failure is not None:
@@ -217,21 +411,35 @@ class Service(Runtime):
                       "frames_used": solver.frames, "beta": self.params.beta,
                       "seconds_after_last_frame": round(after_last_s, 3),
                       "seconds_per_iteration_after_last_frame": round(after_last_s / max(engine.after_last, 1), 4)}),
-                parent=self._held)
-        if self._held is not None:
-            self.release(self._held)
-        self._held = None
+                parent=self._newest, parents=[token for token, _, _, _ in self._unsaved])
+        # Frames still unsaved (a failing disk) went with the result: acknowledged once it is written.
+        unsaved, self._unsaved = self._unsaved, []
+        for token, _, _, _ in unsaved:
+            if token != self._newest:
+                self.release(token)
+        if self._newest is not None:
+            self.release(self._newest)
+        self._newest = None
 
     def on_scan_end(self) -> None:
         self._stop_engine()
+        self._remove_checkpoint()
 
     def on_abort(self) -> int:
         self._stop_engine()
-        self._held = None
-        return 0
+        self._remove_checkpoint()
+        self._newest = None
+        self._unsaved = []
+        dropped, self._early = len(self._early), []
+        return dropped
 
     def close(self) -> None:
         self._stop_engine()
+
+    def _remove_checkpoint(self) -> None:
+        if self._folder is not None and self.scan is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
 
     def _stop_engine(self) -> None:
         if self._engine is not None:
