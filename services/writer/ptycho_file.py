@@ -5,7 +5,10 @@ ptychography.md 6). SI units, energy in J.
 Every slot is allocated when the file opens (the scan says how many positions) and a clean frame
 goes to its index, whatever the order it comes in; `frame_number` marks the slots filled (-1 for
 none). The reconstruction is added when it comes, at the end of the scan, so this file is not in
-SWMR mode (HDF5 cannot add datasets to a file in SWMR mode); it is flushed as frames come.
+SWMR mode (HDF5 cannot add datasets to a file in SWMR mode); it is flushed as frames come. Its
+format bounds are (earliest, v110) (disk.py): readable by HDF5 1.10, and, without the v3
+superblock's "open for writing" flag, the file of a killed writer opens as it was at its last
+flush. A continuation (`<scan_id>.partN.cxi`) leaves out the clean frames earlier parts hold.
 """
 
 from __future__ import annotations
@@ -22,34 +25,86 @@ from services.dark_worker.service import CALIBRATION
 from services.frame_worker.service import FRAMES_HEADER
 from services.reconstruction_worker.service import RESULT
 from services.writer.cxi import CXI_INVALID, TIME, now_iso, put
+from services.writer.disk import LIBVER_PLAIN, Parts, close_all, mark, quiet_close
+
+
+def clean_frames_in(f: h5py.File) -> set[int]:
+    """Frame numbers of the clean frames a ptychography file holds."""
+    numbers = f.get("entry_1/data_1/frame_number")
+    if numbers is None:
+        return set()
+    slots = numbers[()]
+    return set(slots[slots >= 0].tolist())
 
 
 class PtychoFile:
-    def __init__(self, path: Path, *, scan: ScanDescription, headers: dict[str, Frame], size: int) -> None:
+    def __init__(self, path: Path, *, scan: ScanDescription, headers: dict[str, Frame], size: int,
+                 epoch: int = 0, parts: Parts | None = None) -> None:
         self.path = path
+        self.earlier: set[int] = set()
+        """Clean frames (frame numbers) the scan's earlier parts hold: not written again."""
+        for _, f in (opened := parts.read("frame numbers") if parts else []):
+            self.earlier |= clean_frames_in(f)
+        close_all(opened)
         self.written: set[int] = set()
+        """Slots (position indices) filled in this file."""
+        self.committed: set[int] = set()
+        """Clean frames (frame numbers) of this file on disk: written and flushed."""
+        self._pending: list[Frame] = []
+        """Frames written since the last flush that succeeded: written again by `recover`."""
+        self.broken = False
         count = len(scan.positions_m or ())
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = f = h5py.File(path, "w")
-        f["cxi_version"] = 160
-        entry = f.create_group("entry_1")
-        entry["program_name"] = f"surveyor {VERSION}"
-        entry["start_time"] = np.array(now_iso(), dtype=TIME)
-        entry["experiment_identifier"] = scan.scan_id
-        entry["scan_description"] = scan.model_dump_json()
-        detector = entry.create_group("instrument_1/detector_1")
-        self._data = detector.create_dataset("data", shape=(count, size, size), dtype=np.float32,
-                                             chunks=(1, size, size), fillvalue=0)
-        self._data.attrs["axes"] = "translation:y:x"
-        self._numbers = entry.create_dataset("data_1/frame_number", shape=(count,), dtype="i8", fillvalue=-1)
-        translation = np.zeros((count, 3))
-        if count:
-            translation[:, :2] = np.asarray(scan.positions_m)[:, ::-1]  # [y, x] -> columns (x, y, z)
-        entry.create_dataset("sample_1/geometry_1/translation", data=translation).attrs["units"] = "m"
-        entry["data_1/data"] = h5py.SoftLink("/entry_1/instrument_1/detector_1/data")
-        entry["data_1/translation"] = h5py.SoftLink("/entry_1/sample_1/geometry_1/translation")
-        detector["translation"] = h5py.SoftLink("/entry_1/sample_1/geometry_1/translation")
-        self._geometry(entry, scan, headers)
+        self._file = f = h5py.File(path, "w", libver=LIBVER_PLAIN)
+        try:
+            mark(f, scan.scan_id, epoch)
+            f["cxi_version"] = 160
+            entry = f.create_group("entry_1")
+            entry["program_name"] = f"surveyor {VERSION}"
+            entry["start_time"] = np.array(now_iso(), dtype=TIME)
+            entry["experiment_identifier"] = scan.scan_id
+            entry["scan_description"] = scan.model_dump_json()
+            if parts and parts.earlier:
+                entry["previous_parts"] = [p.name for p in parts.earlier]
+                entry["previous_parts"].attrs["description"] = (
+                    "earlier files of this scan, from a writer that stopped mid-scan; "
+                    "the clean frames they hold are not in this file")
+            detector = entry.create_group("instrument_1/detector_1")
+            data = detector.create_dataset("data", shape=(count, size, size), dtype=np.float32,
+                                           chunks=(1, size, size), fillvalue=0)
+            data.attrs["axes"] = "translation:y:x"
+            entry.create_dataset("data_1/frame_number", shape=(count,), dtype="i8", fillvalue=-1)
+            translation = np.zeros((count, 3))
+            if count:
+                translation[:, :2] = np.asarray(scan.positions_m)[:, ::-1]  # [y, x] -> columns (x, y, z)
+            entry.create_dataset("sample_1/geometry_1/translation", data=translation).attrs["units"] = "m"
+            entry["data_1/data"] = h5py.SoftLink("/entry_1/instrument_1/detector_1/data")
+            entry["data_1/translation"] = h5py.SoftLink("/entry_1/sample_1/geometry_1/translation")
+            detector["translation"] = h5py.SoftLink("/entry_1/sample_1/geometry_1/translation")
+            self._geometry(entry, scan, headers)
+            f.flush()
+        except BaseException:
+            f.close()
+            raise
+        self._bind()
+
+    def _bind(self) -> None:
+        self._data = self._file["entry_1/instrument_1/detector_1/data"]
+        self._numbers = self._file["entry_1/data_1/frame_number"]
+
+    @property
+    def on_disk(self) -> set[int]:
+        """Clean frames of the scan on disk, this file and the earlier parts."""
+        return self.earlier | self.committed
+
+    @property
+    def frames_on_disk(self) -> int:
+        """`len(on_disk)`: this file never holds a frame an earlier part holds."""
+        return len(self.earlier) + len(self.committed)
+
+    @staticmethod
+    def cost(frame: Frame) -> int:
+        return sum(spec.nbytes for spec in frame.header.arrays) + 64
 
     def _geometry(self, entry: h5py.Group, scan: ScanDescription, headers: dict[str, Frame]) -> None:
         detector = entry["instrument_1/detector_1"]
@@ -78,14 +133,20 @@ class PtychoFile:
         """A clean frame into its slot, or the reconstruction; False for a frame already written."""
         if frame.header.meta.get("kind") == RESULT:
             self._reconstruction(frame)
+            self._pending.append(frame)
             return True
         index = frame.header.meta["index"]
-        if index in self.written:
+        if index in self.written or frame.header.frame in self.earlier:
             return False
+        self._store(frame)
+        self.written.add(index)
+        self._pending.append(frame)
+        return True
+
+    def _store(self, frame: Frame) -> None:
+        index = frame.header.meta["index"]
         self._data[index] = frame.array("data")
         self._numbers[index] = frame.header.frame
-        self.written.add(index)
-        return True
 
     def _reconstruction(self, frame: Frame) -> None:
         entry, meta = self._file["entry_1"], frame.header.meta
@@ -112,10 +173,38 @@ class PtychoFile:
 
     def flush(self) -> None:
         self._file.flush()
+        self.committed.update(f.header.frame for f in self._pending if f.header.meta.get("kind") != RESULT)
+        self._pending.clear()
+
+    def recover(self) -> None:
+        """After a failed write or flush: open the file again and write what was not flushed."""
+        quiet_close(self._file)
+        self._file = h5py.File(self.path, "r+", libver=LIBVER_PLAIN)
+        self._bind()
+        for frame in self._pending:
+            if frame.header.meta.get("kind") == RESULT:
+                self._reconstruction(frame)
+            else:
+                self._store(frame)
+        self.flush()
+        self.broken = False
+
+    @staticmethod
+    def creation_cost(frame: Frame) -> int:
+        return 1 << 20
+
+    def redo_cost(self) -> int:
+        return sum(self.cost(frame) for frame in self._pending)
 
     def close(self) -> None:
         if not self._file.id.valid:
             return
-        self._file["entry_1"]["end_time"] = np.array(now_iso(), dtype=TIME)
+        self.flush()
+        entry = self._file["entry_1"]
+        if "end_time" in entry:  # from a close that failed
+            del entry["end_time"]
+        entry["end_time"] = np.array(now_iso(), dtype=TIME)
         self._file.close()
 
+    def abandon(self) -> None:
+        quiet_close(self._file)

@@ -9,23 +9,43 @@ and compression come with it, the geometry with the scan header and the scan des
 closes when the scan ends or is aborted. It is flushed at least every `flush_interval_s` while
 frames come, so a live SWMR reader follows it and a crash loses at most that much. A writer
 restarted mid-scan continues in `<scan_id>_raw.part2.cxi` (which names the earlier part) rather
-than overwrite what is on disk; both files are in the summary. The file of a killed writer still
-carries HDF5's "open for writing" flag: h5py opens it with `swmr=True` (as any live reader does),
-or after `h5clear -s`.
+than overwrite what is on disk; it leaves out the frames the earlier parts hold and counts them,
+and a crystallography writer starts from the aggregates its predecessor left. The file of a
+killed writer still carries HDF5's "open for writing" flag: h5py opens it with `swmr=True` (as
+any live reader does), or after `h5clear -s`.
+
+Nothing is acknowledged before it is on disk. A frame is held from its arrival until a flush
+that succeeded covers it. A write that fails (disk full, read-only, permissions, I/O error; or
+less than `reserve_mb` free, checked before the bytes go to HDF5) leaves every frame not yet on
+disk held: the writer publishes `write_failed` (path, errno, what to do) once per cause, stops
+granting credit (back-pressure holds the pipeline), tries again every `retry_s`, and once it
+works writes what it holds, resumes its input and publishes `write_resumed`. The HDF5 handle
+that saw the failure is not used again (after ENOSPC a chunk written again through it reads
+back as fill value): the file is opened anew and the frames since its last good flush written
+again. One file per scan per writer process, whatever fails. `start_scan` is refused when the
+output directory cannot be created or written, or has not room for the announced scan.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import tempfile
 import time
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from libs.common.errors import FrameError
+from libs.common.errors import FrameError, SurveyorError
 from libs.common.frames import ArraySpec, Frame
+from libs.common.messages import ScanDescription, ServiceStats
 from libs.common.runtime import Service as Runtime, Token
 from services.peak_worker.service import PEAKS
+from services.writer.disk import (EPOCH_ATTR, IO_ERRORS, MB, RETRYABLE, SCAN_ATTR, Parts, Space, advice,
+                                  error_number, free_bytes, open_part)
 from services.writer.ptycho_file import PtychoFile
 from services.writer.raw_file import RawFile
 from services.writer.sx_file import SxFile
@@ -43,79 +63,121 @@ class Params(BaseModel):
     flush_interval_s: float = Field(0.25, gt=0, le=60, description="longest time written frames stay unflushed")
     preview_interval_s: float = Field(1.0, gt=0, description="crystallography: aggregates to front-ends this often")
     hit_rate_window: int = Field(100, ge=1, description="crystallography: the hit rate is over this many frames")
+    reserve_mb: float = Field(64, ge=0, description="free space left on the output file system: below it the "
+                              "writer holds frames and waits (HDF5 then seldom meets a full disk mid-write)")
+    retry_s: float = Field(1.0, gt=0, le=60, description="how often a write that failed is tried again")
 
 
-def free_path(directory: Path, stem: str) -> Path:
-    """`stem.cxi`, or `stem.partN.cxi` when a writer restarted mid-scan: never overwrite a file."""
-    path = directory / f"{stem}.cxi"
-    part = 1
-    while path.exists():
-        part += 1
-        path = directory / f"{stem}.part{part}.cxi"
-    return path
+class OutputError(SurveyorError):
+    """The output directory cannot take the scan (not writable, not enough room)."""
+
+
+class _Held(Exception):
+    """A write failed and was taken note of (`Service._fail`): the frame stays held, first in the queue."""
+
+
+@dataclass
+class Failure:
+    code: int | None
+    path: str
+    what: str
+
+
+File = RawFile | PtychoFile | SxFile
 
 
 class Service(Runtime):
     Params = Params
-    _file: RawFile | PtychoFile | SxFile | None = None
+    _file: File | None = None
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self._unflushed: list[Token] = []
+        self._queue: deque[tuple[Frame, Token | None]] = deque()
+        """Frames held and not yet written (a write failed): written in order once it works."""
+        self._unflushed: list[tuple[Frame, Token | None]] = []
+        """Frames written since the last flush that succeeded, with their holds."""
         self._next_preview = 0.0
+        self._parts: Parts | None = None
+        """This process's file for the current scan and the scan's earlier parts: chosen once."""
+        self._failure: Failure | None = None
+        """What failed last, while writing fails."""
+        self._failing_since: float | None = None
+        self._reported: tuple[int | None, str] | None = None
+        """The cause of the last `write_failed` event, until writing resumes."""
+        self._space = Space(Path(self.params.output_dir), self._reserve)
+        self._created_size = 0
+        self._estimate: tuple[int, float] | None = None
+        """(fixed bytes, bytes per frame) of the last scan's file: the next scan's room."""
 
-    def on_frame(self, frame: Frame) -> None:
-        if self._file is None:
-            self._file = self._open(frame)
-            logger.info("scan %s: writing %s", frame.header.scan_id, self._file.path)
-            self.counters.outputs.append(str(self._file.path))
-            if isinstance(self._file, SxFile):
-                self.counters.outputs.append(str(self._file.geometry))
-        elif isinstance(self._file, RawFile) and frame.header.arrays != self._file.specs:
-            raise FrameError(f"frame {frame.header.frame} ({_describe(frame.header.arrays)}) does not fit "
-                             f"{self._file.path} ({_describe(self._file.specs)})")
-        if self._file.write(frame):
-            self.count("written")
-        if isinstance(self._file, SxFile) and time.monotonic() >= self._next_preview:
-            self._preview()
-        # Acknowledged once flushed: a frame this process dies holding is re-sent, never lost.
-        self._unflushed.append(self.hold())
-        if len(self._unflushed) == 1:
-            self.wake(self.params.flush_interval_s)
-        elif len(self._unflushed) >= FLUSH_FRAMES:
-            self._flush()
+    @property
+    def _reserve(self) -> int:
+        return int(self.params.reserve_mb * MB)
 
-    def produce(self) -> float | None:
-        """The flush timer."""
-        self._flush()
-        return None
+    # --- scans ------------------------------------------------------------------------------
 
-    def _open(self, frame: Frame) -> RawFile | PtychoFile | SxFile:
-        scan_id, directory = frame.header.scan_id, Path(self.params.output_dir)
-        if frame.header.meta.get("kind") == PEAKS:
-            return SxFile(free_path(directory, scan_id), scan=self.scan, header=self.header, record=frame,
-                          window=self.params.hit_rate_window)
-        if "index" in frame.header.meta and self.scan is not None and self.scan.technique == "ptychography":
-            size = frame.header.arrays[0].shape[-1]
-            return PtychoFile(free_path(directory, scan_id), scan=self.scan, headers=self.headers, size=size)
-        path = free_path(directory, f"{scan_id}_raw")
-        earlier = tuple(sorted(p.name for p in path.parent.glob(f"{scan_id}_raw*.cxi")))
-        return RawFile(path, specs=frame.header.arrays, scan=self.scan, header=self.header, previous_parts=earlier)
+    def on_scan_start(self, scan: ScanDescription) -> None:
+        self._parts, self._failure, self._reported, self._failing_since = None, None, None, None
+        self.counters.written = self.counters.delivered = 0  # an output stage
+        directory = Path(self.params.output_dir)
+        self._space = Space(directory, self._reserve)
+        try:
+            try:
+                self._check_room(scan, directory)
+            except OSError as exc:  # statvfs of a directory that fails (EIO)
+                raise OutputError(f"output directory {directory} cannot be checked: {exc}") from None
+        except OutputError as exc:
+            if not self._continuing(scan, directory):
+                logger.warning("scan %s refused: %s", scan.scan_id, exc)
+                raise
+            # Joining a scan under way (a restarted writer): frames stay held until writing works.
+            logger.warning("scan %s goes on although %s", scan.scan_id, exc)
+            self.report("write_failed", f"the writer joins scan {scan.scan_id} although {exc}",
+                        path=str(directory), errno=None, strerror=str(exc), action="see the message")
 
-    def _flush(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-        self._release_flushed()
+    def _check_room(self, scan: ScanDescription, directory: Path) -> None:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"output directory {directory} cannot be created: {os.strerror(exc.errno or 0)}"
+                              f"; {advice(exc.errno, directory.parent, self._reserve)}") from None
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            raise OutputError(f"output directory {directory} is on a read-only file system; "
+                              f"{advice(errno.EROFS, directory, self._reserve)}")
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise OutputError(f"output directory {directory} is not writable by this process "
+                              f"(uid {os.getuid()}); {advice(errno.EACCES, directory, self._reserve)}")
+        try:
+            with tempfile.NamedTemporaryFile(dir=directory, prefix=".surveyor-probe-") as probe:
+                probe.write(b"surveyor")
+                probe.flush()
+        except OSError as exc:
+            raise OutputError(f"output directory {directory} cannot be written: {os.strerror(exc.errno or 0)}"
+                              f"; {advice(exc.errno, directory, self._reserve)}") from None
+        free = free_bytes(directory)
+        need, how = self._reserve, f"the {self._reserve / MB:.0f} MB the writer keeps free"
+        per_frame = scan.metadata.get("frame_bytes")
+        fixed = 0
+        if per_frame is None and self._estimate is not None:
+            fixed, per_frame = self._estimate
+        if per_frame and scan.n_frames:
+            extra = fixed + scan.n_frames * float(per_frame)
+            need += int(extra)
+            how = (f"{scan.n_frames} frames x {float(per_frame) / MB:.3g} MB (estimated from "
+                   f"{'the scan metadata' if 'frame_bytes' in scan.metadata else 'the last scan'}) plus {how}")
+        if free < need:
+            raise OutputError(f"output directory {directory} has {free / MB:.1f} MB free; scan {scan.scan_id} needs "
+                              f"{need / MB:.1f} MB: {how}; free space there or choose another output_dir")
 
-    def _release_flushed(self) -> None:
-        for token in self._unflushed:
-            self.release(token)
-        self._unflushed.clear()
-
-    def _preview(self) -> None:
-        self._next_preview = time.monotonic() + self.params.preview_interval_s
-        arrays, meta = self._file.preview()
-        self.preview("crystallography", arrays, **meta)
+    def _continuing(self, scan: ScanDescription, directory: Path) -> bool:
+        """Files of this scan and epoch are there already: a writer of the scan stopped mid-scan."""
+        for path in directory.glob(f"{scan.scan_id}*.cxi"):
+            try:
+                with open_part(path) as f:
+                    if f.attrs.get(SCAN_ATTR) == scan.scan_id and int(f.attrs.get(EPOCH_ATTR, -1)) == self.epoch:
+                        return True
+            except (*IO_ERRORS, ValueError):
+                continue
+        return False
 
     def on_scan_end(self) -> None:
         if isinstance(self._file, SxFile):
@@ -123,18 +185,261 @@ class Service(Runtime):
         self._close()
 
     def on_abort(self) -> int:
-        self._close()
-        return 0
+        dropped = len(self._queue)
+        self._queue.clear()
+        self._unflushed.clear()
+        if self._file is not None:
+            file, self._file = self._file, None
+            try:
+                if self._failure is not None or file.broken:
+                    file.abandon()
+                else:
+                    file.close()
+            except IO_ERRORS as exc:
+                file.abandon()
+                logger.warning("closing %s of the aborted scan failed: %s", file.path, exc)
+        self._parts, self._failure, self._reported, self._failing_since = None, None, None, None
+        self.pause_input(False)
+        return dropped
 
     def close(self) -> None:
         self._close()
 
-    def _close(self) -> None:
+    # --- frames -----------------------------------------------------------------------------
+
+    def on_frame(self, frame: Frame) -> None:
+        # Acknowledged once flushed: a frame this process dies holding is re-sent, never lost.
+        self._queue.append((frame, self.hold()))
+        if self._failure is None:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Write the frames held, in order, until one fails."""
+        while self._queue and self._failure is None:
+            frame, token = self._queue[0]
+            try:
+                self._write(frame)
+            except _Held:
+                return
+            except Exception as exc:  # noqa: BLE001 - a frame that cannot be written is rejected, as before
+                self._queue.popleft()
+                self.count("rejected")
+                if isinstance(exc, FrameError):
+                    logger.warning("rejected frame %d of scan %s: %s", frame.header.frame, frame.header.scan_id, exc)
+                else:
+                    logger.exception("frame %d of scan %s failed in the writer", frame.header.frame,
+                                     frame.header.scan_id)
+                if token is not None:
+                    self.release(token)
+                continue
+            self._queue.popleft()
+            self._unflushed.append((frame, token))
+        if self._failure is not None:
+            return
+        if isinstance(self._file, SxFile) and time.monotonic() >= self._next_preview:
+            self._preview()
+        if len(self._unflushed) >= FLUSH_FRAMES:
+            self._flush()
+        elif self._unflushed:
+            self.wake(self.params.flush_interval_s)
+
+    def _write(self, frame: Frame) -> None:
+        if self._file is None:
+            self._open(frame)
+        elif isinstance(self._file, RawFile) and frame.header.arrays != self._file.specs:
+            raise FrameError(f"frame {frame.header.frame} ({_describe(frame.header.arrays)}) does not fit "
+                             f"{self._file.path} ({_describe(self._file.specs)})")
+        try:
+            self._space.take(self._file.cost(frame))
+        except OSError as exc:
+            self._fail(exc, f"frame {frame.header.frame}", self._space.directory)
+            if self._unflushed and not self._file.broken:
+                self._flush()  # what is written goes to disk, in the reserve: those frames are safe
+            raise _Held from exc
+        try:
+            self._file.write(frame)
+        except IO_ERRORS as exc:
+            self._file.broken = True
+            self._fail(exc, f"frame {frame.header.frame}", self._file.path)
+            raise _Held from exc
+
+    def _open(self, frame: Frame) -> None:
+        scan_id, directory = frame.header.scan_id, Path(self.params.output_dir)
+        if frame.header.meta.get("kind") == PEAKS:
+            kind, stem = SxFile, scan_id
+        elif "index" in frame.header.meta and self.scan is not None and self.scan.technique == "ptychography":
+            kind, stem = PtychoFile, scan_id
+        else:
+            kind, stem = RawFile, f"{scan_id}_raw"
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            if self._parts is None:
+                self._parts = Parts.find(directory, stem, scan_id, self.epoch)
+            self._space.take(kind.creation_cost(frame))
+        except IO_ERRORS as exc:
+            self._fail(exc, "the output directory", directory)
+            raise _Held from exc
+        path = self._parts.path
+        try:
+            if kind is SxFile:
+                file = SxFile(path, scan=self.scan, header=self.header, record=frame,
+                              window=self.params.hit_rate_window, epoch=self.epoch, parts=self._parts)
+            elif kind is PtychoFile:
+                file = PtychoFile(path, scan=self.scan, headers=self.headers, size=frame.header.arrays[0].shape[-1],
+                                  epoch=self.epoch, parts=self._parts)
+            else:
+                file = RawFile(path, specs=frame.header.arrays, scan=self.scan, header=self.header,
+                               epoch=self.epoch, parts=self._parts)
+        except IO_ERRORS as exc:
+            self._fail(exc, "a new file", path)
+            raise _Held from exc
+        self._file = file
+        self._created_size = _size(path)
+        earlier = f" after {len(self._parts.earlier)} earlier part(s) holding {len(file.earlier)} frames" \
+            if self._parts.earlier else ""
+        logger.info("scan %s: writing %s%s", scan_id, path, earlier)
+        outputs = [*map(str, self._parts.earlier), str(path)]
+        if isinstance(file, SxFile):
+            outputs.append(str(file.geometry))
+        self.counters.outputs.extend(p for p in outputs if p not in self.counters.outputs)
+        self._count_on_disk()
+
+    def produce(self) -> float | None:
+        """The flush timer, and the retry timer while writing fails."""
+        if self._failure is not None:
+            self._retry()
+        elif self._unflushed:
+            self._flush()
+        return self.params.retry_s if self._failure is not None else None
+
+    def _flush(self) -> None:
         if self._file is not None:
-            self._file.close()
-            logger.info("closed %s with %d frames", self._file.path, len(self._file.written))
-            self._file = None
-        self._release_flushed()
+            self._space.refresh()
+            try:
+                self._file.flush()
+            except IO_ERRORS as exc:
+                self._file.broken = True
+                self._fail(exc, "a flush", self._file.path)
+                return
+            self._count_on_disk()
+        for _, token in self._unflushed:
+            if token is not None:
+                self.release(token)
+        self._unflushed.clear()
+
+    def _count_on_disk(self) -> None:
+        """`written` and `delivered`: the distinct frames of the scan on disk, every part of it."""
+        n = self._file.frames_on_disk
+        for name in ("written", "delivered"):
+            before = getattr(self.counters, name) or 0
+            setattr(self.counters, name, n)
+            setattr(self.totals, name, (getattr(self.totals, name) or 0) + n - before)
+
+    # --- failures ---------------------------------------------------------------------------
+
+    def _fail(self, exc: Exception, what: str, path: Path) -> None:
+        code = error_number(exc)
+        self._failure = Failure(code, str(path), what)
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+        self.pause_input(True)
+        self.wake(self.params.retry_s)
+        held = len(self._queue) + len(self._unflushed)
+        cause = (code, str(path))
+        if cause == self._reported:
+            logger.debug("writing %s still fails: %s", what, exc)
+            return
+        self._reported = cause
+        strerror = os.strerror(code) if code else str(exc)
+        action = advice(code, Path(self.params.output_dir), self._reserve)
+        message = f"cannot write {what} to {path}: {strerror}; {held} frames held, input paused; {action}"
+        logger.warning("%s (%s)", message, exc)
+        self.report("write_failed", message, path=str(path), errno=code,
+                    errno_name=errno.errorcode.get(code, "") if code else "", strerror=strerror,
+                    action=action, frames_held=held, scan_id=self.scan.scan_id if self.scan else None)
+
+    def _retry(self) -> None:
+        failure, self._failure = self._failure, None
+        self._space.refresh()
+        if self._file is not None and self._file.broken:
+            path = self._file.path
+            try:
+                self._space.take(self._file.redo_cost())
+                self._file.recover()
+            except IO_ERRORS as exc:
+                if error_number(exc) in RETRYABLE:
+                    self._fail(exc, f"{path.name} again", path)
+                    return
+                self._abandon(exc)
+        self._drain()
+        if self._failure is None and self._unflushed:
+            self._flush()
+        if self._failure is None:
+            self.pause_input(False)
+            paused = time.monotonic() - self._failing_since
+            self._failing_since = None
+            path = self._file.path if self._file is not None else failure.path
+            logger.info("writing to %s works again after %.1f s", path, paused)
+            self.report("write_resumed", f"writing to {path} works again after {paused:.1f} s; input resumed",
+                        path=str(path), paused_s=round(paused, 1), scan_id=self.scan.scan_id if self.scan else None)
+            self._reported = None
+
+    def _abandon(self, exc: Exception) -> None:
+        """The file cannot be opened again (not for want of space or permission): the frames since
+        its last good flush go to a new part, as a successor's would."""
+        logger.error("%s cannot be opened again (%s); its frames since the last flush go to a new part",
+                     self._file.path, exc)
+        self.report("write_failed", f"{self._file.path} cannot be opened again after a failed write ({exc}); "
+                    "the scan continues in a new part", path=str(self._file.path), errno=error_number(exc),
+                    strerror=str(exc), action="none: the writer continues in a new file")
+        self._file.abandon()
+        self._file, self._parts = None, None
+        self._queue.extendleft(reversed(self._unflushed))
+        self._unflushed.clear()
+
+    def stats(self) -> ServiceStats:
+        stats = super().stats()
+        return stats.model_copy(update={"state": "paused"}) if self._failure is not None else stats
+
+    # --- the end ----------------------------------------------------------------------------
+
+    def _preview(self) -> None:
+        self._next_preview = time.monotonic() + self.params.preview_interval_s
+        arrays, meta = self._file.preview()
+        self.preview("crystallography", arrays, **meta)
+
+    def _close(self) -> None:
+        if self._file is not None and self._failure is None and not self._queue:
+            self._flush()
+        if self._file is not None:
+            file, self._file = self._file, None
+            if self._failure is not None or self._queue:
+                logger.error("closing %s while %d frames are not on disk (writing fails); they stay held",
+                             file.path, len(self._queue) + len(self._unflushed))
+                file.abandon()
+                return
+            try:
+                file.close()
+            except IO_ERRORS as exc:
+                file.abandon()
+                logger.error("closing %s failed: %s; the file is as of its last flush", file.path, exc)
+                self.report("write_failed", f"closing {file.path} failed: {exc}; every frame is on disk, the "
+                            "file is as of its last flush (open it with swmr=True)", path=str(file.path),
+                            errno=error_number(exc), strerror=str(exc), action="none")
+                return
+            frames = len(file.committed)
+            logger.info("closed %s with %d frames", file.path, frames)
+            if frames:
+                size = _size(file.path)
+                self._estimate = (self._created_size, max(0, size - self._created_size) / frames)
+        self._parts = None
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _describe(specs: tuple[ArraySpec, ...]) -> str:

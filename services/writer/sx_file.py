@@ -10,15 +10,27 @@ CrystFEL's indexamajig reads with `peak_list_type = cxi` (INTERFACES.md; referen
   background sigma there, which is `peakBackgroundSigma` here), and `frame_number`.
 - `/entry_1/result_2/{frame_number, n_peaks, hit}`: every frame searched, in arrival order.
 - `/entry_1/image_1`: sum of the hits, `image_2`: sum of the other frames (both corrected, with
-  `n_frames`), `image_3`: the virtual powder pattern of the hits' peaks. Written when the scan ends.
+  `n_frames`), `image_3`: the virtual powder pattern of the hits' peaks.
 
 The writer is the one process that sees every frame's record, so it also keeps the aggregates
 the front-ends watch: the class sums (merged from the peak processes' partial sums), the virtual
 powder and the hit rate over the last `window` frames (`preview`).
 
+The aggregates are in the file from the start and rewritten at every flush, so a writer killed
+mid-scan leaves them as they were at its last flush, and its successor (`<scan_id>.partN.cxi`)
+starts from them: every frame's contribution is in the last part exactly once. They are kept
+twice, crash-safe: slot 0 is `image_1`..`image_3` (what readers look at), slot 1 is under
+`/entry_1/aggregates/slot_1`; a flush rewrites the slot not in use, flushes, and only then
+points `/entry_1/aggregates/state` (generation, slot, rows covered, ...) at it, so a kill at
+any moment leaves one complete slot. `/entry_1/aggregates/summed_frames` lists the frames in the
+class sums (a sum delta of frames already in is refused), `hit_rate_history` the hit rate as
+the previews showed it. When the scan ends both slots hold the final values. Records already
+on disk in an earlier part are not written again; their contribution to the powder and the hit
+rate comes from those parts' rows, their sums from the state restored.
+
 A CrystFEL geometry file, `<scan_id>.geom`, goes next to the file: with it,
 `indexamajig -i files.lst -g <scan_id>.geom --peaks=cxi` indexes the hits with our peaks.
-The file is in SWMR mode from the start, like the raw file.
+The file is in SWMR mode from the start, like the raw file (format bounds v110, disk.py).
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ from libs.common.frames import Frame
 from libs.common.messages import VERSION, ScanDescription
 from libs.crystallography.hits import CLASSES, ClassSums, HitRate, SumsDelta, add_to_powder
 from services.writer.cxi import CXI_INVALID, TIME, Geometry, detector_metadata, now_iso
+from services.writer.disk import LIBVER, Parts, close_all, mark, quiet_close
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +59,18 @@ PREVIEW_SIDE = 256
 """Largest side of the virtual powder sent as a preview (binned down to it)."""
 
 
+STATE_FIELDS = ("generation", "slot", "rows", "summed", "history", "hit_rows")
+"""`/entry_1/aggregates/state`: which slot holds the aggregates, and how many of this file's
+result_2 rows, summed_frames entries, history samples and result_1 rows they cover."""
+GENERATION, SLOT, ROWS, SUMMED, HISTORY, HIT_ROWS = range(len(STATE_FIELDS))
+HISTORY_LENGTH = 600
+ARRAYS = ("hits", "misses", "powder", "n_frames", "history")
+
+
 class SxFile:
     def __init__(self, path: Path, *, scan: ScanDescription | None, header: Frame | None, record: Frame,
-                 window: int) -> None:
+                 window: int, epoch: int = 0, parts: Parts | None = None) -> None:
         self.path = path
-        self.written: set[int] = set()
         frame = record.header.meta["frame"]
         self.shape = tuple(frame["shape"])
         self.width = int(record.header.meta["max_num_peaks"])
@@ -59,86 +79,294 @@ class SxFile:
         self._factor = -(-max(self.shape) // PREVIEW_SIDE)
         self._powder_preview = np.zeros((self.shape[0] // self._factor, self.shape[1] // self._factor))
         """The virtual powder binned for display, kept up to date peak by peak."""
-        self.hit_rate = HitRate(window)
+        self.hit_rate = HitRate(window, HISTORY_LENGTH)
+        self._window = window
+        self.written: set[int] = set()
+        """Records of the scan written: in earlier parts or in this file."""
+        self.earlier: set[int] = set()
+        self.committed: set[int] = set()
+        """Records of this file on disk: written and flushed."""
+        self.hits = 0
+        """Rows of data_1 (hits) in this file."""
+        self.earlier_hits = 0
+        self.broken = False
         self._rows: list[tuple[int, int, bool]] = []
         self._peaks: list[tuple[int, int, dict[str, np.ndarray]]] = []
         """Rows of result_2 and result_1 not yet on disk."""
-        self.hits = 0
+        self._chunks: list[tuple[int, Any]] = []
+        """Hits written to data_1 since the last flush that succeeded: written again by `recover`."""
+        self._summed_new: list[int] = []
+        """Frames merged into the class sums since the last flush that succeeded."""
+        self._done = {"rows": 0, "hit_rows": 0, "summed": 0, "hits": 0}
+        """What of this file is on disk (as of the last flush that succeeded)."""
+        self._stale: dict[str, set[int]] = {name: set() for name in ARRAYS}
+        """Per aggregate, the slots that do not hold its current value."""
+        self._generation, self._slot = 0, 0
+        restored = self._restore(parts)
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = f = h5py.File(path, "w", libver="latest")
+        self._file = h5py.File(path, "w", libver=LIBVER)
+        try:
+            self._create(scan, header, frame, epoch, parts, restored)
+            self.geometry = path.with_suffix(".geom")
+            self.geometry.write_text(crystfel_geometry(path, scan, header, self.shape))
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _create(self, scan: ScanDescription | None, header: Frame | None, frame: dict[str, Any], epoch: int,
+                parts: Parts | None, summed: list[int]) -> None:
+        f = self._file
+        mark(f, scan.scan_id if scan else "", epoch)
         f["cxi_version"] = 160
         entry = f.create_group("entry_1")
         entry["program_name"] = f"surveyor {VERSION}"
         entry["start_time"] = np.array(now_iso(), dtype=TIME)
-        self._end_time = entry.create_dataset("end_time", shape=(), dtype=TIME)
-        self._data = entry.create_dataset(
+        entry.create_dataset("end_time", shape=(), dtype=TIME)
+        if parts and parts.earlier:
+            entry["previous_parts"] = [p.name for p in parts.earlier]
+            entry["previous_parts"].attrs["description"] = (
+                "earlier files of this scan, from a writer that stopped mid-scan (open them with swmr=True): "
+                "the frames they hold are not in this file, the aggregates here include them")
+        data = entry.create_dataset(
             "data_1/data", shape=(0, *self.shape), maxshape=(None, *self.shape), chunks=(1, *self.shape),
             dtype=np.dtype(frame["dtype"]), **codecs.hdf5_filter(frame["compression"]))
-        self._data.attrs["axes"] = "experiment_identifier:y:x"
+        data.attrs["axes"] = "experiment_identifier:y:x"
         entry.create_group("instrument_1/detector_1")["data"] = h5py.SoftLink("/entry_1/data_1/data")
         detector_metadata(entry, scan, header)
 
         result = entry.create_group("result_1")
-        self._n_peaks = _growing(result, "nPeaks", "i4")
-        self._columns = {name: _growing(result, name, "f4", self.width) for name in PEAK_COLUMNS}
-        self._hit_frames = _growing(result, "frame_number", "i8")
+        _growing(result, "nPeaks", "i4")
+        for name in PEAK_COLUMNS:
+            _growing(result, name, "f4", self.width)
+        _growing(result, "frame_number", "i8")
         result["data"] = h5py.SoftLink("/entry_1/result_1/peakTotalIntensity")
         result["peakBackgroundSigma"].attrs["description"] = "local background sigma (OM's 'snr')"
         every = entry.create_group("result_2")
-        self._every = {name: _growing(every, name, dtype) for name, dtype in
-                       (("frame_number", "i8"), ("n_peaks", "i4"), ("hit", "u1"))}
-        self._images = []
+        for name, dtype in (("frame_number", "i8"), ("n_peaks", "i4"), ("hit", "u1")):
+            _growing(every, name, dtype)
+
         for index, (what, count) in enumerate((("sum of the hits (corrected frames)", True),
                                                ("sum of the frames that are not hits (corrected)", True),
                                                ("virtual powder pattern: the hits' peak intensities", False)),
                                               start=1):
             image = entry.create_group(f"image_{index}")
-            image["data"] = np.zeros(self.shape)
+            image.create_dataset("data", shape=self.shape, dtype="f8")
             image["data_type"] = "intensity"
             image["description"] = what
             if count:
                 image.create_dataset("n_frames", shape=(), dtype="i8", data=0)
-            self._images.append(image)
+        aggregates = entry.create_group("aggregates")
+        aggregates.attrs["description"] = (
+            "the aggregates twice, crash-safe: slot 0 is image_1..image_3, slot 1 is slot_1; state names "
+            "the slot that is complete and what of this file it covers (surveyor's writer, sx_file.py)")
+        state = aggregates.create_dataset("state", data=np.zeros(len(STATE_FIELDS), "i8"))
+        state.attrs["fields"] = ",".join(STATE_FIELDS)
+        for index in (0, 1):
+            group = aggregates.create_group(f"slot_{index}")
+            if index:
+                for name in ("hits", "misses", "powder"):
+                    group.create_dataset(name, shape=self.shape, dtype="f8")
+                group.create_dataset("n_frames", shape=(2,), dtype="i8")
+            history = group.create_dataset("hit_rate_history", shape=(HISTORY_LENGTH,), dtype="f8",
+                                           fillvalue=np.nan)
+            history.attrs["description"] = "the hit rate as the previews showed it, oldest first"
+        listed = _growing(aggregates, "summed_frames", "i8")
+        listed.attrs["description"] = "the frames in the class sums (all parts of the scan)"
+        self._bind()
+        _append(self._summed_list, np.asarray(summed, np.int64))
+        self._done["summed"] = len(summed)
+        for index in (0, 1):
+            for name in ARRAYS:
+                self._put(index, name)
+        self._state[...] = self._state_vector()
         f.swmr_mode = True
-        self.geometry = path.with_suffix(".geom")
-        self.geometry.write_text(crystfel_geometry(path, scan, header, self.shape))
+
+    def _bind(self) -> None:
+        entry = self._file["entry_1"]
+        self._end_time = entry["end_time"]
+        self._data = entry["data_1/data"]
+        result = entry["result_1"]
+        self._n_peaks = result["nPeaks"]
+        self._columns = {name: result[name] for name in PEAK_COLUMNS}
+        self._hit_frames = result["frame_number"]
+        self._every = {name: entry[f"result_2/{name}"] for name in ("frame_number", "n_peaks", "hit")}
+        aggregates = entry["aggregates"]
+        self._state = aggregates["state"]
+        self._summed_list = aggregates["summed_frames"]
+        one = aggregates["slot_1"]
+        self._slots = (
+            {"hits": entry["image_1/data"], "misses": entry["image_2/data"], "powder": entry["image_3/data"],
+             "n_misses": entry["image_2/n_frames"], "n_hits": entry["image_1/n_frames"],
+             "history": aggregates["slot_0/hit_rate_history"]},
+            {"hits": one["hits"], "misses": one["misses"], "powder": one["powder"], "n_frames": one["n_frames"],
+             "history": one["hit_rate_history"]})
+
+    def _put(self, index: int, name: str) -> None:
+        """Write one aggregate's current value into a slot."""
+        slot = self._slots[index]
+        if name in ("hits", "misses"):
+            slot[name][...] = self.sums.sums[int(name == "hits")]
+        elif name == "powder":
+            slot["powder"][...] = self.powder
+        elif name == "n_frames":
+            if index:
+                slot["n_frames"][...] = self.sums.frames
+            else:
+                slot["n_misses"][()], slot["n_hits"][()] = (int(n) for n in self.sums.frames)
+        else:
+            history = np.full(HISTORY_LENGTH, np.nan)
+            history[:len(self.hit_rate.history)] = list(self.hit_rate.history)
+            slot["history"][...] = history
+        self._stale[name].discard(index)
+
+    def _state_vector(self) -> np.ndarray:
+        state = np.zeros(len(STATE_FIELDS), "i8")
+        state[[GENERATION, SLOT, ROWS, SUMMED, HISTORY, HIT_ROWS]] = (
+            self._generation, self._slot, self._done["rows"], self._done["summed"], len(self.hit_rate.history),
+            self._done["hit_rows"])
+        return state
+
+    def _restore(self, parts: Parts | None) -> list[int]:
+        """The aggregates of the scan's earlier parts: from the last one's complete slot, plus the rows
+        on disk it does not cover (powder and hit rate from the rows; their sums come again with the
+        re-sent records). Returns the frames in the class sums."""
+        opened = parts.read("the aggregates") if parts else []
+        try:
+            flags, uncovered, summed = [], [], []
+            newest = max((i for i, (_, f) in enumerate(opened) if "entry_1/aggregates/state" in f), default=None)
+            for i, (path, f) in enumerate(opened):
+                entry = f["entry_1"]
+                numbers = entry["result_2/frame_number"][()]
+                hit = entry["result_2/hit"][()].astype(bool)
+                rows = min(len(numbers), len(hit))
+                numbers, hit = numbers[:rows], hit[:rows]
+                self.earlier.update(numbers.tolist())
+                flags.append(hit)
+                self.earlier_hits += entry["result_1/frame_number"].shape[0]
+                if newest is None or i > newest:
+                    uncovered.append((f, numbers[hit]))
+                elif i == newest:
+                    state = entry["aggregates/state"][()]
+                    summed = self._load_slot(f, state)
+                    covered = min(int(state[ROWS]), rows)
+                    uncovered.append((f, numbers[covered:][hit[covered:]]))
+                    logger.info("%s: aggregates restored from %s (generation %d, slot %d)", self.path.name,
+                                path.name, state[GENERATION], state[SLOT])
+            for f, hit_numbers in uncovered:
+                self._powder_from(f, set(hit_numbers.tolist()))
+            for hit in np.concatenate(flags)[-self._window:] if flags else ():
+                self.hit_rate.add(bool(hit))
+        finally:
+            close_all(opened)
+        self.written = set(self.earlier)
+        self._powder_preview[...] = _binned(self.powder, self._factor, self._powder_preview.shape)
+        return summed
+
+    def _load_slot(self, f: h5py.File, state: np.ndarray) -> list[int]:
+        aggregates = f["entry_1/aggregates"]
+        if int(state[SLOT]) == 0:
+            entry = f["entry_1"]
+            hits, misses, powder = (entry[f"image_{i}/data"][()] for i in (1, 2, 3))
+            frames = np.array([entry["image_2/n_frames"][()], entry["image_1/n_frames"][()]], np.int64)
+            history = aggregates["slot_0/hit_rate_history"][()]
+        else:
+            slot = aggregates["slot_1"]
+            hits, misses, powder = (slot[name][()] for name in ("hits", "misses", "powder"))
+            frames = slot["n_frames"][()].astype(np.int64)
+            history = slot["hit_rate_history"][()]
+        self.sums.sums[1], self.sums.sums[0], self.powder[...] = hits, misses, powder
+        self.sums.frames[...] = frames
+        for rate in history[:int(state[HISTORY])]:
+            self.hit_rate.history.append(float(rate))
+        summed = aggregates["summed_frames"][:int(state[SUMMED])].tolist()
+        self.sums.numbers = set(summed)
+        return summed
+
+    def _powder_from(self, f: h5py.File, numbers: set[int]) -> None:
+        """Add the peaks of the hits `numbers` from a part's result_1 to the powder."""
+        if not numbers:
+            return
+        result = f["entry_1/result_1"]
+        rows = result["frame_number"][()]
+        counts = result["nPeaks"][()]
+        for row in np.flatnonzero(np.isin(rows, list(numbers))):
+            n = int(counts[row])
+            fs, ss, intensity = (result[name][row, :n] for name in ("peakXPosRaw", "peakYPosRaw",
+                                                                     "peakTotalIntensity"))
+            add_to_powder(self.powder, fs, ss, intensity)
+
+    @property
+    def on_disk(self) -> set[int]:
+        """Records of the scan on disk, this file and the earlier parts."""
+        return self.earlier | self.committed
+
+    @property
+    def frames_on_disk(self) -> int:
+        """`len(on_disk)`: this file never holds a frame an earlier part holds."""
+        return len(self.earlier) + len(self.committed)
+
+    @staticmethod
+    def cost(record: Frame) -> int:
+        return (record.raw("data").nbytes if record.header.meta.get("hit") else 0) + 4096
+
+    @staticmethod
+    def creation_cost(record: Frame) -> int:
+        """The aggregates, twice, and the rest."""
+        return 7 * int(np.prod(record.header.meta["frame"]["shape"])) * 8 + (1 << 20)
 
     def write(self, record: Frame) -> bool:
-        """Take one frame's record: its row, its peaks and frame if a hit, its class sums if any."""
+        """Take one frame's record: its row, its peaks and frame if a hit, its class sums if any.
+        False for a record already written (here or in an earlier part): only its sums are offered."""
         number, meta = record.header.frame, record.header.meta
+        delta = _delta(record)
         if number in self.written:
+            if delta is not None:
+                self._offer(delta, record.header.scan_id, again=True)
             return False
-        self.written.add(number)
         hit, n_peaks = bool(meta["hit"]), int(meta["n_peaks"])
+        if hit:  # the disk first: a write that fails leaves nothing of the record here
+            row = self.hits
+            self._data.resize(row + 1, axis=0)
+            self._data.id.write_direct_chunk((row, 0, 0), record.raw("data"))
+            self.hits += 1
+            self._chunks.append((row, record.raw("data")))
+        self.written.add(number)
         self._rows.append((number, n_peaks, hit))
         self.hit_rate.add(hit)
-        names = {spec.name for spec in record.header.arrays}
-        sums = {cls: record.array(f"{name}_sum") for cls, name in enumerate(CLASSES) if f"{name}_sum" in names}
-        if "sum_frames" in meta:
-            delta = SumsDelta(np.asarray(meta["sum_frames"], np.int64), sums, meta["summed"])
-            if not self.sums.merge(delta):
-                logger.warning("scan %s: class sums of frames %s left out: some were summed already "
-                               "(a peak process was declared dead and came back)", record.header.scan_id,
-                               _span(delta.numbers))
+        if delta is not None:
+            self._offer(delta, record.header.scan_id)
         if hit:
             peaks = {field: record.array(field) for field in PEAK_COLUMNS.values()}
             add_to_powder(self.powder, peaks["fs"], peaks["ss"], peaks["intensity"])
             add_to_powder(self._powder_preview, peaks["fs"], peaks["ss"], peaks["intensity"], binning=self._factor)
-            row = self.hits
-            self.hits += 1
-            self._data.resize(self.hits, axis=0)
-            self._data.id.write_direct_chunk((row, 0, 0), record.raw("data"))
+            self._stale["powder"] = {0, 1}
             self._peaks.append((number, n_peaks, peaks))
         return True
 
+    def _offer(self, delta: SumsDelta, scan_id: str, again: bool = False) -> None:
+        overlap = self.sums.numbers.intersection(delta.numbers)
+        if overlap:
+            if not (again and len(overlap) == len(delta.numbers)):  # a re-sent record whose sums are in
+                logger.warning("scan %s: class sums of frames %s left out: some were summed already "
+                               "(a peak process was declared dead and came back)", scan_id, _span(delta.numbers))
+            return
+        self.sums.merge(delta)
+        self._summed_new.extend(delta.numbers)
+        for name in ("hits", "misses", "n_frames"):
+            self._stale[name] = {0, 1}
+
     def flush(self) -> None:
-        """Rows go to disk in one write per dataset, then the file is flushed for live readers."""
+        """Rows go to disk in one write per dataset, the aggregates to the slot not in use; the file
+        is flushed, then the state points at that slot and the file is flushed again."""
+        target = 1 - self._slot
+        if not (self._rows or self._summed_new or self._chunks or any(target in s for s in self._stale.values())):
+            self._file.flush()
+            return
         if self._rows:
             rows = np.array(self._rows)
             for column, dataset in zip(rows.T, self._every.values(), strict=True):
                 _append(dataset, column)
-            self._rows.clear()
         if self._peaks:
             n = min(self.width, max(count for _, count, _ in self._peaks))
             _append(self._hit_frames, np.array([number for number, _, _ in self._peaks]))
@@ -148,31 +376,99 @@ class SxFile:
                 for i, (_, count, peaks) in enumerate(self._peaks):
                     block[i, :min(count, n)] = peaks[field][:n]
                 _append(self._columns[name], block)
-            self._peaks.clear()
+        if self._summed_new:
+            _append(self._summed_list, np.asarray(self._summed_new, np.int64))
+        for name in ARRAYS:
+            if target in self._stale[name]:
+                self._put(target, name)
         self._file.flush()
+        self._commit(target)
+        self._state[...] = self._state_vector()
+        self._file.flush()
+
+    def _commit(self, slot: int) -> None:
+        """The last flush reached the disk: what it wrote is no longer pending, `slot` is the one in use."""
+        self.committed.update(number for number, _, _ in self._rows)
+        self._done["rows"] += len(self._rows)
+        self._done["hit_rows"] += len(self._peaks)
+        self._done["summed"] += len(self._summed_new)
+        self._done["hits"] = self.hits
+        self._rows.clear()
+        self._peaks.clear()
+        self._chunks.clear()
+        self._summed_new.clear()
+        self._generation += 1
+        self._slot = slot
+
+    def recover(self) -> None:
+        """After a failed write or flush: open the file again, go back to what is on disk and write
+        again what was not flushed. The slot the state on disk names is never written over."""
+        quiet_close(self._file)
+        self._file = h5py.File(self.path, "r+", libver=LIBVER)
+        self._bind()
+        # The flush that failed may have pointed the state at its slot, or not: the disk says.
+        state = self._state[()]
+        self._generation, self._slot = int(state[GENERATION]), int(state[SLOT])
+        for dataset, size in ((self._every.values(), "rows"), ((self._n_peaks, self._hit_frames,
+                                                                  *self._columns.values()), "hit_rows"),
+                              ((self._summed_list,), "summed")):
+            for d in dataset:
+                d.resize(self._done[size], axis=0)
+        self._data.resize(self.hits, axis=0)
+        self._file.swmr_mode = True
+        for row, blob in self._chunks:
+            self._data.id.write_direct_chunk((row, 0, 0), blob)
+        for name in ARRAYS:  # the slot not in use may hold anything
+            self._stale[name].add(1 - self._slot)
+        self.flush()
+        self.broken = False
+
+    def redo_cost(self) -> int:
+        return sum(memoryview(blob).nbytes for _, blob in self._chunks) + (1 << 20)
 
     def preview(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """What front-ends show: the virtual powder, the hit-rate history, the counts."""
         rate = self.hit_rate.sample()
+        self._stale["history"] = {0, 1}
         arrays = {"virtual_powder": self._powder_preview.astype(np.float32),
                   "hit_rate": np.array(self.hit_rate.history, np.float32)}
-        return arrays, {"frames": len(self.written), "hits": self.hits, "hit_rate": round(rate, 4)}
+        return arrays, {"frames": len(self.written), "hits": self.earlier_hits + self.hits,
+                        "hit_rate": round(rate, 4)}
 
     def close(self) -> None:
         if not self._file.id.valid:
             return
-        self.flush()
-        hits, misses, powder = self._images
-        for cls, image in ((1, hits), (0, misses)):
-            image["data"][...] = self.sums.sums[cls]
-            image["n_frames"][()] = self.sums.frames[cls]
+        for _ in range(2):  # both slots (image_1..image_3 are slot 0) hold the final values
+            self.flush()
         missing = self.written - self.sums.numbers
         if missing:
             logger.warning("%s: the class sums hold %d of the %d frames; not in them: %s", self.path.name,
                            len(self.sums.numbers), len(self.written), _span(sorted(missing)))
-        powder["data"][...] = self.powder
         self._end_time[()] = now_iso().encode()
         self._file.close()
+
+    def abandon(self) -> None:
+        quiet_close(self._file)
+
+
+def _delta(record: Frame) -> SumsDelta | None:
+    """The class sums a record carries (what a peak process added, and which frames), if any."""
+    meta = record.header.meta
+    if "sum_frames" not in meta:
+        return None
+    names = {spec.name for spec in record.header.arrays}
+    sums = {cls: record.array(f"{name}_sum") for cls, name in enumerate(CLASSES) if f"{name}_sum" in names}
+    return SumsDelta(np.asarray(meta["sum_frames"], np.int64), sums, meta["summed"])
+
+
+def _binned(image: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
+    """Blocks of `factor` x `factor` pixels summed, the edge blocks taking any remainder (as
+    `add_to_powder` bins)."""
+    rows = np.minimum(np.arange(image.shape[0]) // factor, shape[0] - 1)
+    cols = np.minimum(np.arange(image.shape[1]) // factor, shape[1] - 1)
+    out = np.zeros(shape)
+    np.add.at(out, (rows[:, None], cols[None, :]), image)
+    return out
 
 
 def _span(numbers: list[int]) -> str:
@@ -186,6 +482,8 @@ def _growing(group: h5py.Group, name: str, dtype: str, width: int | None = None)
 
 
 def _append(dataset: h5py.Dataset, rows: np.ndarray) -> None:
+    if not len(rows):
+        return
     start = dataset.shape[0]
     dataset.resize(start + len(rows), axis=0)
     dataset[start:] = rows
