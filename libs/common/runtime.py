@@ -34,7 +34,7 @@ import zmq
 from pydantic import BaseModel, ValidationError
 
 from libs.common import messages
-from libs.common.errors import FrameError, MessageError, ParameterError
+from libs.common.errors import FrameError, MessageError, ParameterError, SurveyorError
 from libs.common.flow import HEADER, Inlet, Outlet
 from libs.common.frames import Frame, FrameKey, decode
 from libs.common.messages import (Abort, Configure, Ping, ScanCounters, ScanDescription, ScanEnd,
@@ -575,7 +575,13 @@ class Service:
         if result["epoch"] != self.epoch:
             self._new_epoch(result["epoch"])
         if result.get("scan") and not in_scan:
-            self._start_scan(ScanDescription.model_validate(result["scan"]))
+            scan = ScanDescription.model_validate(result["scan"])
+            try:
+                self._start_scan(scan)
+            except SurveyorError as exc:
+                logger.error("cannot take part in the running scan %s: %s", scan.scan_id, exc)
+                self.report("scan_refused", f"{self.name} cannot take part in scan {scan.scan_id}: {exc}",
+                            scan_id=scan.scan_id)
         self._apply_topology(messages.TopologyArgs.model_validate(result["topology"]))
 
     def _on_heartbeat_reply(self, reply: messages.Reply) -> None:

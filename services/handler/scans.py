@@ -49,7 +49,13 @@ class ScanRecord:
 
     @property
     def expected(self) -> int | None:
-        return self.scan.n_frames + self.scan.n_dark if self.scan.n_frames is not None else None
+        """The frames of the scan: as announced, or fewer when the sources finished it sooner
+        (a series that ended early or timed out: its detector never sent the rest)."""
+        announced = self.scan.n_frames + self.scan.n_dark if self.scan.n_frames is not None else None
+        finished = max(self.sources_done.values(), default=None)
+        if finished is None:
+            return announced
+        return finished if announced is None else min(announced, finished)
 
     def received(self, pipeline: Pipeline) -> int:
         """Frames the source processes took in; a restarted source that generates its frames

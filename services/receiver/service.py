@@ -351,7 +351,9 @@ class Service(Runtime):
             logger.warning("scan %s: series %s ended with %d of the %d frames its header announced",
                            self.scan.scan_id, self._series, received, expected)
         self._series = None
-        self.finish_source(received)
+        # The series' length as far as seen (its highest frame number + 1): what a receiver that
+        # took over mid-series reports too, so the handler knows how many frames the scan had.
+        self.finish_source(max(self._frames) + 1 if self._frames else 0)
 
     def on_scan_end(self) -> None:
         if self._held is not None:
