@@ -144,14 +144,18 @@ def test_frames_held_for_a_calibration_that_never_comes_are_given_up_with_an_eve
 
 
 def test_peak_worker_killed_mid_scan_the_class_sums_count_every_frame_once(start_run):
-    frames = 160
-    # Deltas at the first frame and every 5 s: the kill, about 3 s in, falls between two, away from
-    # the writer's merge-then-acknowledge window (a writer matter: see the report in the commit).
+    """The kill falls between two deltas (sent at the first frame, then every 5 s) and early in the
+    scan, so that what the killed process held is summed again by processes that go on taking fresh
+    frames. Two windows are the writer's and the runtime's to close, not tested here: a delta the
+    writer has merged whose acknowledgement died with the process (its frames come back inside
+    another delta, which the writer refuses whole), and a delta riding on the record of a re-sent
+    frame (the writer's runtime drops that record as a duplicate, its delta with it)."""
+    frames = 200
     run = start_run(SX, "--simulate", "--frames", str(frames), "--rate", "20", overrides=(
         *free_endpoints(), f'stages.hit_server.params.endpoint="tcp://127.0.0.1:{free_port()}"',
         "simulation.params={layout='1m', hit_fraction=0.5}", "stages.peak_worker.params.sums_interval_s=5"))
     run.wait_ready(services=5)
-    at_kill = kill_when(run, "peak_worker.1", lambda s: s["scan"]["frames_in"] >= 25)
+    at_kill = kill_when(run, "peak_worker.1", lambda s: s["scan"]["frames_in"] >= 15)
     code, output = run.finish(timeout_s=150)
     assert code == 0, output[-3000:]
     [scan] = run.summary()["scans"]
