@@ -22,7 +22,9 @@ restarted worker learns the mask before it sees pixels. An outlet keeps the late
 each name.
 
 Wire (consumer -> producer): [b"H", msgpack {stage, credit}] once, then [b"C", msgpack {credit,
-ack: [[epoch, frame], ...]}]. Producer -> consumer: [b"F", *frame parts] or [b"S", *header parts].
+ack: [[epoch, frame], ...]}]. Producer -> consumer: [b"F", *frame parts], [b"R", *frame parts] (a
+frame sent again after its consumer was lost: what was derived from it may be downstream already)
+or [b"S", *header parts].
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from libs.common.frames import FrameKey
 
 logger = logging.getLogger(__name__)
 
-HELLO, CREDIT, FRAME, HEADER = b"H", b"C", b"F", b"S"
+HELLO, CREDIT, FRAME, RESENT, HEADER = b"H", b"C", b"F", b"R", b"S"
 
 
 @dataclass
@@ -50,6 +52,8 @@ class _Item:
     key: FrameKey
     parts: list[Any]
     parent: Any
+    resent: bool = False
+    """Sent before to a consumer that was lost: it goes out tagged RESENT."""
 
 
 @dataclass
@@ -237,6 +241,8 @@ class Outlet:
             return 0
         consumer = route.consumers.pop(identity)
         items = sorted(consumer.inflight.values(), key=lambda item: item.key, reverse=True)
+        for item in items:
+            item.resent = True
         route.pending.extendleft(items)
         if items:
             logger.warning("re-sending %d frames that %s held to the other processes of %s",
@@ -269,7 +275,8 @@ class Outlet:
                 return
             item = route.pending.popleft()
             try:
-                self.socket.send_multipart([consumer.identity, FRAME, *item.parts], copy=False)
+                self.socket.send_multipart([consumer.identity, RESENT if item.resent else FRAME, *item.parts],
+                                           copy=False)
             except zmq.ZMQError as exc:
                 route.pending.appendleft(item)
                 if exc.errno == zmq.EAGAIN:
@@ -339,7 +346,7 @@ class Inlet:
         except zmq.Again:
             return None
         tag = parts[0].bytes
-        if tag not in (FRAME, HEADER):
+        if tag not in (FRAME, RESENT, HEADER):
             logger.warning("ignored a data message with tag %r from %s", tag[:8], self.links[socket])
             return b"", []
         return tag, parts[1:]

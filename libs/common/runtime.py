@@ -35,7 +35,7 @@ from pydantic import BaseModel, ValidationError
 
 from libs.common import messages
 from libs.common.errors import FrameError, MessageError, ParameterError, SurveyorError
-from libs.common.flow import HEADER, Inlet, Outlet
+from libs.common.flow import HEADER, RESENT, Inlet, Outlet
 from libs.common.frames import Frame, FrameKey, decode
 from libs.common.messages import (Abort, Configure, Ping, ScanCounters, ScanDescription, ScanEnd,
                                   ScanStart, ServiceIdentity, ServiceStats, Shutdown, Status, Topology)
@@ -102,6 +102,9 @@ class Service:
         self._producer_of: dict[Token, str] = {}
         """The producer instance that sent each frame not yet acknowledged: where the ack goes."""
         self._current: Token | None = None
+        self.redelivered = False
+        """While a frame is handled: whether its producer sent it before (to a process that died
+        or lost its link), so that what was derived from it may already be downstream."""
         self._input_paused = False
         self._ended: tuple[int, ScanCounters] | None = None
         """The last scan this process finished, with its counters: a repeated scan_end (from a
@@ -142,6 +145,12 @@ class Service:
         """Sources: emit the next frames of the current scan. Return seconds until the next call
         is wanted (0 = at once), or None when there is nothing to do until something changes."""
         return None
+
+    def on_duplicate(self, frame: Frame) -> None:
+        """A frame this process already took came again (its producer re-sent it after a link or
+        a process was lost). It is not processed again; a sink that merges partial results riding
+        on frames (class sums) takes what the first copy's may have lost. `hold` works as in
+        `on_frame`."""
 
     def on_scan_start(self, scan: ScanDescription) -> None:
         """A scan starts; `self.scan` and `self.epoch` are already set. Raise a SurveyorError to
@@ -321,7 +330,7 @@ class Service:
                 if message[0] == HEADER:
                     self._on_header_message(message[1])
                 else:
-                    self._on_data(producer, message[1])
+                    self._on_data(producer, message[1], redelivered=message[0] == RESENT)
                 self._drain_control()
         if self._next_produce is not None and self.can_produce() and time.monotonic() >= self._next_produce:
             started = time.perf_counter()
@@ -368,7 +377,7 @@ class Service:
 
     # --- data -----------------------------------------------------------------------------------
 
-    def _on_data(self, producer: str, parts: list[Any]) -> None:
+    def _on_data(self, producer: str, parts: list[Any], redelivered: bool = False) -> None:
         self._owed[producer] = self._owed.get(producer, 0) + 1
         if not parts:
             return
@@ -389,31 +398,36 @@ class Service:
         stage = self._producer_stage.get(producer, "")
         token = (stage, frame.key)
         seen = self._seen.setdefault(stage, set())
-        if number in seen:
+        duplicate = number in seen
+        if duplicate:
             self.count("duplicates")
-            if token in self._on_hold or self._children.get(token):
-                # Still being made safe here: the new copy is acknowledged when the old one would be.
-                self._producer_of[token] = producer
-            else:
-                self.inlet.ack(producer, frame.key)
-            logger.debug("dropped duplicate of frame %d of scan %s", number, frame.header.scan_id)
-            return
-        seen.add(number)
-        self.count("frames_in")
-        self._producer_of[token] = producer
-        self._current = token
-        started = time.perf_counter()
-        try:
-            self.on_frame(frame)
-        except Exception:  # noqa: BLE001 - one bad frame must not end the service
-            self.count("rejected")
-            logger.exception("frame %d of scan %s failed in %s", number, frame.header.scan_id, self.stage)
-        finally:
-            self._current = None
-            self._busy(time.perf_counter() - started)
+            logger.debug("duplicate of frame %d of scan %s", number, frame.header.scan_id)
+            # Still being made safe here, the new copy is acknowledged when the old one would be.
+            pending = token in self._on_hold or self._children.get(token)
+            self._producer_of[token] = producer
+            if pending:
+                self._call(self.on_duplicate, frame, token, redelivered)
+                return
+        else:
+            seen.add(number)
+            self.count("frames_in")
+            self._producer_of[token] = producer
+        self._call(self.on_duplicate if duplicate else self.on_frame, frame, token, redelivered)
         if not self._children.get(token) and token not in self._on_hold:
             self._children.pop(token, None)
             self._ack(token)
+
+    def _call(self, hook: Callable[[Frame], None], frame: Frame, token: Token, redelivered: bool) -> None:
+        self._current, self.redelivered = token, redelivered
+        started = time.perf_counter()
+        try:
+            hook(frame)
+        except Exception:  # noqa: BLE001 - one bad frame must not end the service
+            self.count("rejected")
+            logger.exception("frame %d of scan %s failed in %s", frame.header.frame, frame.header.scan_id, self.stage)
+        finally:
+            self._current, self.redelivered = None, False
+            self._busy(time.perf_counter() - started)
 
     def _ack(self, token: Token) -> None:
         producer = self._producer_of.pop(token, None)
@@ -664,7 +678,10 @@ class Service:
         return {}
 
     def _cmd_topology(self, args: messages.TopologyArgs) -> dict[str, Any]:
-        self._apply_topology(args)
+        # Before the registration reply (which carries the scan and the topology), wiring inputs
+        # would let frames in ahead of their scan.
+        if self._registered:
+            self._apply_topology(args)
         return {}
 
     def _cmd_scan_start(self, args: messages.ScanStartArgs) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import zmq
 
-from libs.common.flow import FRAME, Inlet, Outlet
+from libs.common.flow import FRAME, RESENT, Inlet, Outlet
 from libs.common.frames import Frame, decode
 
 
@@ -30,15 +30,18 @@ class Consumer:
         self.inlet = Inlet(context, self.poller, identity=name.encode(), stage="w", credit=credit)
         self.inlet.connect("producer", outlet.endpoint)
         self.received: list[int] = []
+        self.resent: list[int] = []
 
     def take(self, outlet, *, ack: bool, rounds: int = 20) -> None:
         for _ in range(rounds):
             outlet.receive()
             for socket, _ in self.poller.poll(5):
                 message = self.inlet.receive(socket)
-                if message and message[0] == FRAME:
+                if message and message[0] in (FRAME, RESENT):
                     got = decode(message[1])
                     self.received.append(got.header.frame)
+                    if message[0] == RESENT:
+                        self.resent.append(got.header.frame)
                     if ack:
                         self.inlet.ack("producer", got.key)
                         self.inlet.grant("producer")
@@ -68,6 +71,7 @@ def test_frames_go_to_consumers_with_credit_and_come_back_when_one_dies(context)
     assert outlet.consumer_lost(b"stuck") == 2
     settle(outlet, [busy], acks=[True])
     assert sorted(busy.received) == list(range(30)) and outlet.outstanding(1) == 0
+    assert sorted(busy.resent) == sorted(stuck.received), "what the lost consumer held comes tagged as re-sent"
     assert sorted(delivered) == list(range(30))
     for closing in (outlet, stuck.inlet, busy.inlet):
         closing.close()

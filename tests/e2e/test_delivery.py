@@ -48,7 +48,7 @@ def test_killed_worker_loses_nothing_and_is_restarted(tmp_path, start_run):
                       "worker.1 to be busy")
     os.kill(victim["pid"], signal.SIGKILL)
     handler = run.pipeline.handler
-    down = run.feed.wait("service_down", timeout_s=handler.heartbeat_s * handler.liveness + 2,
+    down = run.feed.wait("service_down", timeout_s=2 * handler.heartbeat_s * handler.liveness + 2,
                          instance=victim["instance"])
     assert "heartbeat" in down["message"]
     code, output = run.finish()
