@@ -342,8 +342,10 @@ def _score(record: dict[str, Any], truth: Path) -> None:
     """Print (and record) how close the result came to the simulated truth."""
     from libs.cli.scoring import against_truth
 
-    result = next((Path(p) for p in record.get("outputs", []) if p.endswith(".cxi") and not p.endswith("_raw.cxi")),
-                  None)
+    results = [Path(p) for p in record.get("outputs", []) if p.endswith(".cxi") and not p.endswith("_raw.cxi")]
+    # The last part (of a writer restarted mid-scan) holds what the scan ended with.
+    result = max(results, key=lambda p: int(m.group(1)) if (m := re.search(r"\.part(\d+)\.cxi$", p.name)) else 1,
+                 default=None)
     if result is None or not truth.exists():
         return
     try:

@@ -32,7 +32,8 @@ from pydantic import ValidationError
 from libs.common import messages
 from libs.common.errors import MessageError, ParameterError, PipelineError
 from libs.common.messages import (Abort, Configure, Event, Heartbeat, Ping, Preview, Register, ScanCounters,
-                                  ScanDescription, Shutdown, SourceDone, StartScan, Status, Unregister)
+                                  ScanDescription, ServiceIdentity, Shutdown, SourceDone, StartScan, Status,
+                                  Unregister)
 from libs.common.pipeline import Pipeline, service_class
 from libs.common.ports import DEFERRED, CommandPort, Envelope
 from services.handler.journal import Journal
@@ -63,7 +64,7 @@ class Handler:
         self.scans = ScanBook()
         self.journal = Journal(pipeline.state_path / "handler.json")
         self._awaited: set[str] = set()
-        """Processes that were up when the previous handler stopped, not registered again yet."""
+        """Processes that were up when the previous handler stopped, not heard from again yet."""
         self._recovering_until = 0.0
         self._journal_due: float | None = None
         self._restore(fresh)
@@ -121,7 +122,12 @@ class Handler:
             self.pipeline = self.pipeline.model_copy(update={"stages": stages})
         record = self.scans.current
         if record is not None:
-            self._awaited = set(state.get("up", []))
+            # The processes that were up are members again, as if they had just registered: those
+            # that heartbeat carry on, those that died meanwhile expire as usual, and their
+            # producers hear of it and send what they held to the others.
+            for identity in state.get("up", []):
+                member = self.registry.register(ServiceIdentity.model_validate(identity))
+                self._awaited.add(member.identity.instance)
             config = self.pipeline.handler
             self._recovering_until = time.monotonic() + 2 * config.heartbeat_s * config.liveness
             logger.warning("restarted during scan %s (epoch %d, %s): waiting for %d processes to register again",
@@ -135,22 +141,26 @@ class Handler:
         self._journal_due = None
         self.journal.save({"pipeline": self.pipeline.identity, "scans": self.scans.to_json(),
                            "params": {name: stage.params for name, stage in self.pipeline.stages.items()},
-                           "up": [m.identity.instance for m in self.registry.up()] or sorted(self._awaited)})
+                           "up": [m.identity.model_dump() for m in self.registry.up()]})
 
     def _save_soon(self) -> None:
         """Journal counters at most once a JOURNAL_PERIOD_S."""
         if self._journal_due is None:
             self._journal_due = time.monotonic() + JOURNAL_PERIOD_S
 
+    def _heard_from(self, instance: str) -> None:
+        self._awaited.discard(instance)
+        if self._recovering_until and not self._awaited:
+            self._recovered()
+
     @property
     def recovering(self) -> bool:
         return bool(self._awaited) and time.monotonic() < self._recovering_until
 
     def _recovered(self) -> None:
-        """Every process is back (or the wait is over): finish what the old handler was doing."""
+        """Every process is back or declared dead (or the wait is over): finish what the old
+        handler was doing."""
         self._recovering_until = 0.0
-        if self._awaited:
-            logger.warning("processes %s did not register again; going on without them", sorted(self._awaited))
         self._awaited = set()
         record = self.scans.current
         if record is None:
@@ -276,7 +286,7 @@ class Handler:
         if record is not None and member is not None and member.identity.stage in self.pipeline.sources() \
                 and not self._shutting_down and instance not in record.sources_done:
             record.deaths.append(name)
-        self._save_soon()
+        self._save()
         for barrier in self._barriers.values():
             barrier.waiting.discard(instance)
         for rid in list(self._barriers):
@@ -284,6 +294,7 @@ class Handler:
         if not self._shutting_down:
             self._broadcast_topology()
         self._event("service_down", service=name, message=cause, instance=instance)
+        self._heard_from(instance)
         self._maybe_end_scan()
 
     # --- one operation at a time ----------------------------------------------------------------
@@ -333,9 +344,8 @@ class Handler:
             self.scans.epoch = identity.epoch
             self._save()
         self.registry.register(identity)
-        self._awaited.discard(identity.instance)
-        if self._recovering_until and not self._awaited:
-            self._recovered()
+        self._save()
+        self._heard_from(identity.instance)
         logger.info("service %s of stage %s registered from %s pid %d", identity.name, identity.stage,
                     identity.host, identity.pid)
         self._broadcast_topology()
@@ -350,6 +360,7 @@ class Handler:
         args = request.args
         if not self.registry.heartbeat(args.instance, args.stats):
             raise MessageError(f"unknown service instance {args.instance}: register again")
+        self._heard_from(args.instance)
         record = self.scans.current
         if record is not None and record.state == "running" and args.stats.epoch == record.epoch:
             identity = self.registry.members[args.instance].identity

@@ -16,8 +16,12 @@ import h5py
 import numpy as np
 import pytest
 
+from libs.simulation.sx import SxScan
+from services.peak_worker.service import Params
 from tests import chaos
-from tests.conftest import free_port, ingest_pipeline, synthetic_pipeline, wait_for
+from tests.crystallography.test_chain import recompute
+from tests.conftest import free_endpoints, free_port, ingest_pipeline, synthetic_pipeline, wait_for
+from tests.e2e.test_stateful_kills import PTYCHO, SX, UNDISTURBED_NRMSE, small_ptycho
 
 SEED = int(os.environ.get("SURVEYOR_CHAOS_SEED", "11"))
 
@@ -33,7 +37,7 @@ def frames_on_disk(out: Path, stem: str) -> list[int]:
 
 
 def run_with_faults(run, targets: list[str], faults: int, window_s: tuple[float, float]) -> list[chaos.Inflicted]:
-    run.wait_ready(len(targets) - 1)
+    run.wait_ready(sum(1 for name in run.pipeline.stages for _ in range(run.pipeline.stages[name].processes)))
     plan = chaos.schedule(SEED, targets, faults, window_s)
     stopping = threading.Event()
     done: list[chaos.Inflicted] = []
@@ -87,3 +91,51 @@ def test_a_receiver_killed_during_a_detector_stream_reports_exactly_what_is_miss
     assert (code == 1) == (missing > 0), output[-2000:]
     if missing:
         assert any("receiver.1" in reason for reason in scan["losses"]), scan["losses"]
+
+
+def check_schedule_hit(done: list[chaos.Inflicted], targets: list[str]) -> None:
+    hit = {d.fault.target for d in done if d.pid is not None}
+    assert hit == set(targets), f"not every kind of process was hit: {done}"
+
+
+@pytest.mark.slow
+def test_ptychography_scan_survives_kills_and_stops_of_every_stage(start_run):
+    frames, n_dark = 160, 10
+    run = start_run(PTYCHO, "--simulate", "--frames", str(frames), "--rate", "10", overrides=small_ptycho(n_dark))
+    targets = ["handler", "dark_worker.1", "frame_worker.1", "frame_worker.2", "image_worker.1",
+               "reconstruction_worker.1", "writer.1"]
+    done = run_with_faults(run, targets, faults=len(targets), window_s=(0.5, 14.0))
+    check_schedule_hit(done, targets)
+    [scan] = run.summary()["scans"]
+    assert scan["frames_lost"] == 0 and scan["losses"] == [] and scan["frames_written"] == frames, scan
+    numbers = frames_on_disk(run.out, scan["scan_id"])
+    assert sorted(numbers) == list(n_dark + np.arange(frames)), "every clean frame once, over every part"
+    assert scan["nrmse"] <= 1.1 * UNDISTURBED_NRMSE[frames, n_dark], scan["nrmse"]
+
+
+@pytest.mark.slow
+def test_crystallography_scan_survives_kills_and_stops_of_every_stage(start_run):
+    frames = 300
+    run = start_run(SX, "--simulate", "--frames", str(frames), "--rate", "20", overrides=(
+        *free_endpoints(), f'stages.hit_server.params.endpoint="tcp://127.0.0.1:{free_port()}"',
+        "simulation.params={layout='1m', hit_fraction=0.5}", "stages.peak_worker.params.sums_interval_s=1"))
+    targets = ["handler", "peak_worker.1", "peak_worker.2", "writer.1", "hit_server.1"]
+    done = run_with_faults(run, targets, faults=len(targets), window_s=(0.5, 12.0))
+    check_schedule_hit(done, targets)
+    [scan] = run.summary()["scans"]
+    assert scan["frames_lost"] == 0 and scan["losses"] == [] and scan["frames_written"] == frames, scan
+    params = Params.model_validate(run.pipeline.stages["peak_worker"].params)
+    expected = recompute(SxScan(count=frames, layout="1m", hit_fraction=0.5, scan_id=scan["scan_id"]), params,
+                         range(frames))
+    found: dict[int, int] = {}
+    for path in sorted(run.out.glob(f"{scan['scan_id']}*.cxi")):
+        with h5py.File(path, "r", swmr=True) as f:
+            every = f["entry_1/result_2"]
+            for number, n_peaks in zip(every["frame_number"][()], every["n_peaks"][()], strict=True):
+                assert number not in found, f"frame {number} twice"
+                found[int(number)] = int(n_peaks)
+    assert found == {n: len(peaks) for n, (peaks, _, _) in expected.items()}, "the same peaks as undisturbed"
+    last = sorted(run.out.glob(f"{scan['scan_id']}*.cxi"))[-1]
+    with h5py.File(last, "r", swmr=True) as f:
+        counted = int(f["entry_1/image_1/n_frames"][()] + f["entry_1/image_2/n_frames"][()])
+    assert counted == frames, "the class sums count every frame once"
