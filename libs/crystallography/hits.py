@@ -31,6 +31,13 @@ class SumsDelta:
     sums: dict[int, np.ndarray]
     numbers: list[int]
 
+    @classmethod
+    def of_frame(cls, frame: np.ndarray, hit: bool, number: int) -> SumsDelta:
+        """One frame's contribution alone: its class's count and sum, nothing for the other class."""
+        frames = np.zeros(2, np.int64)
+        frames[int(hit)] = 1
+        return cls(frames, {int(hit): np.asarray(frame, np.float64)}, [number])
+
 
 class ClassSums:
     """Per class: frames counted and the sum of their corrected pixels, and which frames are in."""

@@ -13,6 +13,12 @@ until the record carrying the delta with its sum has been sent (that record is a
 frame in the delta), so a process killed between two deltas loses no frame's contribution: the
 frames are re-sent to another process, which sums them again.
 
+A frame re-sent after its process was lost (`redelivered`) may already be in a delta the writer
+merged (the process died after the writer had the delta, before the acknowledgement went
+upstream). Its sum goes in a delta of its own, on its own record (only its class), never into the
+shared one: the writer, which refuses a delta holding a frame it has summed, then refuses exactly
+that frame, and the fresh frames' shared deltas are never refused for it.
+
 Parameters are OM's peakfinder8 ones plus the hit limits; `configure` changes them for the
 next frame, and a bad value is refused with the reason.
 """
@@ -29,7 +35,7 @@ from libs.common.frames import ArraySpec, Frame
 from libs.common.messages import ScanDescription
 from libs.common.runtime import Service as Runtime, Token
 from libs.crystallography.corrections import Corrections
-from libs.crystallography.hits import CLASSES, ClassSums, is_hit
+from libs.crystallography.hits import CLASSES, ClassSums, SumsDelta, is_hit
 from libs.crystallography.layouts import Layout, radius_map
 from libs.crystallography.peakfinder8 import PeakFinder8, Peakfinder8Params
 from services.peak_worker import detector
@@ -60,7 +66,7 @@ class Service(Runtime):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self._reset()
-        self._early: list[tuple[Token, Frame]] = []
+        self._early: list[tuple[Token, Frame, bool]] = []
         """Frames that came before the scan start (a process that joins a running scan can be sent
         frames before it hears of it): held, and taken once it starts."""
         _compile()
@@ -80,9 +86,9 @@ class Service(Runtime):
     def on_scan_start(self, scan: ScanDescription) -> None:
         self._reset()
         early, self._early = self._early, []
-        for token, frame in early:
+        for token, frame, redelivered in early:
             if frame.header.epoch == self.epoch:
-                self._take_held(token, frame)
+                self._take_held(token, frame, redelivered)
 
     def on_header(self, header: Frame) -> None:
         super().on_header(header)
@@ -100,21 +106,22 @@ class Service(Runtime):
     def on_frame(self, frame: Frame) -> None:
         token = self.hold()
         if self.scan is None:
-            self._early.append((token, frame))
+            self._early.append((token, frame, self.redelivered))
             return
-        self._take_held(token, frame)
+        self._take_held(token, frame, self.redelivered)
 
-    def _take_held(self, token: Token, frame: Frame) -> None:
+    def _take_held(self, token: Token, frame: Frame, redelivered: bool) -> None:
         try:
-            self._take(token, frame)
+            self._take(token, frame, redelivered)
         except Exception:  # noqa: BLE001 - one bad frame must not end the service, nor stay held
             self.count("rejected")
             logger.exception("frame %d of scan %s failed in %s", frame.header.frame, frame.header.scan_id, self.stage)
             if token not in self._summed:
                 self.release(token)
 
-    def _take(self, token: Token, frame: Frame) -> None:
-        """One frame, held: its record (kept back until the next), its sum, held until the delta."""
+    def _take(self, token: Token, frame: Frame, redelivered: bool) -> None:
+        """One frame, held: its record (kept back until the next), its sum, held until the delta; a
+        frame sent before to a lost process: its record at once, with a delta of its own."""
         raw = frame.array("data")
         if self._sums is not None and self._sums.shape != raw.shape:
             self._send_sums()  # what is summed so far leaves before the accumulator is replaced
@@ -131,8 +138,13 @@ class Service(Runtime):
                 "max_num_peaks": self.params.max_num_peaks}
         record = Frame.from_blobs(scan_id=frame.header.scan_id, epoch=self.epoch, frame=frame.header.frame,
                                   origin=self.name, blobs=blobs, meta=meta)
-        self._sums.add(corrected, hit, frame.header.frame)
         self._tally += (1, hit, len(peaks))
+        if redelivered:
+            # Its sum may be in the writer already: alone in its delta, refused or taken exactly.
+            self.emit(_with_delta(record, SumsDelta.of_frame(corrected, hit, frame.header.frame)), parent=token)
+            self.release(token)
+            return
+        self._sums.add(corrected, hit, frame.header.frame)
         self._summed.append(token)
         if self._pending is not None:
             # The previous record goes now, without the sums; its frame stays held for the delta.
@@ -163,19 +175,10 @@ class Service(Runtime):
         token, record = self._pending
         self._pending = None
         summed, self._summed = self._summed, []
-        self.emit(self._with_sums(record), parent=token, parents=summed)
+        self._sums_due = time.monotonic() + self.params.sums_interval_s
+        self.emit(_with_delta(record, self._sums.take()), parent=token, parents=summed)
         for held in summed:
             self.release(held)
-
-    def _with_sums(self, record: Frame) -> Frame:
-        self._sums_due = time.monotonic() + self.params.sums_interval_s
-        delta = self._sums.take()
-        blobs = list(zip(record.header.arrays, record.buffers, strict=True))
-        blobs += [(ArraySpec(name=f"{CLASSES[cls]}_sum", dtype="<f8", shape=s.shape), s)
-                  for cls, s in delta.sums.items()]
-        meta = {**record.header.meta, "sum_frames": delta.frames.tolist(), "summed": delta.numbers}
-        return Frame.from_blobs(scan_id=record.header.scan_id, epoch=record.header.epoch, frame=record.header.frame,
-                                origin=record.header.origin, blobs=blobs, meta=meta)
 
     def _prepare(self, shape: tuple[int, int]) -> tuple[PeakFinder8, Corrections]:
         """The corrections and the peak finder for this scan's frames and the parameters in force."""
@@ -193,6 +196,16 @@ class Service(Runtime):
         if self._sums is None or self._sums.shape != shape:
             self._sums = ClassSums(shape)
         return self._finder, self._corrections
+
+
+def _with_delta(record: Frame, delta: SumsDelta) -> Frame:
+    """The record with the class sums of `delta` riding on it (`meta["sum_frames"]`: the count per
+    class, `meta["summed"]`: which frames; an array per class that has frames)."""
+    blobs = list(zip(record.header.arrays, record.buffers, strict=True))
+    blobs += [(ArraySpec(name=f"{CLASSES[cls]}_sum", dtype="<f8", shape=s.shape), s) for cls, s in delta.sums.items()]
+    meta = {**record.header.meta, "sum_frames": delta.frames.tolist(), "summed": delta.numbers}
+    return Frame.from_blobs(scan_id=record.header.scan_id, epoch=record.header.epoch, frame=record.header.frame,
+                            origin=record.header.origin, blobs=blobs, meta=meta)
 
 
 def _compile() -> None:

@@ -24,6 +24,11 @@ that saw the failure is not used again (after ENOSPC a chunk written again throu
 back as fill value): the file is opened anew and the frames since its last good flush written
 again. One file per scan per writer process, whatever fails. `start_scan` is refused when the
 output directory cannot be created or written, or has not room for the announced scan.
+
+A peak record that comes again (its frame re-sent to another peak process after one was lost) is
+not written again, but the class sums riding on it may be what its first copy lacked: they are
+merged unless one of their frames is summed already (sx_file.py), and the record is held until a
+flush covers it, like any frame.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import os
 import tempfile
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,6 +219,12 @@ class Service(Runtime):
         if self._failure is None:
             self._drain()
 
+    def on_duplicate(self, frame: Frame) -> None:
+        """A record already taken, come again: only the class sums riding on it are new (SxFile.write
+        offers them and writes nothing else); it goes the way of any frame, held until flushed."""
+        if "sum_frames" in frame.header.meta:
+            self.on_frame(frame)
+
     def _drain(self) -> None:
         """Write the frames held, in order, until one fails."""
         while self._queue and self._failure is None:
@@ -229,8 +241,7 @@ class Service(Runtime):
                 else:
                     logger.exception("frame %d of scan %s failed in the writer", frame.header.frame,
                                      frame.header.scan_id)
-                if token is not None:
-                    self.release(token)
+                self._release([token])
                 continue
             self._queue.popleft()
             self._unflushed.append((frame, token))
@@ -322,10 +333,16 @@ class Service(Runtime):
                 self._fail(exc, "a flush", self._file.path)
                 return
             self._count_on_disk()
-        for _, token in self._unflushed:
-            if token is not None:
+        flushed, self._unflushed = self._unflushed, []
+        self._release(token for _, token in flushed)
+
+    def _release(self, tokens: Iterable[Token | None]) -> None:
+        """Release holds, except one that a frame still waiting to be written has too (a record and
+        its duplicate share the token): it is acknowledged once that frame is flushed as well."""
+        waiting = {token for _, token in self._queue} | {token for _, token in self._unflushed}
+        for token in tokens:
+            if token is not None and token not in waiting:
                 self.release(token)
-        self._unflushed.clear()
 
     def _count_on_disk(self) -> None:
         """`written` and `delivered`: the distinct frames of the scan on disk, every part of it."""

@@ -23,8 +23,10 @@ twice, crash-safe: slot 0 is `image_1`..`image_3` (what readers look at), slot 1
 `/entry_1/aggregates/slot_1`; a flush rewrites the slot not in use, flushes, and only then
 points `/entry_1/aggregates/state` (generation, slot, rows covered, ...) at it, so a kill at
 any moment leaves one complete slot. `/entry_1/aggregates/summed_frames` lists the frames in the
-class sums (a sum delta of frames already in is refused), `hit_rate_history` the hit rate as
-the previews showed it. When the scan ends both slots hold the final values. Records already
+class sums (a sum delta of frames already in is refused whole; the peak stage sends the sum of a
+frame re-sent after a process was lost in a delta of its own, so that refusal is exact; a delta
+riding on a record that came again is offered too), `hit_rate_history` the hit rate as the
+previews showed it. When the scan ends both slots hold the final values. Records already
 on disk in an earlier part are not written again; their contribution to the powder and the hit
 rate comes from those parts' rows, their sums from the state restored.
 
@@ -352,6 +354,9 @@ class SxFile:
                                "(a peak process was declared dead and came back)", scan_id, _span(delta.numbers))
             return
         self.sums.merge(delta)
+        if again:
+            logger.info("scan %s: class sums of frames %s merged from a record that came again", scan_id,
+                        _span(delta.numbers))
         self._summed_new.extend(delta.numbers)
         for name in ("hits", "misses", "n_frames"):
             self._stale[name] = {0, 1}
