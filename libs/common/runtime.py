@@ -99,8 +99,9 @@ class Service:
         self._producer_stage: dict[str, str] = {}
         self._children: dict[Token, int] = {}
         self._on_hold: set[Token] = set()
-        self._producer_of: dict[Token, str] = {}
-        """The producer instance that sent each frame not yet acknowledged: where the ack goes."""
+        self._producer_of: dict[Token, set[str]] = {}
+        """The producer instances that sent each frame not yet acknowledged: where the ack goes
+        (more than one when a producer declared dead, only stalled, sends it again too)."""
         self._current: Token | None = None
         self.redelivered = False
         """While a frame is handled: whether its producer sent it before (to a process that died
@@ -151,6 +152,11 @@ class Service:
         a process was lost). It is not processed again; a sink that merges partial results riding
         on frames (class sums) takes what the first copy's may have lost. `hold` works as in
         `on_frame`."""
+
+    def on_rejoin(self) -> None:
+        """This process was declared dead (stalled) and registered again: its producers have sent
+        what it held to the others, where it is derived again. Drop partial results of those
+        frames that have not left yet (a sum over many frames), or they would count twice."""
 
     def on_scan_start(self, scan: ScanDescription) -> None:
         """A scan starts; `self.scan` and `self.epoch` are already set. Raise a SurveyorError to
@@ -404,14 +410,14 @@ class Service:
             logger.debug("duplicate of frame %d of scan %s", number, frame.header.scan_id)
             # Still being made safe here, the new copy is acknowledged when the old one would be.
             pending = token in self._on_hold or self._children.get(token)
-            self._producer_of[token] = producer
+            self._producer_of.setdefault(token, set()).add(producer)
             if pending:
                 self._call(self.on_duplicate, frame, token, redelivered)
                 return
         else:
             seen.add(number)
             self.count("frames_in")
-            self._producer_of[token] = producer
+            self._producer_of[token] = {producer}
         self._call(self.on_duplicate if duplicate else self.on_frame, frame, token, redelivered)
         if not self._children.get(token) and token not in self._on_hold:
             self._children.pop(token, None)
@@ -430,8 +436,7 @@ class Service:
             self._busy(time.perf_counter() - started)
 
     def _ack(self, token: Token) -> None:
-        producer = self._producer_of.pop(token, None)
-        if producer is not None:
+        for producer in self._producer_of.pop(token, ()):
             self.inlet.ack(producer, token[1])
 
     def _on_header_message(self, parts: list[Any]) -> None:
@@ -583,6 +588,7 @@ class Service:
         if self._rejoining:
             self._rejoining = False
             self._reconnect_inputs()
+            self.on_rejoin()
         logger.info("registered with the handler as %s (epoch %d)", self.instance, result["epoch"])
         # Registering again within the scan this process is in keeps what it holds of it.
         in_scan = result["epoch"] == self.epoch and self.scan is not None

@@ -83,6 +83,15 @@ class Service(Runtime):
         self._tally = np.zeros(3, np.int64)
         """Frames, hits and peaks of this process in the current scan."""
 
+    def on_rejoin(self) -> None:
+        """The frames summed and not yet sent were re-sent to the other processes, which sum them
+        as frames of their own: a delta of them from here would be refused, fresh frames with it."""
+        if self._sums is not None and self._summed:
+            logger.warning("scan %s: dropped the unsent sums of %d frames, re-sent to other processes",
+                           self.scan.scan_id if self.scan else "?", len(self._summed))
+            self._sums.take()
+        self._summed = []
+
     def on_scan_start(self, scan: ScanDescription) -> None:
         self._reset()
         early, self._early = self._early, []

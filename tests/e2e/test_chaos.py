@@ -44,7 +44,9 @@ def run_with_faults(run, targets: list[str], faults: int, window_s: tuple[float,
     worker = threading.Thread(target=lambda: done.extend(chaos.inflict(run.process.pid, plan, stopping=stopping)))
     worker.start()
     try:
-        code, output = run.finish(timeout_s=240)
+        code, output = run.finish(timeout_s=180)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the scan did not end under {plan}; services: {run.diagnose()}") from None
     finally:
         stopping.set()
         worker.join()
