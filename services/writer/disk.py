@@ -154,6 +154,34 @@ class Parts:
         return opened
 
 
+class ScanFile:
+    """What every kind of file the writer makes counts the same way: the frames (or records) of
+    the scan that earlier parts hold, `earlier`, never written again here, and those this file
+    has flushed, `committed`."""
+
+    earlier: set[int]
+    committed: set[int]
+
+    @property
+    def on_disk(self) -> set[int]:
+        """Frames of the scan on disk, this file and the earlier parts."""
+        return self.earlier | self.committed
+
+    @property
+    def frames_on_disk(self) -> int:
+        """`len(on_disk)`: this file never holds a frame an earlier part holds."""
+        return len(self.earlier) + len(self.committed)
+
+
+def frames_in(f: h5py.File) -> set[int]:
+    """Frame numbers a raw or ptychography file holds (as of its last flush)."""
+    numbers = f.get("entry_1/data_1/frame_number")
+    if numbers is None:
+        return set()
+    slots = numbers[()]
+    return set(slots[slots >= 0].tolist())
+
+
 def close_all(opened: list[tuple[Path, h5py.File]]) -> None:
     for _, f in opened:
         f.close()

@@ -25,26 +25,18 @@ from services.dark_worker.service import CALIBRATION
 from services.frame_worker.service import FRAMES_HEADER
 from services.reconstruction_worker.service import RESULT
 from services.writer.cxi import CXI_INVALID, TIME, now_iso, put
-from services.writer.disk import LIBVER_PLAIN, Parts, close_all, mark, quiet_close
+from services.writer.disk import LIBVER_PLAIN, Parts, ScanFile, close_all, frames_in, mark, quiet_close
 
 
-def clean_frames_in(f: h5py.File) -> set[int]:
-    """Frame numbers of the clean frames a ptychography file holds."""
-    numbers = f.get("entry_1/data_1/frame_number")
-    if numbers is None:
-        return set()
-    slots = numbers[()]
-    return set(slots[slots >= 0].tolist())
 
-
-class PtychoFile:
+class PtychoFile(ScanFile):
     def __init__(self, path: Path, *, scan: ScanDescription, headers: dict[str, Frame], size: int,
                  epoch: int = 0, parts: Parts | None = None) -> None:
         self.path = path
         self.earlier: set[int] = set()
         """Clean frames (frame numbers) the scan's earlier parts hold: not written again."""
         for _, f in (opened := parts.read("frame numbers") if parts else []):
-            self.earlier |= clean_frames_in(f)
+            self.earlier |= frames_in(f)
         close_all(opened)
         self.written: set[int] = set()
         """Slots (position indices) filled in this file."""
@@ -91,16 +83,6 @@ class PtychoFile:
     def _bind(self) -> None:
         self._data = self._file["entry_1/instrument_1/detector_1/data"]
         self._numbers = self._file["entry_1/data_1/frame_number"]
-
-    @property
-    def on_disk(self) -> set[int]:
-        """Clean frames of the scan on disk, this file and the earlier parts."""
-        return self.earlier | self.committed
-
-    @property
-    def frames_on_disk(self) -> int:
-        """`len(on_disk)`: this file never holds a frame an earlier part holds."""
-        return len(self.earlier) + len(self.committed)
 
     @staticmethod
     def cost(frame: Frame) -> int:

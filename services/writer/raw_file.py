@@ -27,22 +27,14 @@ from libs.common import codecs
 from libs.common.frames import ArraySpec, Frame
 from libs.common.messages import VERSION, ScanDescription
 from services.writer.cxi import TIME, detector_metadata, now_iso
-from services.writer.disk import LIBVER, Parts, close_all, mark, quiet_close
+from services.writer.disk import LIBVER, Parts, ScanFile, close_all, frames_in, mark, quiet_close
 
 GROW = 256
 """Frames added to the datasets at a time; the file is trimmed to the last frame on close."""
 
 
-def frames_in(f: h5py.File) -> set[int]:
-    """Frame numbers a raw file holds (as of its last flush)."""
-    numbers = f.get("entry_1/data_1/frame_number")
-    if numbers is None:
-        return set()
-    slots = numbers[()]
-    return set(slots[slots >= 0].tolist())
 
-
-class RawFile:
+class RawFile(ScanFile):
     def __init__(self, path: Path, *, specs: tuple[ArraySpec, ...], scan: ScanDescription | None,
                  header: Frame | None, epoch: int = 0, parts: Parts | None = None) -> None:
         self.path = path
@@ -103,16 +95,6 @@ class RawFile:
         self._end_time = entry["end_time"]
         self._datasets = [entry[f"data_{i}/data"] for i in range(1, len(self.specs) + 1)]
         self._numbers = [entry[f"data_{i}/frame_number"] for i in range(1, len(self.specs) + 1)]
-
-    @property
-    def on_disk(self) -> set[int]:
-        """Frames of the scan on disk, this file and the earlier parts."""
-        return self.earlier | self.committed
-
-    @property
-    def frames_on_disk(self) -> int:
-        """`len(on_disk)`: this file never holds a frame an earlier part holds."""
-        return len(self.earlier) + len(self.committed)
 
     def cost(self, frame: Frame) -> int:
         """Bytes a frame takes on disk, about."""

@@ -49,7 +49,7 @@ from libs.common.frames import Frame
 from libs.common.messages import VERSION, ScanDescription
 from libs.crystallography.hits import CLASSES, ClassSums, HitRate, SumsDelta, add_to_powder
 from services.writer.cxi import CXI_INVALID, TIME, Geometry, detector_metadata, now_iso
-from services.writer.disk import LIBVER, Parts, close_all, mark, quiet_close
+from services.writer.disk import LIBVER, Parts, ScanFile, close_all, mark, quiet_close
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ HISTORY_LENGTH = 600
 ARRAYS = ("hits", "misses", "powder", "n_frames", "history")
 
 
-class SxFile:
+class SxFile(ScanFile):
     def __init__(self, path: Path, *, scan: ScanDescription | None, header: Frame | None, record: Frame,
                  window: int, epoch: int = 0, parts: Parts | None = None) -> None:
         self.path = path
@@ -297,16 +297,6 @@ class SxFile:
             fs, ss, intensity = (result[name][row, :n] for name in ("peakXPosRaw", "peakYPosRaw",
                                                                      "peakTotalIntensity"))
             add_to_powder(self.powder, fs, ss, intensity)
-
-    @property
-    def on_disk(self) -> set[int]:
-        """Records of the scan on disk, this file and the earlier parts."""
-        return self.earlier | self.committed
-
-    @property
-    def frames_on_disk(self) -> int:
-        """`len(on_disk)`: this file never holds a frame an earlier part holds."""
-        return len(self.earlier) + len(self.committed)
 
     @staticmethod
     def cost(record: Frame) -> int:
