@@ -8,10 +8,11 @@ publishes status and events for front-ends (INTERFACES.md).
 Commands that involve the services (start_scan, abort, configure, shutdown) are answered once
 every live process concerned has answered, or its time is up: a `Barrier`. They run one at a time.
 
-A handler can be killed at any moment: its journal (journal.py) keeps the epoch and the running
-scan, and a restarted handler carries on with it. Until the processes that were up have registered
-again (or `liveness` x 2 heartbeats have passed), it only listens; then it finishes what it was
-doing (starting or ending the scan), so the scan completes with every frame in its own files.
+A handler can be killed at any moment: its journal (journal.py) keeps the epoch, the running scan
+and the processes that were up, and a restarted handler carries on with them. Until each of those
+has heartbeated again or been declared dead (at most `liveness` x 2 heartbeats), it only listens;
+then it finishes what it was doing (starting or ending the scan), so the scan completes with every
+frame in its own files.
 """
 
 from __future__ import annotations
