@@ -34,6 +34,7 @@ import zmq
 from pydantic import BaseModel, ValidationError
 
 from libs.common import messages
+from libs.common.contracts import DETECTOR_HEADER, header_name
 from libs.common.errors import FrameError, MessageError, ParameterError, SurveyorError
 from libs.common.flow import HEADER, RESENT, Inlet, Outlet
 from libs.common.frames import Frame, FrameKey, decode
@@ -44,8 +45,6 @@ from libs.common.ports import CommandPort
 
 logger = logging.getLogger(__name__)
 
-DETECTOR_HEADER = "detector"
-
 FRAMES_PER_TURN = 8
 """Frames taken from one producer link per loop turn; commands are still served between frames."""
 
@@ -53,11 +52,6 @@ Token = tuple[str, FrameKey]
 """A frame being worked on: (producer stage, (epoch, frame)). It names the frame, not the link it
 came by: when a producer re-sends a frame this process still holds (after a reconnection, or from
 a successor of a dead producer), the hold and the pending children carry over to the new copy."""
-
-
-def header_name(header: Frame) -> str:
-    """Which scan header a header frame is (its `meta["header"]`; the detector's by default)."""
-    return header.header.meta.get("header", DETECTOR_HEADER)
 
 
 def advertised(host: str) -> str:

@@ -23,6 +23,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from libs.common import checkpoint
+from libs.common.contracts import CALIBRATION
 from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
 from libs.common.runtime import Service as Runtime, Token
@@ -30,7 +31,6 @@ from services.dark_worker.dark_statistics import DarkStatistics, centre_of_mass
 
 logger = logging.getLogger(__name__)
 
-CALIBRATION = "calibration"
 CHECKPOINT = "calibration.npz"
 SAVE_RETRY_S = 2.0
 

@@ -19,15 +19,14 @@ import time
 import numpy as np
 from pydantic import Field
 
+from libs.common.contracts import CALIBRATION, FRAMES_HEADER, header_name
 from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
-from libs.common.runtime import Service as Runtime, Token, header_name
-from services.dark_worker.service import CALIBRATION
+from libs.common.runtime import Service as Runtime, Token
 from services.frame_worker.cleaning import CleaningParams, clean_frame, static_mask
 
 logger = logging.getLogger(__name__)
 
-FRAMES_HEADER = "frames"
 
 
 class Params(CleaningParams):

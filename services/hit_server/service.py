@@ -33,8 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from libs.common.frames import Frame
 from libs.common.runtime import Service as Runtime
+from libs.crystallography import detector
 from libs.crystallography.peakfinder8 import PEAK_FIELDS
-from services.peak_worker import detector
 
 logger = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ import time
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from libs.common.contracts import FRAMES_HEADER
 from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
 from libs.common.runtime import Service as Runtime
 from libs.ptychography import optics
-from services.frame_worker.service import FRAMES_HEADER
 from services.image_worker import stxm
 
 

@@ -1,6 +1,6 @@
 """The peak stage (run several): frames in, peak lists out, and the frame itself only for hits.
 
-Per frame: decompress, correct (detector.py), peakfinder8, classify; the record sent on carries
+Per frame: decompress, correct (libs/crystallography/detector.py), peakfinder8, classify; the record sent on carries
 the peak list, the hit flag and, for a hit, the detector's bytes as they came (a compressed blob
 stays compressed), so the writer stores hits without decoding them. Each process also sums the
 corrected frames of each class and sends what it added since last time with a record every
@@ -31,18 +31,18 @@ import time
 import numpy as np
 from pydantic import Field, model_validator
 
+from libs.common.contracts import PEAKS
 from libs.common.frames import ArraySpec, Frame
 from libs.common.messages import ScanDescription
 from libs.common.runtime import Service as Runtime, Token
+from libs.crystallography import detector
 from libs.crystallography.corrections import Corrections
 from libs.crystallography.hits import CLASSES, ClassSums, SumsDelta, is_hit
 from libs.crystallography.layouts import Layout, radius_map
 from libs.crystallography.peakfinder8 import PeakFinder8, Peakfinder8Params
-from services.peak_worker import detector
 
 logger = logging.getLogger(__name__)
 
-PEAKS = "peaks"
 """`meta.kind` of a record."""
 
 

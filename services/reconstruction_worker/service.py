@@ -35,16 +35,15 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from libs.common import checkpoint
+from libs.common.contracts import FRAMES_HEADER, RESULT, header_name
 from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
-from libs.common.runtime import Service as Runtime, Token, header_name
+from libs.common.runtime import Service as Runtime, Token
 from libs.ptychography import optics
-from services.frame_worker.service import FRAMES_HEADER
 from services.reconstruction_worker.raar import StreamingRaar
 
 logger = logging.getLogger(__name__)
 
-RESULT = "reconstruction"
 POLL_S = 0.2
 STATE = "solver.npz"
 BATCHES = "batch-*.npz"

@@ -19,11 +19,9 @@ import h5py
 import numpy as np
 from scipy.constants import electron_volt
 
+from libs.common.contracts import CALIBRATION, FRAMES_HEADER, RESULT
 from libs.common.frames import Frame
 from libs.common.messages import VERSION, ScanDescription
-from services.dark_worker.service import CALIBRATION
-from services.frame_worker.service import FRAMES_HEADER
-from services.reconstruction_worker.service import RESULT
 from services.writer.cxi import CXI_INVALID, TIME, now_iso, put
 from services.writer.disk import LIBVER_PLAIN, Parts, ScanFile, close_all, frames_in, mark, quiet_close
 

@@ -45,11 +45,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from libs.common.contracts import PEAKS
 from libs.common.errors import FrameError, SurveyorError
 from libs.common.frames import ArraySpec, Frame
 from libs.common.messages import ScanDescription, ServiceStats
 from libs.common.runtime import Service as Runtime, Token
-from services.peak_worker.service import PEAKS
 from services.writer.disk import (EPOCH_ATTR, IO_ERRORS, MB, RETRYABLE, SCAN_ATTR, Parts, Space, advice,
                                   error_number, free_bytes, open_part)
 from services.writer.ptycho_file import PtychoFile

@@ -235,7 +235,7 @@ def _sx_record(n: int, frames: dict[int, np.ndarray]):
     """A peak stage's record of frame n (a hit when n % 3 == 0), with the class sums of the last
     5 frames on every fifth."""
     from libs.common.frames import ArraySpec, Frame
-    from services.peak_worker.service import PEAKS
+    from libs.common.contracts import PEAKS
 
     hit = n % 3 == 0
     rng = np.random.default_rng(n)

@@ -10,12 +10,11 @@ import logging
 
 import numpy as np
 
+from libs.common.contracts import CALIBRATION, DETECTOR_HEADER, header_name
 from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
-from libs.common.runtime import DETECTOR_HEADER, header_name
 from libs.crystallography.corrections import Corrections
 from libs.crystallography.layouts import Layout
-from services.dark_worker.service import CALIBRATION
 
 logger = logging.getLogger(__name__)
 
