@@ -135,6 +135,8 @@ class PtychoFile(ScanFile):
         image = entry.create_group("image_1")
         obj = frame.array("object")
         image.create_dataset("data", data=obj)
+        image["data_type"] = "amplitude"  # CXI: the complex transmission of the sample
+        image["data_space"] = "real"
         pixel = meta["pixel_size_m"]
         put(image, "image_size", np.array(obj.shape) * pixel, "m")
         put(image, "x_pixel_size", pixel, "m")

@@ -86,6 +86,7 @@ class RawFile(ScanFile):
                                  fillvalue=-1)
         detector = entry.create_group("instrument_1/detector_1")
         detector["data"] = h5py.SoftLink("/entry_1/data_1/data")
+        detector["frame_number"] = h5py.SoftLink("/entry_1/data_1/frame_number")
         detector_metadata(entry, scan, header)
         f.swmr_mode = True
         self._bind()

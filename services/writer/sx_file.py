@@ -2,8 +2,9 @@
 CrystFEL's indexamajig reads with `peak_list_type = cxi` (INTERFACES.md; reference/peakfinder8.md 10).
 
 - `/entry_1/data_1/data`: the hit frames, one chunk each, as the detector sent them (a
-  bitshuffle/LZ4 blob is written as it came); `/entry_1/instrument_1/detector_1/mask` flags the
-  pixels without data, CXI bits.
+  bitshuffle/LZ4 blob is written as it came), and `experiment_identifier` (`<scan_id>//<frame>`,
+  the axis CXI names first); `/entry_1/instrument_1/detector_1/mask` flags the pixels without
+  data, CXI bits.
 - `/entry_1/result_1`: one row per hit, same order: `nPeaks` and `peakXPosRaw`, `peakYPosRaw`
   (slab pixel index, the centre of pixel (0, 0) at (0, 0)), `peakTotalIntensity`,
   `peakMaximumValue`, `peakNPixels`, `peakSNR` (the signal-to-noise ratio; OM writes the local
@@ -66,6 +67,8 @@ STATE_FIELDS = ("generation", "slot", "rows", "summed", "history", "hit_rows")
 result_2 rows, summed_frames entries, history samples and result_1 rows they cover."""
 GENERATION, SLOT, ROWS, SUMMED, HISTORY, HIT_ROWS = range(len(STATE_FIELDS))
 HISTORY_LENGTH = 600
+IDENTIFIER = "S64"
+"""`experiment_identifier`, fixed length: SWMR cannot grow a dataset of variable-length strings."""
 ARRAYS = ("hits", "misses", "powder", "n_frames", "history")
 
 
@@ -73,6 +76,7 @@ class SxFile(ScanFile):
     def __init__(self, path: Path, *, scan: ScanDescription | None, header: Frame | None, record: Frame,
                  window: int, epoch: int = 0, parts: Parts | None = None) -> None:
         self.path = path
+        self.scan_id = record.header.scan_id
         frame = record.header.meta["frame"]
         self.shape = tuple(frame["shape"])
         self.width = int(record.header.meta["max_num_peaks"])
@@ -134,7 +138,11 @@ class SxFile(ScanFile):
             "data_1/data", shape=(0, *self.shape), maxshape=(None, *self.shape), chunks=(1, *self.shape),
             dtype=np.dtype(frame["dtype"]), **codecs.hdf5_filter(frame["compression"]))
         data.attrs["axes"] = "experiment_identifier:y:x"
-        entry.create_group("instrument_1/detector_1")["data"] = h5py.SoftLink("/entry_1/data_1/data")
+        identifiers = _growing(entry["data_1"], "experiment_identifier", IDENTIFIER)
+        identifiers.attrs["description"] = "the hit's event: <scan_id>//<frame number>"
+        detector = entry.create_group("instrument_1/detector_1")
+        detector["data"] = h5py.SoftLink("/entry_1/data_1/data")
+        detector["experiment_identifier"] = h5py.SoftLink("/entry_1/data_1/experiment_identifier")
         detector_metadata(entry, scan, header)
 
         result = entry.create_group("result_1")
@@ -192,6 +200,7 @@ class SxFile(ScanFile):
         self._n_peaks = result["nPeaks"]
         self._columns = {name: result[name] for name in PEAK_COLUMNS}
         self._hit_frames = result["frame_number"]
+        self._identifiers = entry["data_1/experiment_identifier"]
         self._every = {name: entry[f"result_2/{name}"] for name in ("frame_number", "n_peaks", "hit")}
         aggregates = entry["aggregates"]
         self._state = aggregates["state"]
@@ -365,6 +374,8 @@ class SxFile(ScanFile):
         if self._peaks:
             n = min(self.width, max(count for _, count, _ in self._peaks))
             _append(self._hit_frames, np.array([number for number, _, _ in self._peaks]))
+            _append(self._identifiers, np.array([f"{self.scan_id}//{number}" for number, _, _ in self._peaks],
+                                                IDENTIFIER))
             _append(self._n_peaks, np.array([min(count, self.width) for _, count, _ in self._peaks]))
             for name, field in PEAK_COLUMNS.items():
                 block = np.zeros((len(self._peaks), self.width), np.float32)
@@ -404,7 +415,7 @@ class SxFile(ScanFile):
         # The flush that failed may have pointed the state at its slot, or not: the disk says.
         state = self._state[()]
         self._generation, self._slot = int(state[GENERATION]), int(state[SLOT])
-        for dataset, size in ((self._every.values(), "rows"), ((self._n_peaks, self._hit_frames,
+        for dataset, size in ((self._every.values(), "rows"), ((self._n_peaks, self._hit_frames, self._identifiers,
                                                                   *self._columns.values()), "hit_rows"),
                               ((self._summed_list,), "summed")):
             for d in dataset:

@@ -25,6 +25,7 @@ from libs.simulation.sx import SxScan
 from services.peak_worker.service import Params
 from tests.conftest import REPO, SHARED, free_endpoints, free_port, wait_for
 from tests.crystallography.test_science import finder_for
+from tests.field_tools import hdf5_110_pixels, hdf5_110_reads, validate_cxi
 
 PIPELINE = REPO / "pipelines" / "crystallography.toml"
 FRAMES = 60
@@ -70,6 +71,9 @@ def test_simulated_run_writes_cheetah_layout_that_agrees_with_the_workers(start_
     assert scan["frames_lost"] == 0 and scan["frames_rejected"] == 0
     assert scan["recall"] >= 0.95 and scan["precision"] >= 0.95
     cxi, geom = (p for p in scan["outputs"] if p.endswith((".cxi", ".geom")))
+    validate_cxi(cxi)
+    hdf5_110_reads(cxi)
+    hdf5_110_pixels(cxi, "/entry_1/data_1/data")  # a bitshuffle/LZ4 chunk written as the detector sent it
     params = Params.model_validate(run.pipeline.stages["peak_worker"].params)
     sim = SxScan(count=FRAMES, layout="1m", hit_fraction=0.5, scan_id=scan["scan_id"])
     expected = recompute(sim, params, range(FRAMES))
@@ -88,6 +92,7 @@ def test_simulated_run_writes_cheetah_layout_that_agrees_with_the_workers(start_
         result = entry["result_1"]
         rows = result["frame_number"][()]
         assert sorted(rows) == hit_numbers
+        assert entry["data_1/experiment_identifier"].asstr()[()].tolist() == [f"{scan['scan_id']}//{n}" for n in rows]
         data = entry["data_1/data"]
         assert data.shape == (len(rows), 1024, 1024) and data.dtype == np.uint16
         assert f.get("entry_1/instrument_1/detector_1/data", getlink=True).path == "/entry_1/data_1/data"

@@ -17,6 +17,7 @@ from libs.simulation.sx import SxScan
 from services.peak_worker.service import Params
 from tests.conftest import free_port, wait_for
 from tests.crystallography.test_chain import PIPELINE, overrides, recompute
+from tests.field_tools import hdf5_110_reads, validate_cxi
 
 pytestmark = pytest.mark.slow
 
@@ -55,6 +56,8 @@ def test_a_killed_writer_s_successor_has_every_frame_in_the_sums_exactly_once(st
     assert sorted(records) == list(range(frames)), "every record once over the parts"
     assert sorted(hit_rows) == hit_numbers
 
+    validate_cxi(parts[-1])  # a continuation is a CXI file of its own
+    hdf5_110_reads(parts[-1])
     with h5py.File(parts[-1], "r") as f:
         entry = f["entry_1"]
         assert list(entry["previous_parts"].asstr()) == [os.path.basename(parts[0])]

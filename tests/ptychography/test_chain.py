@@ -14,6 +14,7 @@ import zmq
 from scipy.constants import electron_volt
 
 from tests.conftest import REPO, free_endpoints, wait_for
+from tests.field_tools import hdf5_110_reads, validate_cxi
 
 PIPELINE = REPO / "pipelines" / "ptychography.toml"
 SMALL = ("simulation.params={n_dark=10, size=64, raw_shape=[320, 320]}",
@@ -47,6 +48,9 @@ def test_small_scan_reconstructs_the_object_and_writes_the_cxi_layout(start_run)
     assert "reconstruction NRMSE" in output
     scan, f = check_every_frame_used_once(run)
     assert scan["nrmse"] <= 0.15
+    for path in (scan["outputs"][0], scan["truth"]):
+        hdf5_110_reads(path)
+    validate_cxi(scan["outputs"][0])
     stages = scan["stages"]
     assert stages["dark_worker"]["frames_in"] == 10 and stages["frame_worker"]["frames_in"] == FRAMES  # routed
     with f, h5py.File(scan["truth"], "r") as truth:
