@@ -311,7 +311,7 @@ class Service(Runtime):
         logger.info("scan %s: writing %s%s", scan_id, path, earlier)
         outputs = [*map(str, self._parts.earlier), str(path)]
         if isinstance(file, SxFile):
-            outputs.append(str(file.geometry))
+            outputs.extend(map(str, file.geometries))
         self.counters.outputs.extend(p for p in outputs if p not in self.counters.outputs)
         self._count_on_disk()
 

@@ -33,6 +33,9 @@ rate comes from those parts' rows, their sums from the state restored.
 
 A CrystFEL geometry file, `<scan_id>.geom`, goes next to the file: with it,
 `indexamajig -i files.lst -g <scan_id>.geom --peaks=cxi` indexes the hits with our peaks.
+`<scan_id>_live.geom` is the same detector for the hit server's msgpack maps (`data =
+detector_data`, `peak_list = peak_list`, no `dimN`: CrystFEL's msgpack reader takes 2-D frames
+only): `indexamajig --zmq-input=... --zmq-request=next --data-format=msgpack --peaks=msgpack`.
 The file is in SWMR mode from the start, like the raw file (format bounds v110, disk.py).
 """
 
@@ -114,8 +117,9 @@ class SxFile(ScanFile):
         self._file = h5py.File(path, "w", libver=LIBVER)
         try:
             self._create(scan, header, frame, epoch, parts, restored)
-            self.geometry = path.with_suffix(".geom")
-            self.geometry.write_text(crystfel_geometry(path, scan, header, self.shape))
+            self.geometries = (path.with_suffix(".geom"), path.with_name(f"{path.stem}_live.geom"))
+            for geometry, live in zip(self.geometries, (False, True), strict=True):
+                geometry.write_text(crystfel_geometry(path, scan, header, self.shape, live=live))
         except BaseException:
             self._file.close()
             raise
@@ -496,21 +500,28 @@ def _append(dataset: h5py.Dataset, rows: np.ndarray) -> None:
 
 
 def crystfel_geometry(cxi: Path, scan: ScanDescription | None, header: Frame | None,
-                      shape: tuple[int, int]) -> str:
-    """A CrystFEL geometry for the file: one panel, the mask and the peak list in the file."""
+                      shape: tuple[int, int], live: bool = False) -> str:
+    """A CrystFEL geometry for the file (one panel, the mask and the peak list in the file), or,
+    `live`, for the hit server's maps (the facts the map carries where the scan did not say them)."""
     geometry = Geometry.of(scan, header)
     energy, distance = geometry.energy_ev, geometry.distance_m
     pixel = geometry.pixel_size_m[1] if geometry.pixel_size_m else None
     centre = geometry.beam_center_px or ((shape[0] - 1) / 2, (shape[1] - 1) / 2)
-    lines = [f"; CrystFEL geometry for {cxi.name}, written by Surveyor {VERSION}",
-             f"photon_energy = {energy:g}" if energy else "; photon_energy: not known, give it to indexamajig",
-             f"clen = {distance:g}" if distance else "; clen: not known",
+    source = f"the hit server's msgpack maps of {cxi.stem}" if live else cxi.name
+    lines = [f"; CrystFEL geometry for {source}, written by Surveyor {VERSION}",
+             f"photon_energy = {energy:g}" if energy else
+             ("photon_energy = beam_energy eV" if live else "; photon_energy: not known, give it to indexamajig"),
+             f"clen = {distance:g}" if distance else ("clen = detector_distance m" if live else "; clen: not known"),
              f"res = {1 / pixel:g}" if pixel else "; res: pixel size not known",
-             "adu_per_photon = 1", "",
-             "data = /entry_1/data_1/data", "dim0 = %", "dim1 = ss", "dim2 = fs",
-             "peak_list = /entry_1/result_1", "peak_list_type = cxi"]
-    if header is not None and "pixel_mask" in {spec.name for spec in header.header.arrays}:
-        lines += ["mask = /entry_1/instrument_1/detector_1/mask", "mask_good = 0x0", f"mask_bad = {CXI_INVALID:#x}"]
+             "adu_per_photon = 1", ""]
+    if live:
+        lines += ["data = detector_data", "peak_list = peak_list"]
+    else:
+        lines += ["data = /entry_1/data_1/data", "dim0 = %", "dim1 = ss", "dim2 = fs",
+                  "peak_list = /entry_1/result_1", "peak_list_type = cxi"]
+        if header is not None and "pixel_mask" in {spec.name for spec in header.header.arrays}:
+            lines += ["mask = /entry_1/instrument_1/detector_1/mask", "mask_good = 0x0",
+                      f"mask_bad = {CXI_INVALID:#x}"]
     lines += ["", "p0/min_fs = 0", f"p0/max_fs = {shape[1] - 1}", "p0/min_ss = 0", f"p0/max_ss = {shape[0] - 1}",
               # CrystFEL puts pixel corners on integer coordinates, ours are on the pixel centres
               # (indexamajig adds the half pixel to the file's peaks itself).

@@ -70,7 +70,8 @@ def test_simulated_run_writes_cheetah_layout_that_agrees_with_the_workers(start_
     scan = run.summary()["scans"][0]
     assert scan["frames_lost"] == 0 and scan["frames_rejected"] == 0
     assert scan["recall"] >= 0.95 and scan["precision"] >= 0.95
-    cxi, geom = (p for p in scan["outputs"] if p.endswith((".cxi", ".geom")))
+    cxi, geom = (next(p for p in scan["outputs"] if Path(p).name == f"{scan['scan_id']}{suffix}")
+                 for suffix in (".cxi", ".geom"))
     validate_cxi(cxi)
     hdf5_110_reads(cxi)
     hdf5_110_pixels(cxi, "/entry_1/data_1/data")  # a bitshuffle/LZ4 chunk written as the detector sent it
@@ -158,6 +159,20 @@ def request(socket: zmq.Socket, body: bytes) -> bytes:
     return socket.recv()
 
 
+def live_geometry(path: Path, answer: dict) -> dict[str, object]:
+    """What the live geometry names, looked up in a served map as CrystFEL's msgpack reader does:
+    the image a 2-D `<f4`/`<i4` array, the peak list a map of equal-length fs, ss, intensity."""
+    lines = [line.split(";")[0].strip() for line in path.read_text().splitlines()]
+    named = dict(line.split(" = ", 1) for line in lines if " = " in line)
+    assert not any(key.split("/")[-1].startswith("dim") for key in named), "the msgpack reader refuses dimN"
+    image, peaks = answer[named["data"]], answer[named["peak_list"]]
+    assert image[b"type"] in ("<f4", "<i4") and len(image[b"shape"]) == 2
+    assert len(image[b"data"]) == 4 * int(np.prod(image[b"shape"]))
+    assert [int(named[f"p0/max_{axis}"]) + 1 for axis in ("ss", "fs")] == list(image[b"shape"])
+    assert len(peaks["fs"]) == len(peaks["ss"]) == len(peaks["intensity"])
+    return {key: answer[value] for key, value in named.items() if key in ("data", "peak_list")}
+
+
 def test_live_configure_and_the_indexer_gets_the_newest_hits(start_run, tmp_path):
     hit_port = free_port()
     run = start_run(PIPELINE, overrides=overrides(hit_port))
@@ -201,6 +216,7 @@ def test_live_configure_and_the_indexer_gets_the_newest_hits(start_run, tmp_path
         assert peaks["num_peaks"] == len(peaks["fs"]) == counts[number]
         np.testing.assert_array_equal(np.float32(peaks["fs"]), fs[rows[number], :peaks["num_peaks"]])
         assert answer["beam_energy"] == 12000
+        assert set(live_geometry(tmp_path / "out" / "live_live.geom", answer)) == {"data", "peak_list"}
     assert served == sorted(hits)[::-1][:3], "newest hits first, each once"
     indexer.close()
 
