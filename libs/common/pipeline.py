@@ -104,6 +104,14 @@ class Pipeline(Strict):
     def downstream(self, stage: str) -> dict[str, StageConfig]:
         return {name: s for name, s in self.stages.items() if stage in s.inputs}
 
+    def share(self, stage: str) -> str:
+        """Which frames of a scan reach `stage` ("all", "darks" or "data"): its own `frames`
+        within what its inputs pass on (a source takes all; darks and data together are all)."""
+        config = self.stages[stage]
+        passed = {self.share(name) for name in config.inputs} or {"all"}
+        taken = "all" if "all" in passed or passed >= {"darks", "data"} else passed.pop()
+        return taken if config.frames == "all" else config.frames
+
     def sources(self) -> list[str]:
         return [name for name, s in self.stages.items() if not s.inputs]
 

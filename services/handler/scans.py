@@ -39,13 +39,30 @@ class ScanRecord:
     def stage_sum(self, stage: str, key: str) -> float:
         return sum(self.by_stage(key).get(stage, ()))
 
-    def outputs_count(self, key: str) -> int | None:
-        """Frames the output stages hold (`delivered`) or have on disk (`written`): the largest
-        report per stage, since each process of a stage reports the whole scan (a writer's
-        successor counts its predecessor's file too); None if no stage reports it."""
-        per_stage = [max(v for v in values if v is not None)
-                     for values in self.by_stage(key).values() if any(v is not None for v in values)]
-        return sum(per_stage) if per_stage else None
+    def outputs_count(self, key: str, pipeline: Pipeline) -> int | None:
+        """Frames the output stages (those that report `delivered`) hold or have on disk
+        (`written`): the largest report per stage, since each process of a stage reports the
+        whole scan (a writer's successor counts its predecessor's file too); None if no stage
+        reports it. Stages of the same frames (`Pipeline.share`: the raw writer beside the
+        crystallography writer) are copies, each of which must have them all: the one with fewest
+        counts. Stages of the scan's darks and of its other frames add up."""
+        outputs = {stage for stage, values in self.by_stage("delivered").items()
+                   if any(v is not None for v in values)}
+        fewest: dict[str, int] = {}
+        for stage, values in self.by_stage(key).items():
+            if stage in outputs and any(v is not None for v in values):
+                share, count = pipeline.share(stage), max(v for v in values if v is not None)
+                fewest[share] = min(fewest.get(share, count), count)
+        if not fewest:
+            return None
+        if "all" not in fewest:
+            return fewest.get("darks", 0) + fewest.get("data", 0)
+        if fewest.keys() == {"all"}:
+            return fewest["all"]
+        # The darks (or the data) with no stage of their own reach the outputs through the "all" stages.
+        expected = self.expected if self.expected is not None else fewest["all"]
+        darks = min(self.scan.n_dark, expected)
+        return min(fewest["all"], fewest.get("darks", darks) + fewest.get("data", expected - darks))
 
     @property
     def expected(self) -> int | None:
@@ -66,7 +83,7 @@ class ScanRecord:
     def losses(self, pipeline: Pipeline) -> tuple[int, list[str]]:
         """How many frames of the scan reached no output, and why, in words."""
         expected = self.received(pipeline) if self.expected is None else self.expected
-        delivered = self.outputs_count("delivered")
+        delivered = self.outputs_count("delivered", pipeline)
         if delivered is None:
             # No output stage counts: acknowledgements are chained to the sinks, so what the
             # sources still held is what was lost.
@@ -88,7 +105,7 @@ class ScanRecord:
         lost, reasons = self.losses(pipeline)
         wall = (self.finished or time.time()) - self.started
         outputs = sorted({path for _, c in self.counters.values() for path in c.outputs})
-        written = self.outputs_count("written")
+        written = self.outputs_count("written", pipeline)
         return {
             "scan_id": self.scan.scan_id,
             "epoch": self.epoch,

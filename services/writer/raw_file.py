@@ -26,6 +26,7 @@ import numpy as np
 from libs.common import codecs
 from libs.common.frames import ArraySpec, Frame
 from libs.common.messages import VERSION, ScanDescription
+from services.writer import nxmx
 from services.writer.cxi import TIME, detector_metadata, now_iso
 from services.writer.disk import LIBVER, Parts, ScanFile, close_all, frames_in, mark, quiet_close
 
@@ -39,10 +40,16 @@ class RawFile(ScanFile):
                  header: Frame | None, epoch: int = 0, parts: Parts | None = None) -> None:
         self.path = path
         self.specs = specs
+        self.master = nxmx.master_path(path)
+        """The scan's NXmx master (nxmx.py), written with this part and again when it closes."""
+        self._described = (scan, header, now_iso())
         self.earlier: set[int] = set()
         """Frames the scan's earlier parts hold: not written again."""
-        for _, f in (opened := parts.read("frame numbers") if parts else []):
-            self.earlier |= frames_in(f)
+        self._earlier_parts: list[nxmx.Part] = []
+        for earlier, f in (opened := parts.read("frame numbers") if parts else []):
+            held = frames_in(f)
+            self.earlier |= held
+            self._earlier_parts.append((earlier.name, held))
         close_all(opened)
         self.written: set[int] = set()
         self.committed: set[int] = set()
@@ -67,7 +74,7 @@ class RawFile(ScanFile):
         f["cxi_version"] = 160
         entry = f.create_group("entry_1")
         entry["program_name"] = f"surveyor {VERSION}"
-        entry["start_time"] = np.array(now_iso(), dtype=TIME)
+        entry["start_time"] = np.array(self._described[2], dtype=TIME)
         entry.create_dataset("end_time", shape=(), dtype=TIME)
         if previous:
             entry["previous_parts"] = previous
@@ -90,6 +97,13 @@ class RawFile(ScanFile):
         detector_metadata(entry, scan, header)
         f.swmr_mode = True
         self._bind()
+        self._write_master()
+
+    def _write_master(self, end_time: str | None = None) -> None:
+        """The master as the scan's files stand: this part with the frames it has flushed."""
+        scan, header, start_time = self._described
+        nxmx.write(self.master, scan=scan, header=header, spec=self.specs[0], start_time=start_time,
+                   end_time=end_time, parts=[*self._earlier_parts, (self.path.name, self.committed)])
 
     def _bind(self) -> None:
         entry = self._file["entry_1"]
@@ -162,8 +176,10 @@ class RawFile(ScanFile):
         for data, numbers in zip(self._datasets, self._numbers, strict=True):
             data.resize(size, axis=0)
             numbers.resize(size, axis=0)
-        self._end_time[()] = now_iso().encode()
+        end_time = now_iso()
+        self._end_time[()] = end_time.encode()
         self._file.close()
+        self._write_master(end_time)
 
     def abandon(self) -> None:
         quiet_close(self._file)

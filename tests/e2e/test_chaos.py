@@ -130,14 +130,14 @@ def test_crystallography_scan_survives_kills_and_stops_of_every_stage(start_run)
     expected = recompute(SxScan(count=frames, layout="1m", hit_fraction=0.5, scan_id=scan["scan_id"]), params,
                          range(frames))
     found: dict[int, int] = {}
-    for path in sorted(run.out.glob(f"{scan['scan_id']}*.cxi")):
+    for path in sorted(run.out.glob(f"{scan['scan_id']}.*cxi")):
         with h5py.File(path, "r", swmr=True) as f:
             every = f["entry_1/result_2"]
             for number, n_peaks in zip(every["frame_number"][()], every["n_peaks"][()], strict=True):
                 assert number not in found, f"frame {number} twice"
                 found[int(number)] = int(n_peaks)
     assert found == {n: len(peaks) for n, (peaks, _, _) in expected.items()}, "the same peaks as undisturbed"
-    last = sorted(run.out.glob(f"{scan['scan_id']}*.cxi"))[-1]
+    last = sorted(run.out.glob(f"{scan['scan_id']}.*cxi"))[-1]
     with h5py.File(last, "r", swmr=True) as f:
         counted = int(f["entry_1/image_1/n_frames"][()] + f["entry_1/image_2/n_frames"][()])
     assert counted == frames, "the class sums count every frame once"
