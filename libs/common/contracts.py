@@ -7,6 +7,8 @@ told apart by `meta["header"]`; records that are not detector frames by `meta["k
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from libs.common.frames import Frame
 
 DETECTOR_HEADER = "detector"
@@ -20,6 +22,15 @@ PEAKS = "peaks"
 """Record kind: a frame's peak list and hit flag from the peak stage (with sum deltas)."""
 RESULT = "reconstruction"
 """Record kind: the reconstruction's object and probe."""
+
+WRITER_OUTPUT_DIR = "out"
+"""The writer's `output_dir` when its stage gives none."""
+
+
+def raw_path(output_dir: str, scan_id: str) -> str:
+    """Where a writer puts a scan's frames as received (a writer restarted mid-scan goes on in
+    `<scan_id>_raw.partN.cxi` beside it): the receiver names it to STINS consumers."""
+    return str(Path(output_dir) / f"{scan_id}_raw.cxi")
 
 
 def header_name(header: Frame) -> str:

@@ -3,7 +3,8 @@
 A PUSH socket bound on the configured endpoint; a monitor counts connected consumers and
 messages go out only while at least one is there, as streaming-receiver does, so an absent
 consumer never holds the receiver back. A consumer that connects mid-series first gets the
-series header again, so it always knows what the images are. A consumer too slow to keep up
+series header again, so it always knows what the images are. The header's `filename` is the raw
+file the series goes to, which a consumer (dranspose) may open. A consumer too slow to keep up
 loses messages (counted), never the pipeline its frames.
 """
 
@@ -42,6 +43,7 @@ class Republisher:
         self.dropped = 0
         self._numbering = Numbering()
         self._series: SeriesStart | None = None
+        self._filename = ""
 
     def _update_peers(self) -> None:
         while self._monitor.poll(0):
@@ -52,9 +54,10 @@ class Republisher:
             if before <= 0 < self.peers and self._series is not None:
                 self._send(self._series)
 
-    def publish(self, event: Event) -> None:
+    def publish(self, event: Event, filename: str = "") -> None:
+        """`filename`: a series header's raw file."""
         if isinstance(event, SeriesStart):
-            self._series = event
+            self._series, self._filename = event, filename
         elif isinstance(event, SeriesEnd):
             self._series = None
         was_connected = self.peers > 0
@@ -64,7 +67,7 @@ class Republisher:
 
     def _send(self, event: Event) -> None:
         try:
-            self.socket.send_multipart(self._numbering.encode(event), zmq.NOBLOCK, copy=False)
+            self.socket.send_multipart(self._numbering.encode(event, self._filename), zmq.NOBLOCK, copy=False)
             self.sent += 1
         except zmq.Again:
             self.dropped += 1

@@ -13,6 +13,18 @@ or `series_timeout_s` without any message, ends the series. Compressed blobs are
 decompressed, and travel as they came. A bad message is rejected, counted, logged, and reported as
 a `frame_rejected` event (at most one a second, with the count); the receiver keeps going.
 
+Nothing is lost for want of metadata. A header part that cannot be used (an empty or misfitting
+flatfield, pixel mask or count-rate blob, an unknown htype) is left out, named in a
+`header_incomplete` event, and the series is received without it. The first image of a series
+whose header never came (sent before this receiver connected, lost, or rejected) opens the series
+as a header would, with one made from the image's own shape, type and encoding (a
+`header_missing` event says so): its frames are written as a raw scan. Only images of a series
+already closed are rejected.
+
+Re-publication (STINS) follows the series as the pipeline takes it: the header when the series
+opens, with `filename` the raw file the writer fed by this stage keeps (`<output_dir>/<scan_id>_raw.cxi`,
+its output_dir as the pipeline gives it), then the images taken, then the end.
+
 Memory from the detector is bounded twice. A message part over `max_message_bytes` (ZeroMQ's
 MAXMSGSIZE) never gets in: ZeroMQ closes the link and drops it, and does not reconnect after
 such a protocol error, so the receiver notices a disconnect with no retry, counts and reports the
@@ -35,7 +47,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from zmq.utils.monitor import recv_monitor_message
 
 from libs.common import messages
-from libs.common.detector import PROTOCOLS, Event, Image, SeriesEnd, SeriesStart, StreamError
+from libs.common.contracts import WRITER_OUTPUT_DIR, raw_path
+from libs.common.detector import PROTOCOLS, Event, Image, SeriesEnd, SeriesStart, StreamError, header_from_image
 from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
 from libs.common.runtime import Service as Runtime
@@ -92,9 +105,13 @@ class Service(Runtime):
         self._series_info: SeriesStart | None = None
         self._scan_used = False
         self._held: SeriesStart | None = None
+        self._held_image: Image | None = None
+        """The first image of a series whose header never came, held with the header made from it."""
         self._asked = False
         self._frames: set[int] = set()
         self._aborted_series: str | None = None
+        self._ended_series: str | None = None
+        """The series closed last: images of it that come later are rejected."""
         self._last_input = time.monotonic()
         self._rejects = 0
         self._reject_reason = ""
@@ -231,8 +248,6 @@ class Service(Runtime):
         return None
 
     def _handle(self, event: Event) -> None:
-        if self._republisher is not None:
-            self._republisher.publish(event)
         if isinstance(event, SeriesStart):
             self._on_series_start(event)
         elif isinstance(event, Image):
@@ -241,6 +256,8 @@ class Service(Runtime):
             self._on_series_end(event)
 
     def _on_series_start(self, event: SeriesStart) -> None:
+        if event.left_out:
+            self._report_left_out(event)
         if self._detector is not None:
             self._largest = 0
             shape, dtype = event.info.shape, event.info.dtype
@@ -258,16 +275,26 @@ class Service(Runtime):
             self._held = event
             self._ask_for_scan()
 
+    def _report_left_out(self, event: SeriesStart) -> None:
+        parts = [name for name, _ in event.left_out]
+        why = "; ".join(f"{name}: {reason}" for name, reason in event.left_out)
+        message = (f"series {event.series}: header part(s) left out ({why}); the series is received without "
+                   f"them, and stages that need them (a pixel mask, a flatfield) go without; check the "
+                   f"detector's flatfield and pixel-mask settings (Stream V1: header_detail \"all\")")
+        logger.warning("%s", message)
+        self.report("header_incomplete", message, series=event.series, parts=parts)
+
     def _on_image(self, event: Image) -> None:
-        if self._series is None and self.scan is not None and not self._scan_used:
-            logger.warning("scan %s: images without a series header; taking them", self.scan.scan_id)
-            self._open(None, event.series)
         if self._series is None or (event.series is not None and event.series != self._series):
             if event.series is not None and event.series == self._aborted_series:
                 self.count("dropped")
                 return
-            where = f"series {self._series}" if self._series else "no open series (its header never came)"
-            self._reject(f"image {event.frame} of series {event.series} arrived during {where}")
+            if event.series is not None and event.series == self._ended_series:
+                self._reject(f"image {event.frame} of series {event.series} came after that series was closed "
+                             f"(its end message, a newer series, or silence for series_timeout_s: raise "
+                             f"stages.{self.stage}.params.series_timeout_s if the detector pauses that long)")
+                return
+            self._without_header(event)
             return
         if event.frame in self._frames:
             self.count("duplicates")
@@ -275,8 +302,31 @@ class Service(Runtime):
                            self.scan.scan_id, event.frame)
             return
         self._frames.add(event.frame)
+        self._republish(event)
         self.emit(Frame.from_blobs(scan_id=self.scan.scan_id, epoch=self.epoch, frame=event.frame,
                                    origin=self.stage, blobs=event.blobs, meta=event.meta))
+
+    def _without_header(self, image: Image) -> None:
+        """The first image of a series whose header never came opens it, as that header would have."""
+        series = image.series if image.series is not None else time.strftime("headerless_%Y%m%d-%H%M%S")
+        if self._series is not None:
+            self._end_series(f"series {self._series} ended without its end message: images of series {series} came")
+        spec = image.blobs[0][0]
+        scan_id = self.scan.scan_id if self.scan is not None and not self._scan_used \
+            else scan_id_for(series, self.params.protocol)
+        message = (f"images of series {series} came without its header (sent before the receiver connected, "
+                   f"lost, or rejected): scan {scan_id} takes them as they are ({spec.dtype}{list(spec.shape)}, "
+                   f"{spec.compression}), without the header's geometry, flatfield or pixel mask; start the "
+                   f"receiver before arming the detector, and see frame_rejected events for a header refused")
+        logger.warning("%s", message)
+        self.report("header_missing", message, series=series, scan_id=scan_id, shape=list(spec.shape),
+                    dtype=spec.dtype, compression=spec.compression)
+        header = header_from_image(image, series)
+        self._on_series_start(header)
+        if self._held is header:
+            self._held_image = image
+        else:
+            self._on_image(image)
 
     def _on_series_end(self, event: SeriesEnd) -> None:
         if self._series is None or (event.series is not None and event.series != self._series):
@@ -323,9 +373,13 @@ class Service(Runtime):
         elif self._held is not None:
             held, self._held = self._held, None
             self._open(held)
+            if self._held_image is not None:
+                image, self._held_image = self._held_image, None
+                self._on_image(image)
 
-    def _open(self, event: SeriesStart | None, series: str | None = None) -> None:
-        self._series = event.series if event is not None else series or self.scan.scan_id
+    def _open(self, event: SeriesStart | None) -> None:
+        """Open the series of `event` (None: the synthetic source's own) in the current scan."""
+        self._series = event.series if event is not None else self.scan.scan_id
         self._series_info = event
         self._scan_used = True
         self._last_input = time.monotonic()
@@ -337,8 +391,21 @@ class Service(Runtime):
             meta.update(detector=event.info.model_dump(mode="json", exclude_none=True), config=event.config)
         self.send_header(Frame.from_arrays(scan_id=self.scan.scan_id, epoch=self.epoch, frame=0,
                                            origin=self.stage, arrays=arrays, meta=meta))
+        if event is not None:
+            self._republish(event, filename=self._raw_path())
         logger.info("scan %s: series %s open", self.scan.scan_id, self._series)
         self.wake(0)
+
+    def _republish(self, event: Event, filename: str = "") -> None:
+        if self._republisher is not None:
+            self._republisher.publish(event, filename)
+
+    def _raw_path(self) -> str:
+        """The raw file of the scan, as kept by the writer this stage feeds ("" if it feeds none)."""
+        for stage in self.pipeline.downstream(self.stage).values():
+            if stage.service == "writer":
+                return raw_path(stage.params.get("output_dir", WRITER_OUTPUT_DIR), self.scan.scan_id)
+        return ""
 
     def _end_series(self, problem: str | None = None, kind: str = "series_incomplete") -> None:
         received = len(self._frames)
@@ -350,7 +417,7 @@ class Service(Runtime):
         elif expected is not None and received < expected:
             logger.warning("scan %s: series %s ended with %d of the %d frames its header announced",
                            self.scan.scan_id, self._series, received, expected)
-        self._series = None
+        self._close_series()
         # The series' length as far as seen (its highest frame number + 1): what a receiver that
         # took over mid-series reports too, so the handler knows how many frames the scan had.
         self.finish_source(max(self._frames) + 1 if self._frames else 0)
@@ -363,9 +430,14 @@ class Service(Runtime):
         """The open series is dropped; a held header belongs to the next scan and stays."""
         if self._series is not None:
             self._aborted_series = self._series
-        self._series = None
+            self._close_series()
         self._synthetic_total = 0
         return 0
+
+    def _close_series(self) -> None:
+        if self._series_info is not None:
+            self._republish(SeriesEnd(series=self._series))
+        self._ended_series, self._series = self._series, None
 
     # --- timers and generated input ---------------------------------------------------------------
 

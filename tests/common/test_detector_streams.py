@@ -8,6 +8,7 @@ import json
 import struct
 
 import bitshuffle
+import cbor2
 import msgpack
 import numpy as np
 import pytest
@@ -122,3 +123,101 @@ def test_stream1_refuses_bad_messages_with_a_reason(message, reason):
 def test_stream2_refuses_bad_messages_with_a_reason(message, reason):
     with pytest.raises(StreamError, match=reason):
         PROTOCOLS["stream2"].decode(message)
+
+
+# --- header parts that cannot be used are left out, never the header ------------------------------
+
+
+@needs_recordings
+def test_recorded_stream1_header_with_empty_flatfield_and_mask_keeps_everything_else():
+    """The Eiger 4M case: header_detail "all" with empty flatfield and pixel-mask blobs."""
+    header = recording("stream1")[0]
+    header[3] = header[5] = b""
+    start = PROTOCOLS["stream1"].decode(header)
+    assert [name for name, _ in start.left_out] == ["dflatfield-1.0", "dpixelmask-1.0"]
+    assert all("blob has 0 bytes" in why for _, why in start.left_out)
+    assert start.flatfield == {} and start.pixel_mask == {}
+    assert start.series == "14" and start.info.shape == (1065, 1030) and start.info.energy_ev == 8000.0
+    assert start.config["appendix"] == {"filename": "", "rotate": 0}
+
+
+def stream1_header() -> list[bytes]:
+    """A good dheader-1.0 (header_detail "all") of a 20 x 30 detector: config, flatfield, mask."""
+    start = SeriesStart(series="2", info=DetectorInfo(shape=(20, 30), dtype="<u2", energy_ev=9000.0),
+                        flatfield={"data": np.full((20, 30), 1.5, np.float32)},
+                        pixel_mask={"data": np.arange(600, dtype=np.uint32).reshape(20, 30)})
+    return PROTOCOLS["stream1"].encode(start)
+
+
+def part(value: dict) -> bytes:
+    return json.dumps(value).encode()
+
+
+@pytest.mark.parametrize(("change", "left_out", "kept"), [
+    (lambda p: p[:3] + [b""] + p[4:], ["dflatfield-1.0"], {"pixel_mask"}),
+    (lambda p: p[:4] + [part({"htype": "dpixelmask-1.0", "shape": [31, 20], "type": "uint32"}),
+                        bytes(31 * 20 * 4)], ["dpixelmask-1.0"], {"flatfield"}),
+    (lambda p: p[:4] + [part({"htype": "dpixelmask-1.0", "shape": [30, 20], "type": "complex"}), p[5]],
+     ["dpixelmask-1.0"], {"flatfield"}),
+    (lambda p: p[:5], ["dpixelmask-1.0"], {"flatfield"}),
+    (lambda p: p + [part({"htype": "dcountrate_table-1.0", "shape": [2, 4], "type": "float32"}), b""],
+     ["dcountrate_table-1.0"], {"flatfield", "pixel_mask"}),
+    (lambda p: p[:2] + [part({"htype": "dwhatever-1.0"}), b"\x00\xff\x01"] + p[2:], ["dwhatever-1.0"],
+     {"flatfield", "pixel_mask"}),
+])
+def test_stream1_header_parts_that_cannot_be_used_are_left_out_and_named(change, left_out, kept):
+    start = PROTOCOLS["stream1"].decode(change(stream1_header()))
+    assert [name for name, _ in start.left_out] == left_out
+    assert start.info.shape == (20, 30) and start.info.energy_ev == 9000.0
+    assert {kind for kind in ("flatfield", "pixel_mask") if getattr(start, kind)} == kept
+    if "pixel_mask" in kept:
+        assert np.array_equal(start.pixel_mask["data"], np.arange(600).reshape(20, 30))
+    assert "appendix" not in start.config  # an unknown part's blob is not taken for an appendix
+
+
+def test_stream1_header_whose_configuration_is_not_json_keeps_its_arrays():
+    parts = stream1_header()
+    parts[1] = b"\xff\xfe"
+    start = PROTOCOLS["stream1"].decode(parts)
+    [(name, why)] = start.left_out
+    assert name == "detector configuration (header part 1)" and "not JSON" in why
+    assert start.info.shape is None and start.pixel_mask["data"].shape == (20, 30)
+
+
+def stream2_start(**changes) -> list[bytes]:
+    [message] = PROTOCOLS["stream2"].encode(SeriesStart(
+        series="4", info=DetectorInfo(shape=(20, 30), dtype="<u4", n_images=7),
+        flatfield={"data": np.full((20, 30), 1.5, np.float32)}, pixel_mask={"data": np.ones((20, 30), np.uint32)}))
+    return [cbor2.dumps({**cbor2.loads(message), **changes})]
+
+
+def cbor_array(shape: list[int], tag: int, payload: bytes) -> cbor2.CBORTag:
+    return cbor2.CBORTag(40, [shape, cbor2.CBORTag(tag, payload)])
+
+
+@pytest.mark.parametrize(("changes", "left_out", "kept"), [
+    ({"flatfield": {"threshold_1": cbor_array([20, 30], 85, b"")}}, ["flatfield[threshold_1]"],
+     {"flatfield": [], "pixel_mask": ["data"]}),
+    ({"pixel_mask": {"threshold_1": cbor_array([21, 30], 70, bytes(21 * 30 * 4))}}, ["pixel_mask[threshold_1]"],
+     {"flatfield": ["data"], "pixel_mask": []}),
+    ({"pixel_mask": b""}, ["pixel_mask"], {"flatfield": ["data"], "pixel_mask": []}),
+    # A later channel is never promoted to the first ("data") in place of one left out.
+    ({"flatfield": {"threshold_1": b"", "threshold_2": cbor_array([20, 30], 85, bytes(2400))}},
+     ["flatfield[threshold_1]"], {"flatfield": ["threshold_2"], "pixel_mask": ["data"]}),
+])
+def test_stream2_start_arrays_that_cannot_be_used_are_left_out_and_named(changes, left_out, kept):
+    start = PROTOCOLS["stream2"].decode(stream2_start(**changes))
+    assert [name for name, _ in start.left_out] == left_out
+    assert start.series == "4" and start.info.n_images == 7 and start.info.shape == (20, 30)
+    assert {"flatfield": sorted(start.flatfield), "pixel_mask": sorted(start.pixel_mask)} == kept
+
+
+def test_stins_header_meta_that_cannot_be_used_is_left_out_value_by_value():
+    stins = PROTOCOLS["stins"]
+    head = part({"htype": "header", "msg_number": 3, "filename": "/data/x.h5"})
+    start = stins.decode([head, part({"shape": [64, "x"], "dtype": "<u2", "energy_ev": 9000})])
+    assert [name for name, _ in start.left_out] == ["header meta shape"]
+    assert start.info.shape is None and start.info.dtype == "<u2" and start.info.energy_ev == 9000.0
+    start = stins.decode([head, b"\x00garbage"])
+    assert [name for name, _ in start.left_out] == ["header part 1 (meta)"]
+    assert start.series == "3" and start.config == {"filename": "/data/x.h5"}

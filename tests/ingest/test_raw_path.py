@@ -11,6 +11,7 @@ import signal
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 
 import bitshuffle
 import cbor2
@@ -87,6 +88,84 @@ def test_recorded_eiger_stream_is_written_byte_identical(tmp_path, start_run, na
         assert detector["x_pixel_size"][()] == 75e-6 and detector["mask"].shape == (1065, 1030)
         assert f["entry_1/instrument_1/source_1/energy"][()] == pytest.approx(8000 * 1.602176634e-19)
         assert f["entry_1/instrument_1/source_1/energy"].attrs["units"] == "J"
+
+
+def replay(tmp_path, messages: list[list[bytes]], source: str) -> None:
+    """Play `messages` to the receiver with the shared replay tool, from a recording of our own."""
+    path = tmp_path / "edited.msgpack.gz"
+    with gzip.open(path, "wb") as f:
+        for message in messages:
+            f.write(msgpack.packb(message))
+    subprocess.run([sys.executable, str(SHARED / "tools" / "replay_stream.py"), str(path), "--bind", source,
+                    "--wait-peer", "30"], check=True, capture_output=True, timeout=60)
+
+
+def assert_every_recorded_frame_written(scan: dict, path, name: str) -> None:
+    """The file holds every recorded image, byte for byte in its slot, and the counts say so."""
+    blobs = detector_blobs(name)
+    with h5py.File(path, "r") as f:
+        data = f["entry_1/data_1/data"]
+        numbers = list(f["entry_1/data_1/frame_number"])
+        assert data.shape == (len(blobs), 1065, 1030) and data.dtype == np.uint32
+        assert numbers == list(range(len(blobs)))
+        assert [data.id.read_direct_chunk((n, 0, 0))[1] for n in numbers] == blobs
+        assert np.array_equal(data[len(blobs) - 1], bitshuffle_decode(blobs[-1], (1065, 1030), "<u4"))
+        assert "mask" not in f["entry_1/instrument_1/detector_1"]
+        held = sum(n >= 0 for n in numbers)
+    assert scan["frames_received"] == scan["frames_written"] == held == len(blobs)
+    assert scan["frames_rejected"] == 0 and scan["frames_lost"] == 0
+
+
+@needs_recordings
+@pytest.mark.parametrize(("name", "series"), [("stream1", "14"), ("stream2", "16")])
+def test_recorded_series_with_empty_flatfield_and_mask_is_received_whole(tmp_path, start_run, name, series):
+    """The Eiger 4M case: a header_detail "all" header whose flatfield and pixel-mask blobs are empty."""
+    messages = recording(name)
+    if name == "stream1":
+        messages[0][3] = messages[0][5] = b""
+        parts = {"dflatfield-1.0", "dpixelmask-1.0"}
+    else:
+        start = cbor2.loads(messages[0][0])
+        empty = {key: {"threshold_1": cbor2.CBORTag(40, [[1065, 1030], cbor2.CBORTag(tag, b"")])}
+                 for key, tag in (("flatfield", 85), ("pixel_mask", 70))}
+        messages[0] = [cbor2.dumps({**start, **empty})]
+        parts = {"flatfield[threshold_1]", "pixel_mask[threshold_1]"}
+    source = f"tcp://127.0.0.1:{free_port()}"
+    run = start_run(ingest_pipeline(tmp_path, protocol=name, source=source), "--scans", "1")
+    run.wait_ready(2)
+    replay(tmp_path, messages, source)
+    warning = run.feed.wait("header_incomplete")
+    [scan] = only_scan(run)
+    assert warning["service"] == "receiver.1" and set(warning["parts"]) == parts and warning["series"] == series
+    assert "0 bytes" in warning["message"]
+    assert scan["scan_id"] == f"series_{series}"
+    path = tmp_path / "out" / f"series_{series}_raw.cxi"
+    assert_every_recorded_frame_written(scan, path, name)
+    with h5py.File(path, "r") as f:  # what the header still said is kept
+        assert f["entry_1/instrument_1/detector_1/x_pixel_size"][()] == 75e-6
+
+
+@needs_recordings
+@pytest.mark.parametrize(("name", "series"), [("stream1", "14"), ("stream2", "16")])
+def test_recorded_series_whose_header_the_receiver_missed_is_written_as_a_raw_scan(tmp_path, start_run, name,
+                                                                                    series):
+    """A receiver started after the detector was armed: images (and the end), no header."""
+    messages = recording(name)[1:]
+    if name == "stream1":
+        messages.append([json.dumps({"htype": "dseries_end-1.0", "series": int(series)}).encode()])
+    source = f"tcp://127.0.0.1:{free_port()}"
+    run = start_run(ingest_pipeline(tmp_path, protocol=name, source=source), "--scans", "1")
+    run.wait_ready(2)
+    replay(tmp_path, messages, source)
+    warning = run.feed.wait("header_missing")
+    [scan] = only_scan(run)
+    assert warning["service"] == "receiver.1" and warning["series"] == series
+    assert (warning["shape"], warning["dtype"], warning["compression"]) == ([1065, 1030], "<u4", "bslz4")
+    assert scan["scan_id"] == warning["scan_id"] == f"series_{series}"
+    path = tmp_path / "out" / f"series_{series}_raw.cxi"
+    assert_every_recorded_frame_written(scan, path, name)
+    with h5py.File(path, "r") as f:  # no header, no geometry: nothing is made up
+        assert "x_pixel_size" not in f["entry_1/instrument_1/detector_1"]
 
 
 @pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
@@ -187,9 +266,43 @@ def corruptions(protocol: str, good: list, rng: np.random.Generator) -> list[lis
     ]
 
 
+def series_header(protocol: str, encode: Callable, mode: str) -> tuple[list[bytes], set[str]]:
+    """The header the fuzz series starts with, and the parts the receiver must name as left out:
+    `whole`, `parts left out` (empty or misfitting flatfield and pixel mask, an unknown htype, a
+    bad value) or `rejected` (unusable as a whole: the images must make their own)."""
+    info = DetectorInfo(shape=(64, 64), dtype="<u2")
+    if mode == "whole":
+        return encode(SeriesStart(series="5", info=info)), set()
+    full = SeriesStart(series="5", info=info, flatfield={"data": np.ones((64, 64), np.float32)},
+                       pixel_mask={"data": np.zeros((64, 64), np.uint32)})
+    if protocol == "stream1":
+        parts = encode(full)
+        if mode == "rejected":
+            head = json.dumps({"htype": "dheader-1.0", "series": [5], "header_detail": "all"}).encode()
+            return [head, *parts[1:]], set()
+        misfit = json.dumps({"htype": "dpixelmask-1.0", "shape": [63, 64], "type": "uint32"}).encode()
+        return ([*parts[:3], b"", misfit, bytes(63 * 64 * 4), b'{"htype": "dmystery-1.0"}', b"\x00\x01"],
+                {"dflatfield-1.0", "dpixelmask-1.0", "dmystery-1.0"})
+    if protocol == "stream2":
+        [message] = encode(full)
+        if mode == "rejected":
+            return [message[:-9]], set()
+        empty = cbor2.CBORTag(40, [[64, 64], cbor2.CBORTag(85, b"")])
+        misfit = cbor2.CBORTag(40, [[64, 63], cbor2.CBORTag(70, bytes(64 * 63 * 4))])
+        body = {**cbor2.loads(message), "flatfield": {"threshold_1": empty}, "pixel_mask": {"threshold_1": misfit}}
+        return [cbor2.dumps(body)], {"flatfield[threshold_1]", "pixel_mask[threshold_1]"}
+    head, _ = encode(full)
+    if mode == "rejected":
+        return [json.dumps({"htype": "header", "filename": ""}).encode()], set()
+    return [head, json.dumps({"shape": [64, "x"], "dtype": "<u2"}).encode()], {"header meta shape"}
+
+
+@pytest.mark.parametrize("header", ["whole", "parts left out", "rejected"])
 @pytest.mark.parametrize(("protocol", "bad_per_good"), [("stream1", 12), ("stream2", 12), ("stins", 12)])
-def test_corrupted_messages_are_counted_and_cost_no_good_frame(tmp_path, start_run, protocol, bad_per_good):
-    """3 x 290 x 12 = 10,440 corrupted messages, mixed with 870 good ones."""
+def test_corrupted_messages_are_counted_and_cost_no_good_frame(tmp_path, start_run, protocol, bad_per_good, header):
+    """3 x 290 x 12 = 10,440 corrupted messages, mixed with 870 good ones, per kind of header: a
+    header part that cannot be used is left out and named, a header that cannot be used at all
+    costs no image either (the images make their own), and only what cannot be kept is rejected."""
     source = f"tcp://127.0.0.1:{free_port()}"
     run = start_run(ingest_pipeline(tmp_path, protocol=protocol, source=source), "--scans", "1")
     run.wait_ready(2)
@@ -199,7 +312,8 @@ def test_corrupted_messages_are_counted_and_cost_no_good_frame(tmp_path, start_r
     push = context.socket(zmq.PUSH)
     push.bind(source)
     good_frames, bad = 290, 0
-    push.send_multipart(encode(SeriesStart(series="5", info=DetectorInfo(shape=(64, 64), dtype="<u2"))))
+    first, left_out = series_header(protocol, encode, header)
+    push.send_multipart(first)
     for number in range(good_frames):
         pixels = synthetic_frame(number, (64, 64), "<u2")
         spec = ArraySpec(name="data", dtype="<u2", shape=(64, 64), compression="bslz4")
@@ -211,14 +325,32 @@ def test_corrupted_messages_are_counted_and_cost_no_good_frame(tmp_path, start_r
             bad += 1
     push.send_multipart(encode(SeriesEnd(series="5")))
     reported = run.feed.wait("frame_rejected", timeout_s=30)
+    incomplete, missing = run.feed.find("header_incomplete"), run.feed.find("header_missing")
+    if header == "parts left out":
+        incomplete = run.feed.wait("header_incomplete")
+        assert set(incomplete["parts"]) == left_out and all(name in incomplete["message"] for name in left_out)
+    if header == "rejected":
+        missing = run.feed.wait("header_missing")
+        assert (missing["shape"], missing["dtype"], missing["compression"]) == ([64, 64], "<u2", "bslz4")
+        # Refused before its scan began, the header is reported, not counted in the scan.
+        why = {"stream1": "series [5] is not a number", "stream2": "not CBOR",
+               "stins": "header message without an integer msg_number"}[protocol]
+        assert reported["count"] == 1 and why in reported["reason"]
     [scan] = only_scan(run)
     push.close(linger=0)
+    assert (incomplete is not None, missing is not None) == (header == "parts left out", header == "rejected")
     assert scan["frames_written"] == good_frames
     assert scan["frames_rejected"] == bad == good_frames * bad_per_good
     assert reported["service"] == "receiver.1" and reported["count"] >= 1 and reported["reason"]
+    if protocol == "stins" and header == "rejected":
+        assert scan["scan_id"].startswith("series_headerless_") and missing["scan_id"] == scan["scan_id"]
+    else:
+        assert scan["scan_id"] == ("series_0" if protocol == "stins" else "series_5")
     with h5py.File(scan["outputs"][0], "r") as f:
         data = f["entry_1/data_1/data"]
+        assert list(f["entry_1/data_1/frame_number"]) == list(range(good_frames))
         assert all(np.array_equal(data[n], synthetic_frame(n, (64, 64), "<u2")) for n in range(good_frames))
+        assert ("mask" in f["entry_1/instrument_1/detector_1"]) is False
 
 
 def test_killed_writer_leaves_a_readable_file_and_the_scan_goes_on(tmp_path, start_run):
@@ -259,7 +391,8 @@ def test_killed_writer_leaves_a_readable_file_and_the_scan_goes_on(tmp_path, sta
 
 
 def test_replayed_file_is_rewritten_as_is_and_republished_for_maxiv_consumers(tmp_path, start_run):
-    """`replay` streams another program's HDF5 file; a MAX IV secondary-port consumer gets it too."""
+    """`replay` streams another program's HDF5 file; a MAX IV secondary-port consumer gets it too,
+    with the raw file's path in the header."""
     frames, shape = 40, (48, 64)
     source = tmp_path / "scan7.h5"
     blobs = [codecs.compress(synthetic_frame(n, shape, "<u2")) for n in range(frames)]
@@ -285,6 +418,8 @@ def test_replayed_file_is_rewritten_as_is_and_republished_for_maxiv_consumers(tm
         data = f["entry_1/data_1/data"]
         assert [data.id.read_direct_chunk((n, 0, 0))[1] for n in range(frames)] == blobs
     heads = [json.loads(parts[0]) for parts in received]
+    # The header names the raw file, where a consumer (dranspose) finds what was written.
+    assert heads[0]["filename"] == str(tmp_path / "out" / "scan7_raw.cxi") == scan["outputs"][0]
     # A consumer that connects late misses the first images, never the header.
     images = len(heads) - 2
     assert [h["htype"] for h in heads] == ["header"] + ["image"] * images + ["series_end"] and images > frames // 2

@@ -9,7 +9,9 @@ single definition of every format:
     stins     MAX IV streaming-receiver secondary port (header, image, series_end)
 
 `decode` validates everything before a C decoder sees a byte (JSON/CBOR well-formedness, part
-counts, sizes, the bitshuffle framing) and raises `StreamError` saying what is wrong.
+counts, sizes, the bitshuffle framing) and raises `StreamError` saying what is wrong. A header
+part that cannot be used (an empty or misfitting flatfield, pixel mask or count-rate blob, an
+unknown htype) does not cost the header: it is left out and named in `SeriesStart.left_out`.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from __future__ import annotations
 from types import ModuleType
 
 from libs.common.detector import stins, stream1, stream2
-from libs.common.detector.events import DetectorInfo, Event, Image, SeriesEnd, SeriesStart, StreamError
+from libs.common.detector.events import (DetectorInfo, Event, Image, SeriesEnd, SeriesStart, StreamError,
+                                         header_from_image)
 
 PROTOCOLS: dict[str, ModuleType] = {"stream1": stream1, "stream2": stream2, "stins": stins}
 
-__all__ = ["PROTOCOLS", "DetectorInfo", "Event", "Image", "SeriesEnd", "SeriesStart", "StreamError"]
+__all__ = ["PROTOCOLS", "DetectorInfo", "Event", "Image", "SeriesEnd", "SeriesStart", "StreamError",
+           "header_from_image"]

@@ -99,6 +99,9 @@ class SeriesStart:
     """Everything else the header said, JSON-safe, as the detector named it."""
     flatfield: dict[str, np.ndarray] = field(default_factory=dict)
     pixel_mask: dict[str, np.ndarray] = field(default_factory=dict)
+    left_out: list[tuple[str, str]] = field(default_factory=list)
+    """Header parts that could not be used, (part, why): a series is received without them
+    rather than lost for want of them."""
 
 
 @dataclass
@@ -116,6 +119,19 @@ class SeriesEnd:
 
 
 Event = Union[SeriesStart, Image, SeriesEnd]
+
+
+def header_from_image(image: Image, series: str) -> SeriesStart:
+    """The header of a series whose own never came (or came unusable): what its first image says."""
+    spec = image.blobs[0][0]
+    return SeriesStart(series=series, info=DetectorInfo(shape=spec.shape, dtype=spec.dtype))
+
+
+def misfit(array: np.ndarray, info: DetectorInfo) -> str | None:
+    """Why a header array cannot apply to the detector's images (None: it can)."""
+    if info.shape is not None and array.shape != info.shape:
+        return f"shape {array.shape} is not the detector's {info.shape}"
+    return None
 
 
 def parse_json(part: Any, what: str) -> dict[str, Any]:

@@ -17,11 +17,13 @@ import json
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from libs.common.detector.events import (DetectorInfo, Event, Image, SeriesEnd, SeriesStart, StreamError,
                                          checked_blob, parse_json)
 from libs.common.detector.stream1 import info_from_config
 from libs.common.frames import view
+from libs.common.messages import describe
 
 MAX_PARTS = 65
 
@@ -37,10 +39,7 @@ def decode(parts: list[Any]) -> Event:
     if htype == "image":
         return _image(first, parts)
     if htype == "header":
-        meta = parse_json(view(parts[1]), "header part 1") if len(parts) > 1 else {}
-        config = {k: v for k, v in first.items() if k not in ("htype", "msg_number")}
-        config.update(meta)
-        return SeriesStart(series=str(number), info=_info(config), config=config)
+        return _header(first, parts, str(number))
     if htype == "series_end":
         return SeriesEnd(series=None)
     raise StreamError(f"part 0 has htype {htype!r}, not header, image or series_end")
@@ -65,15 +64,31 @@ def _image(first: dict[str, Any], parts: list[Any]) -> Image:
     return Image(series=None, frame=frame, blobs=blobs, meta=meta)
 
 
-def _info(config: dict[str, Any]) -> DetectorInfo:
-    """Our own re-published headers carry DetectorInfo fields; others SIMPLON keys, if any."""
-    ours = {k: v for k, v in config.items() if k in DetectorInfo.model_fields}
-    if ours:
+def _header(first: dict[str, Any], parts: list[Any], series: str) -> SeriesStart:
+    """A meta part, or a value in it, that cannot be used is left out and named in `left_out`:
+    the series is received without it."""
+    start = SeriesStart(series=series, config={k: v for k, v in first.items() if k not in ("htype", "msg_number")})
+    if len(parts) > 1:
         try:
-            return DetectorInfo.model_validate({k: tuple(v) if isinstance(v, list) else v for k, v in ours.items()})
-        except ValueError as exc:
-            raise StreamError(f"header meta: {exc}") from None
-    return info_from_config(config)
+            start.config.update(parse_json(view(parts[1]), "it"))
+        except StreamError as exc:
+            start.left_out.append(("header part 1 (meta)", str(exc)))
+    # Our own re-published headers carry DetectorInfo fields; others SIMPLON keys, if any.
+    ours = {k: tuple(v) if isinstance(v, list) else v
+            for k, v in start.config.items() if k in DetectorInfo.model_fields}
+    if not ours:
+        start.info = info_from_config(start.config)
+        return start
+    kept = {}
+    for key, value in ours.items():
+        try:
+            DetectorInfo.model_validate({key: value})
+        except ValidationError as exc:
+            start.left_out.append((f"header meta {key}", describe(exc)))
+        else:
+            kept[key] = value
+    start.info = DetectorInfo.model_validate(kept)
+    return start
 
 
 # --- encoding: re-publication and the virtual detector -------------------------------------------

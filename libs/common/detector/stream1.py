@@ -14,7 +14,7 @@ import numpy as np
 
 from libs.common.codecs import HEADER, frame_lz4
 from libs.common.detector.events import (DetectorInfo, Event, Image, SeriesEnd, SeriesStart, StreamError,
-                                         checked_blob, info_from_keys, info_to_keys, json_safe, parse_json)
+                                         checked_blob, info_from_keys, info_to_keys, json_safe, misfit, parse_json)
 from libs.common.frames import view
 
 ENCODINGS = {"bs32-lz4<": ("bslz4", 4), "bs16-lz4<": ("bslz4", 2), "bs8-lz4<": ("bslz4", 1),
@@ -82,41 +82,78 @@ def _image(first: dict[str, Any], parts: list[Any]) -> Image:
     return Image(series=_series(first), frame=frame, blobs=[spec], meta=meta)
 
 
+ARRAYS = {"dflatfield-1.0": "flatfield", "dpixelmask-1.0": "pixel_mask", "dcountrate_table-1.0": None}
+"""Header parts that announce a blob, and the SeriesStart field each fills (the count-rate table
+is checked, not kept)."""
+
+
 def _header(first: dict[str, Any], parts: list[Any]) -> SeriesStart:
+    """A part that cannot be used (not JSON, an unknown htype, a blob that does not fit its shape or
+    the detector) is left out and named in `left_out`: the series is received without it."""
     start = SeriesStart(series=_series(first))
     config: dict[str, Any] = {}
+    detailed = first.get("header_detail") in ("basic", "all")
     index = 1
     while index < len(parts):
-        part = parse_json(view(parts[index]), f"header part {index}")
+        what = "detector configuration (header part 1)" if index == 1 and detailed else f"header part {index}"
+        try:
+            part = parse_json(view(parts[index]), "it")
+        except StreamError as exc:
+            start.left_out.append((what, str(exc)))
+            index += 1
+            continue
         htype = part.get("htype")
-        if htype in ("dflatfield-1.0", "dpixelmask-1.0", "dcountrate_table-1.0"):
+        if isinstance(htype, str) and htype in ARRAYS:
             if index + 1 >= len(parts):
-                raise StreamError(f"{htype} announces a blob that is missing")
-            array = _header_array(part, view(parts[index + 1]), htype)
-            if htype == "dflatfield-1.0":
-                start.flatfield["data"] = array
-            elif htype == "dpixelmask-1.0":
-                start.pixel_mask["data"] = array
+                start.left_out.append((htype, "the blob it announces is missing (the message ends)"))
+            else:
+                try:
+                    array = _header_array(part, view(parts[index + 1]))
+                except StreamError as exc:
+                    start.left_out.append((htype, str(exc)))
+                else:
+                    if ARRAYS[htype]:
+                        getattr(start, ARRAYS[htype])["data"] = array
             index += 2
             continue
-        if htype is None and index == 1 and first.get("header_detail") in ("basic", "all"):
+        if htype is None and index == 1 and detailed:
             config = part
         elif htype is None:
             start.config["appendix"] = json_safe(part)
+        else:
+            blob = index + 1 < len(parts) and not _is_json(parts[index + 1])
+            after = " and the blob after it" if blob else ""
+            known = ", ".join(sorted(ARRAYS))
+            start.left_out.append((str(htype), f"htype not known (header part {index}{after}); known: {known}"))
+            index += 2 if blob else 1
+            continue
         index += 1
     start.config.update(json_safe(config))
     start.info = info_from_config(config)
+    for htype, kind in ARRAYS.items():
+        array = getattr(start, kind).get("data") if kind else None
+        if array is not None and (why := misfit(array, start.info)):
+            del getattr(start, kind)["data"]
+            start.left_out.append((htype, why))
     return start
 
 
-def _header_array(part: dict[str, Any], blob: memoryview, htype: str) -> np.ndarray:
+def _is_json(part: Any) -> bool:
+    try:
+        parse_json(view(part), "")
+    except StreamError:
+        return False
+    return True
+
+
+def _header_array(part: dict[str, Any], blob: memoryview) -> np.ndarray:
     shape, dtype = part.get("shape"), part.get("type")
     if dtype not in TYPES or not isinstance(shape, list) or len(shape) != 2 \
             or not all(isinstance(n, int) and n > 0 for n in shape):
-        raise StreamError(f"{htype} declares shape {shape!r} of type {dtype!r}")
+        raise StreamError(f"declares shape {shape!r} of type {dtype!r}")
     expected = shape[0] * shape[1] * np.dtype(dtype).itemsize
     if len(blob) != expected:
-        raise StreamError(f"{htype} blob has {len(blob)} bytes, its shape needs {expected}")
+        raise StreamError(f"blob has {len(blob)} bytes; shape {shape} of {dtype} needs {expected}")
     return np.frombuffer(blob, np.dtype(dtype).newbyteorder("<")).reshape(shape[::-1]).copy()
 
 

@@ -17,7 +17,7 @@ import cbor2
 import numpy as np
 
 from libs.common.detector.events import (Event, Image, SeriesEnd, SeriesStart, StreamError,
-                                         checked_blob, info_from_keys, info_to_keys, json_safe)
+                                         checked_blob, info_from_keys, info_to_keys, json_safe, misfit)
 from libs.common.frames import view
 
 MULTI_DIM, MULTI_DIM_COLUMN_MAJOR, COMPRESSED = 40, 1040, 56500
@@ -110,6 +110,8 @@ START_KEYS = {"shape": ("image_size_y", "image_size_x"), "n_images": "number_of_
 
 
 def _start(message: Mapping[str, Any], series: str | None) -> SeriesStart:
+    """A flatfield or pixel-mask channel that cannot be used (empty, not its shape, not the
+    detector's) is left out and named in `left_out`: the series is received without it."""
     thresholds = message.get("threshold_energy")
     first = next(iter(thresholds.values()), None) if isinstance(thresholds, Mapping) else None
     dtype = message.get("image_dtype")
@@ -120,9 +122,20 @@ def _start(message: Mapping[str, Any], series: str | None) -> SeriesStart:
     start = SeriesStart(series=series or "0", info=info)
     for key, target in (("flatfield", start.flatfield), ("pixel_mask", start.pixel_mask)):
         channels = message.get(key)
-        if isinstance(channels, Mapping):
-            for index, (channel, value) in enumerate(channels.items()):
-                target["data" if index == 0 else str(channel)] = _plain_array(value, f"{key} {channel!r}")
+        if channels is not None and not isinstance(channels, Mapping):
+            start.left_out.append((key, f"is a {type(channels).__name__}, not a map of channels"))
+            continue
+        for index, (channel, value) in enumerate((channels or {}).items()):
+            name = f"{key}[{channel}]"
+            try:
+                array = _plain_array(value, "the array")
+            except StreamError as exc:
+                start.left_out.append((name, str(exc)))
+                continue
+            if why := misfit(array, info):
+                start.left_out.append((name, why))
+            else:
+                target["data" if index == 0 else str(channel)] = array
     skip = {"flatfield", "pixel_mask", "countrate_correction_lookup_table", "type"}
     start.config = json_safe({k: v for k, v in message.items() if k not in skip})
     return start
@@ -132,7 +145,7 @@ def _plain_array(value: Any, what: str) -> np.ndarray:
     shape, dtype, compression, payload = _unwrap(value, what)
     if compression != "none":
         raise StreamError(f"{what} is compressed; header arrays are expected plain")
-    if len(shape) != 2 or not all(isinstance(n, int) and n > 0 for n in shape) \
+    if not isinstance(shape, tuple) or len(shape) != 2 or not all(isinstance(n, int) and n > 0 for n in shape) \
             or math.prod(shape) * np.dtype(dtype).itemsize != len(payload):
         raise StreamError(f"{what}: shape {shape!r} does not fit {len(payload)} bytes of {dtype}")
     return np.frombuffer(payload, dtype).reshape(shape).astype(np.dtype(dtype).newbyteorder("="))
