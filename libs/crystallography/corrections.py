@@ -42,26 +42,27 @@ class Corrections:
             flatfield = np.where(good, flatfield, 0).astype(np.float32)
         return cls(good=good, flatfield=flatfield, dark=None if dark is None else dark.astype(np.float32))
 
-    def apply(self, raw: np.ndarray) -> np.ndarray:
-        """The corrected frame, float32: (raw - dark) * flatfield, 0 where there is no data."""
+    def apply(self, raw: np.ndarray, missing: float = 0.0) -> np.ndarray:
+        """The corrected frame, float32: (raw - dark) * flatfield, `missing` where there is no data
+        (0 for sums and the peak finder; NaN tells an indexer such as CrystFEL which pixels are bad)."""
         if raw.shape != self.good.shape:
             raise ValueError(f"frame of shape {raw.shape}; the corrections are for {self.good.shape}")
         ceiling = np.iinfo(raw.dtype).max if raw.dtype.kind in "ui" else np.inf
         empty = np.empty((0, 0), np.float32)
         out = np.empty(raw.shape, np.float32)
         _apply(raw, self.good, self.dark if self.dark is not None else empty,
-               self.flatfield if self.flatfield is not None else empty, ceiling, out)
+               self.flatfield if self.flatfield is not None else empty, ceiling, np.float32(missing), out)
         return out
 
 
 @numba.njit(cache=True, nogil=True)
-def _apply(raw, good, dark, flat, ceiling, out):
+def _apply(raw, good, dark, flat, ceiling, missing, out):
     with_dark, with_flat = dark.size > 0, flat.size > 0
     for i in range(raw.shape[0]):
         for j in range(raw.shape[1]):
             v = raw[i, j]
             if not good[i, j] or v >= ceiling:
-                out[i, j] = 0
+                out[i, j] = missing
                 continue
             x = np.float32(v)
             if with_dark:

@@ -3,7 +3,8 @@
 A ROUTER socket at `endpoint` answers each `next` request (the single frame b"next" from a REQ
 client, e.g. `indexamajig --zmq-input=tcp://host:12322 --zmq-request=next --data-format=msgpack`)
 with one hit, newest first: a msgpack map with `detector_data` (the corrected frame, float32, in
-msgpack-numpy's form), `peak_list` (`num_peaks`, `fs`, `ss`, `intensity`, `num_pixels`,
+msgpack-numpy's form; NaN where the detector has no data, which CrystFEL takes as bad pixels, as
+the file's mask tells it), `peak_list` (`num_peaks`, `fs`, `ss`, `intensity`, `num_pixels`,
 `max_pixel_intensity`, `snr`, `sigma`), `beam_energy` (eV), `detector_distance` (m), `event_id`,
 `timestamp`, `source`. Unlike OM, `snr` is the signal-to-noise ratio; the local background sigma
 OM sends under that name is `sigma`. Anything else is answered b"What?".
@@ -130,7 +131,8 @@ class Service(Runtime):
         corrections = detector.corrections(headers, raw.shape, flatfield=self.params.flatfield)
         peaks = {name: record.array(name).astype(float).tolist() for name in PEAK_FIELDS}
         peak_list = {"num_peaks": len(peaks["fs"]), **peaks}
-        return msgpack.packb({"detector_data": packed_array(corrections.apply(raw)), "peak_list": peak_list,
+        image = corrections.apply(raw, missing=np.nan)
+        return msgpack.packb({"detector_data": packed_array(image), "peak_list": peak_list,
                               **about}, use_bin_type=True)
 
     def close(self) -> None:
