@@ -93,12 +93,12 @@ def _put(group: h5py.Group, name: str, value: Any, units: str | None = None, **a
     return group[name]
 
 
-def _axis(group: h5py.Group, name: str, value: float, units: str, kind: str, vector: tuple[float, ...],
-          depends_on: str, offset: tuple[float, ...] | None = None) -> None:
+def _axis(group: h5py.Group, name: str, value: float | np.ndarray, units: str, kind: str,
+          vector: tuple[float, ...], depends_on: str, offset: tuple[float, ...] | None = None) -> None:
     attrs: dict[str, Any] = {"transformation_type": kind, "vector": np.array(vector), "depends_on": depends_on}
     if offset is not None:
         attrs.update(offset=np.array(offset), offset_units=units)
-    _put(group, name, float(value), units, **attrs)
+    _put(group, name, value if isinstance(value, np.ndarray) else float(value), units, **attrs)
 
 
 def frame_numbers(parts: list[Part]) -> np.ndarray:
@@ -219,11 +219,14 @@ def build(f: h5py.File, *, scan: ScanDescription | None, header: Frame | None, s
     _put(specific, "y_pixels_in_detector", np.int32(rows))
     if geometry.energy_ev:
         _put(specific, "photon_energy", float(geometry.energy_ev), "eV")
+    for key in ("eiger_fw_version", "software_version"):  # an Eiger's: DIALS reads its data_NNNNNN then
+        if isinstance(config.get(key), str):
+            _put(specific, key, config[key])
     mask = header.array("pixel_mask").astype(np.uint32) if "pixel_mask" in arrays else np.zeros(spec.shape, np.uint32)
     masked = _put(specific, "pixel_mask", mask, description="DECTRIS bits (0 gap, 1 dead, 2 cold, 3 hot, 4 noisy)"
                   if "pixel_mask" in arrays else "the detector sent no pixel mask")
     detector["pixel_mask"] = h5py.SoftLink(masked.name)
-    _put(detector, "pixel_mask_applied", np.bool_(False))
+    _put(detector, "pixel_mask_applied", np.bool_(config.get("pixel_mask_applied") is True))
     if "flatfield" in arrays:
         flat = _put(specific, "flatfield", header.array("flatfield").astype(np.float32))
         detector["flatfield"] = h5py.SoftLink(flat.name)
@@ -231,7 +234,8 @@ def build(f: h5py.File, *, scan: ScanDescription | None, header: Frame | None, s
     sample = _group(entry, "sample", "NXsample")
     _put(sample, "name", scan.scan_id if scan else "unknown")
     _put(sample, "depends_on", "/entry/sample/transformations/omega")
-    _axis(_group(sample, "transformations", "NXtransformations"), "omega", 0.0, "degree", "rotation",
-          (-1.0, 0.0, 0.0), ".")
+    # Still shots: omega is 0 for every image (dxtbx counts the images along the sample's axis).
+    _axis(_group(sample, "transformations", "NXtransformations"), "omega", np.zeros(max(len(numbers), 1)),
+          "degree", "rotation", (-1.0, 0.0, 0.0), ".")
     source = _group(entry, "source", "NXsource")
     _put(source, "name", str(scan.metadata.get("source", "unknown")) if scan else "unknown")

@@ -56,7 +56,7 @@ def read_nxmx(master) -> dict:
             "distance_m": chain[0][()].to("m").magnitude[0],
             "distance": detector.distance,
             "beam_center_px": (detector.beam_center_y.magnitude, detector.beam_center_x.magnitude),
-            "sample_axis": entry.samples[0].depends_on.transformation_type,
+            "sample_axis": (entry.samples[0].depends_on.transformation_type, len(entry.samples[0].depends_on)),
             "pixel_mask": detector.pixel_mask[()],
             "nimages": int(f["entry/instrument/detector/detectorSpecific/nimages"][()]),
             "frame_number": f["entry/data/frame_number"][()],
@@ -94,7 +94,7 @@ def test_the_virtual_detector_s_series_reads_in_nxmx_and_fabio_as_its_header_say
     assert seen["wavelength_a"] == pytest.approx(wavelength_a(sim.energy_ev))
     assert seen["distance_m"] == pytest.approx(sim.distance_m)
     assert seen["beam_center_px"] == pytest.approx(sim.beam_center_px)
-    assert seen["sample_axis"] == "rotation"
+    assert seen["sample_axis"] == ("rotation", frames)  # still shots: omega 0 for each image
     np.testing.assert_array_equal(seen["pixel_mask"], sim.pixel_mask)
     np.testing.assert_array_equal(seen["frame_number"], np.arange(frames))
     pixels = raw_frames(raw)
@@ -152,6 +152,10 @@ def test_a_recorded_eiger_series_reads_in_nxmx_and_fabio(tmp_path, start_run, na
     assert (seen["pixel_mask"] != 0).sum() == (cxi_mask != 0).sum() > 30_000  # the module gaps
     read = fabio_frames(master)
     assert len(read) == len(pixels) and all(np.array_equal(a, b) for a, b in zip(read, pixels, strict=True))
+    with h5py.File(master, "r") as f:
+        detector = f["entry/instrument/detector"]
+        assert detector["sensor_material"][()] == b"Si" and detector["sensor_thickness"][()] == 450e-6
+        assert detector["bit_depth_image"][()] == 32
     hdf5_110_reads(master)
 
 
@@ -196,6 +200,7 @@ def test_a_killed_writer_s_parts_read_as_one_series_through_the_master(tmp_path,
         assert data.shape[0] == f["entry/instrument/detector/detectorSpecific/nimages"][()] == frames
         np.testing.assert_array_equal(f["entry/data/frame_number"][()], np.arange(frames))
         assert all(frame_number_of(data[n]) == n for n in range(0, frames, 7))
+    hdf5_110_reads(master)
 
 
 # --- crystallography keeps its raw data -------------------------------------------------------------
