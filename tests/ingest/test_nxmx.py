@@ -46,6 +46,12 @@ def read_nxmx(master) -> dict:
         [data] = entry.data
         images = data[data.signal.decode()]
         chain = nxmx.get_dependency_chain(detector.depends_on)
+        fast, slow = module.fast_pixel_direction, module.slow_pixel_direction
+        # Where the beam centre pixel sits in the lab, as dxtbx places the module: the fast axis'
+        # offset plus the detector's translation, then so many pixels along each axis.
+        origin = fast.offset.to("m").magnitude + nxmx.get_cumulative_transformation(chain)[0, :3, 3] / 1000
+        centre = (origin + detector.beam_center_x.magnitude * fast[()].to("m").magnitude * fast.vector
+                  + detector.beam_center_y.magnitude * slow[()].to("m").magnitude * slow.vector)
         return {
             "definition": entry.definition,
             "images": images.shape[0], "shape": images.shape[1:],
@@ -55,6 +61,7 @@ def read_nxmx(master) -> dict:
             "wavelength_a": beam.incident_wavelength.to("angstrom").magnitude,
             "distance_m": chain[0][()].to("m").magnitude[0],
             "distance": detector.distance,
+            "beam_centre_in_lab_m": centre,
             "beam_center_px": (detector.beam_center_y.magnitude, detector.beam_center_x.magnitude),
             "sample_axis": (entry.samples[0].depends_on.transformation_type, len(entry.samples[0].depends_on)),
             "pixel_mask": detector.pixel_mask[()],
@@ -94,6 +101,7 @@ def test_the_virtual_detector_s_series_reads_in_nxmx_and_fabio_as_its_header_say
     assert seen["wavelength_a"] == pytest.approx(wavelength_a(sim.energy_ev))
     assert seen["distance_m"] == pytest.approx(sim.distance_m)
     assert seen["beam_center_px"] == pytest.approx(sim.beam_center_px)
+    assert seen["beam_centre_in_lab_m"] == pytest.approx([0, 0, sim.distance_m], abs=1e-12)  # on the beam
     assert seen["sample_axis"] == ("rotation", frames)  # still shots: omega 0 for each image
     np.testing.assert_array_equal(seen["pixel_mask"], sim.pixel_mask)
     np.testing.assert_array_equal(seen["frame_number"], np.arange(frames))
@@ -246,3 +254,28 @@ def test_a_raw_writer_short_of_frames_is_a_loss_though_the_hits_writer_has_them_
     summary = record.summary(pipeline)
     assert summary["frames_written"] == 93 and summary["frames_lost"] == 7
     assert summary["losses"] == ["7 of 100 frames reached no output"]
+
+
+@pytest.mark.skipif(not RECORDED.is_dir(), reason="../shared/data/recorded is absent")
+def test_a_series_whose_header_never_came_has_a_master_of_its_frames_and_no_made_up_geometry(tmp_path, start_run):
+    from tests.ingest.test_raw_path import recording, replay
+
+    messages = [*recording("stream1")[1:], [json.dumps({"htype": "dseries_end-1.0", "series": 14}).encode()]]
+    source = f"tcp://127.0.0.1:{free_port()}"
+    run = start_run(ingest_pipeline(tmp_path, protocol="stream1", source=source), "--scans", "1")
+    run.wait_ready(2)
+    replay(tmp_path, messages, source)
+    code, output = run.finish()
+    assert code == 0, output[-3000:]
+    master, raw = tmp_path / "out" / "series_14_master.h5", tmp_path / "out" / "series_14_raw.cxi"
+    pixels = raw_frames(raw)
+    read = fabio_frames(master)
+    assert len(read) == len(pixels) == 9 and all(np.array_equal(a, b) for a, b in zip(read, pixels, strict=True))
+    with h5py.File(master, "r") as f:
+        [entry] = nxmx.NXmx(f).entries
+        [detector] = entry.instruments[0].detectors
+        assert detector.distance is None and detector.beam_center_x is None
+        assert "incident_wavelength" not in entry.instruments[0].beams[0]
+        assert not detector.pixel_mask[()].any()
+        assert detector.pixel_mask.attrs["description"] == b"the detector sent no pixel mask"
+    hdf5_110_reads(master)
