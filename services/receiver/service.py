@@ -29,14 +29,15 @@ Memory from the detector is bounded twice. A message part over `max_message_byte
 MAXMSGSIZE) never gets in: ZeroMQ closes the link and drops it, and does not reconnect after
 such a protocol error, so the receiver notices a disconnect with no retry, counts and reports the
 loss as a rejected message, and connects again. And ZeroMQ's queue (RCVHWM) counts messages, not
-bytes: it is `buffer_frames`, lowered to keep about `buffer_mb` MiB queued by the largest image of
-the current series (until its first image comes, the frame size its header announces).
+bytes: it is `buffer_frames`, or fewer, so that even messages of `max_message_bytes` fill no more
+than `buffer_mb` MiB. It is set once, before the link is made: libzmq wedges a link whose HWM
+changes while messages queue (zeromq/libzmq#2509; a receiver that lowered it at a series header
+took 243 of 500 frames and heard nothing more).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import re
 import time
 from typing import Iterator, Literal
@@ -77,8 +78,8 @@ class Params(BaseModel):
     dataset: str = Field("", description="replay: the frame stack's path in the file; empty: look for it")
     buffer_frames: int = Field(1000, ge=1, le=100_000,
                                description="messages queued from the detector before it is made to wait")
-    buffer_mb: float = Field(1024, gt=0, description="and at most about this many MiB of them, by the largest "
-                             "image of the series (the header's frame size before the first)")
+    buffer_mb: float = Field(1024, gt=0, description="and fewer if needed so that they fill at most this many "
+                             "MiB, were every one of max_message_bytes")
     max_message_bytes: int = Field(256 * MIB, ge=4096, description="a larger message part from the detector is "
                                    "dropped (ZeroMQ MAXMSGSIZE), counted as rejected and reported")
 
@@ -88,6 +89,12 @@ class Params(BaseModel):
             what = "the file to replay" if self.protocol == "replay" else "the detector's endpoint"
             raise ValueError(f"protocol {self.protocol} needs `source`: {what}")
         return self
+
+
+def queue_length(params: Params) -> int:
+    """Detector messages ZeroMQ queues: `buffer_frames`, fewer if that many of the largest allowed
+    message would fill more than `buffer_mb`."""
+    return max(1, min(params.buffer_frames, int(params.buffer_mb * MIB) // params.max_message_bytes))
 
 
 def scan_id_for(series: str, protocol: str) -> str:
@@ -121,9 +128,7 @@ class Service(Runtime):
         """Monitor of the detector socket: its disconnects and reconnection attempts."""
         self._unlinked: float | None = None
         """When the detector link went down with no reconnection attempt since."""
-        self._largest = 0
         """Bytes of the largest image of the series from the detector (0: none yet)."""
-        self._hwm = 0
         """The detector socket's RCVHWM now."""
         self._replay: Iterator[Event] | None = None
         self._paced_from = 0.0
@@ -168,8 +173,7 @@ class Service(Runtime):
             self._detector = self.context.socket(zmq.PULL)
             self._detector.setsockopt(zmq.LINGER, 0)
             self._detector.setsockopt(zmq.MAXMSGSIZE, params.max_message_bytes)
-            self._hwm = params.buffer_frames
-            self._detector.setsockopt(zmq.RCVHWM, self._hwm)
+            self._detector.setsockopt(zmq.RCVHWM, queue_length(params))
             self._detector_monitor = self._detector.get_monitor_socket(
                 zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
             self._detector.connect(params.source)
@@ -201,21 +205,7 @@ class Service(Runtime):
             except StreamError as exc:
                 self._reject(str(exc))
                 continue
-            if isinstance(event, Image):
-                size = sum(len(part) for part in parts)
-                if size > self._largest:
-                    self._largest = size
-                    self._bound_queue(size)
             self._handle(event)
-
-    def _bound_queue(self, message_bytes: int) -> None:
-        """Queue about `buffer_mb` of detector messages of this size, `buffer_frames` at most."""
-        params = self.params
-        hwm = max(1, min(params.buffer_frames, int(params.buffer_mb * MIB) // max(1, message_bytes)))
-        if hwm != self._hwm:
-            self._hwm = hwm
-            self._detector.setsockopt(zmq.RCVHWM, hwm)
-            logger.info("detector queue: %d messages of up to %.1f MiB", hwm, message_bytes / MIB)
 
     def _on_detector_event(self) -> None:
         self._read_detector_events()
@@ -258,14 +248,6 @@ class Service(Runtime):
     def _on_series_start(self, event: SeriesStart) -> None:
         if event.left_out:
             self._report_left_out(event)
-        if self._detector is not None:
-            self._largest = 0
-            shape, dtype = event.info.shape, event.info.dtype
-            if shape and dtype:
-                try:
-                    self._bound_queue(math.prod(shape) * np.dtype(dtype).itemsize)
-                except TypeError:
-                    logger.warning("series %s: the header's dtype %r is not a numpy dtype", event.series, dtype)
         if self._series is not None:
             self._end_series(f"series {self._series} ended without its end message: series "
                              f"{event.series} started")
