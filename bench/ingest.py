@@ -42,6 +42,7 @@ from libs.common.detector import DetectorInfo, SeriesEnd, SeriesStart  # noqa: E
 from libs.common.detector import stream1  # noqa: E402
 from libs.common.frames import ArraySpec  # noqa: E402
 from libs.common.detector.events import Image  # noqa: E402
+from services.writer.disk import LIBVER  # noqa: E402
 from tests.conftest import SHARED, free_port, ingest_pipeline, wait_for  # noqa: E402
 
 RECORDING = SHARED / "data" / "recorded" / "eiger1m_stream1.msgpack.gz"
@@ -77,7 +78,7 @@ def single_process(images: list[list[bytes]], directory: Path) -> dict[str, floa
     """Parse and write in one loop: the floor any receiver-writer pays."""
     path = directory / "baseline.h5"
     started = time.perf_counter()
-    with h5py.File(path, "w", libver="latest") as f:
+    with h5py.File(path, "w", libver=LIBVER) as f:
         dataset = None
         for parts in images:
             first, described = json.loads(parts[0]), json.loads(parts[1])

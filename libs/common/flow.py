@@ -23,8 +23,11 @@ each name.
 
 Wire (consumer -> producer): [b"H", msgpack {stage, credit}] once, then [b"C", msgpack {credit,
 ack: [[epoch, frame], ...]}]. Producer -> consumer: [b"F", *frame parts], [b"R", *frame parts] (a
-frame sent again after its consumer was lost: what was derived from it may be downstream already)
-or [b"S", *header parts].
+frame sent again after its consumer was lost: what was derived from it may be downstream already),
+[b"B", msgpack [n1, n2, ...], *parts of n1, *parts of n2, ...] (several frames in one message, as
+many as the consumer has credit for: per message ZeroMQ and Python cost more than per byte for
+small compressed frames) or [b"S", *header parts]. Frames queued while `batch()` is open go out
+when it closes, so a source that takes many detector messages per turn sends them together.
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ import logging
 import tempfile
 import uuid
 from collections import OrderedDict, deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import msgpack
 import zmq
@@ -44,7 +49,9 @@ from libs.common.frames import FrameKey
 
 logger = logging.getLogger(__name__)
 
-HELLO, CREDIT, FRAME, RESENT, HEADER = b"H", b"C", b"F", b"R", b"S"
+HELLO, CREDIT, FRAME, RESENT, HEADER, BATCH = b"H", b"C", b"F", b"R", b"S", b"B"
+MAX_BATCH = 64
+"""Frames in one message at most."""
 
 
 @dataclass
@@ -109,6 +116,8 @@ class Outlet:
         self._on_delivered = on_delivered
         self.max_pending = max_pending
         self._headers: dict[str, tuple[int, list[Any]]] = {}
+        self._held = False
+        """True inside `batch()`: frames queue and go out when it closes."""
 
     def add_route(self, stage: str, *, latest: bool, depth: int) -> None:
         """Serve a downstream stage (again: an existing queue is kept, its policy updated)."""
@@ -136,8 +145,20 @@ class Outlet:
             else:
                 route.pending.append(_Item(key, parts, parent))
                 expected += 1
-            self._dispatch(route)
+            if not self._held:
+                self._dispatch(route)
         return expected
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Frames sent inside go out together when it closes (as few messages as credit allows)."""
+        self._held = True
+        try:
+            yield
+        finally:
+            self._held = False
+            for route in self.routes.values():
+                self._dispatch(route)
 
     def send_header(self, epoch: int, name: str, parts: list[Any]) -> None:
         """Give every consumer, now and later, the scan header `name` of `epoch`."""
@@ -273,20 +294,29 @@ class Outlet:
             consumer = next((c for c in route.consumers.values() if c.credit > 0), None)
             if consumer is None:
                 return
-            item = route.pending.popleft()
+            items = [route.pending.popleft()]
+            if not items[0].resent:  # a re-sent frame goes alone, tagged as such
+                while (route.pending and len(items) < min(consumer.credit, MAX_BATCH)
+                       and not route.pending[0].resent):
+                    items.append(route.pending.popleft())
+            if len(items) == 1:
+                message = [consumer.identity, RESENT if items[0].resent else FRAME, *items[0].parts]
+            else:
+                message = [consumer.identity, BATCH, msgpack.packb([len(item.parts) for item in items]),
+                           *(part for item in items for part in item.parts)]
             try:
-                self.socket.send_multipart([consumer.identity, RESENT if item.resent else FRAME, *item.parts],
-                                           copy=False)
+                self.socket.send_multipart(message, copy=False)
             except zmq.ZMQError as exc:
-                route.pending.appendleft(item)
+                route.pending.extendleft(reversed(items))
                 if exc.errno == zmq.EAGAIN:
                     return
                 logger.warning("consumer %s unreachable (%s)", consumer.identity.decode(errors="replace"), exc)
                 self.consumer_lost(consumer.identity)
                 continue
-            consumer.credit -= 1
+            consumer.credit -= len(items)
             if not route.latest:
-                consumer.inflight[item.key] = item
+                for item in items:
+                    consumer.inflight[item.key] = item
             route.consumers.move_to_end(consumer.identity)
 
     def close(self) -> None:
@@ -338,18 +368,26 @@ class Inlet:
     def producers(self) -> list[str]:
         return list(self._by_producer)
 
-    def receive(self, socket: zmq.Socket) -> tuple[bytes, list[Any]] | None:
-        """(tag, parts) of one message from this link (FRAME, HEADER or b"" when the tag is
-        unknown), or None when none waits."""
+    def receive(self, socket: zmq.Socket) -> list[tuple[bytes, list[Any]]] | None:
+        """The (tag, parts) of each frame or header in the next message from this link (FRAME,
+        RESENT or HEADER; a batch is split into its frames), or None when none waits."""
         try:
             parts = socket.recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return None
         tag = parts[0].bytes
-        if tag not in (FRAME, RESENT, HEADER):
-            logger.warning("ignored a data message with tag %r from %s", tag[:8], self.links[socket])
-            return b"", []
-        return tag, parts[1:]
+        if tag in (FRAME, RESENT, HEADER):
+            return [(tag, parts[1:])]
+        if tag == BATCH and len(parts) > 1:
+            try:
+                sizes = msgpack.unpackb(parts[1].bytes)
+                if sum(sizes) == len(parts) - 2 and all(isinstance(n, int) and n > 0 for n in sizes):
+                    ends = list(accumulate(sizes, initial=2))
+                    return [(FRAME, parts[start:end]) for start, end in zip(ends, ends[1:])]
+            except (ValueError, TypeError, msgpack.UnpackException):
+                pass
+        logger.warning("ignored a data message with tag %r from %s", tag[:8], self.links[socket])
+        return []
 
     def grant(self, producer: str, credit: int = 1) -> None:
         if producer in self._by_producer:

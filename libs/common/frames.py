@@ -89,9 +89,11 @@ class Frame:
     @classmethod
     def from_blobs(cls, *, scan_id: str, epoch: int, frame: int, origin: str,
                    blobs: Sequence[tuple[ArraySpec, Any]], meta: dict[str, Any] | None = None) -> Frame:
-        """A frame of buffers that travel as they are (compressed blobs from a detector)."""
-        header = FrameHeader(scan_id=scan_id, epoch=epoch, frame=frame, origin=origin,
-                             arrays=tuple(spec for spec, _ in blobs), meta=meta or {})
+        """A frame of buffers that travel as they are (compressed blobs from a detector). The specs
+        are validated already: the header is put together without validating it again (per frame,
+        pydantic would cost as much as the rest of the receiver's work)."""
+        header = FrameHeader.model_construct(scan_id=scan_id, epoch=epoch, frame=frame, origin=origin,
+                                             arrays=tuple(spec for spec, _ in blobs), meta=meta or {})
         return cls(header, [buffer for _, buffer in blobs])
 
     def spec(self, name: str = "data") -> ArraySpec:

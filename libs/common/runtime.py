@@ -315,22 +315,24 @@ class Service:
                     self._poller.unregister(socket)
         events = dict(self._poller.poll(min(wait, 0.1) * 1000))
         self._drain_control()
-        for socket in [s for s in events if s in self._watched]:
-            started = time.perf_counter()
-            self._watched[socket]()
-            self._busy(time.perf_counter() - started)
+        with self.outlet.batch():
+            for socket in [s for s in events if s in self._watched]:
+                started = time.perf_counter()
+                self._watched[socket]()
+                self._busy(time.perf_counter() - started)
         if self.outlet.socket in events:
             self.outlet.receive()
         for sock in [s for s in events if s in self.inlet.links]:
             for _ in range(FRAMES_PER_TURN):
                 producer = self.inlet.links.get(sock)
-                message = self.inlet.receive(sock) if producer else None
-                if message is None:
+                messages = self.inlet.receive(sock) if producer else None
+                if messages is None:
                     break
-                if message[0] == HEADER:
-                    self._on_header_message(message[1])
-                else:
-                    self._on_data(producer, message[1], redelivered=message[0] == RESENT)
+                for tag, parts in messages:
+                    if tag == HEADER:
+                        self._on_header_message(parts)
+                    else:
+                        self._on_data(producer, parts, redelivered=tag == RESENT)
                 self._drain_control()
         if self._next_produce is not None and self.can_produce() and time.monotonic() >= self._next_produce:
             started = time.perf_counter()

@@ -104,7 +104,8 @@ class ScanRecord:
         received = self.received(pipeline)
         lost, reasons = self.losses(pipeline)
         wall = (self.finished or time.time()) - self.started
-        outputs = sorted({path for _, c in self.counters.values() for path in c.outputs})
+        # In the order the processes reported them: a raw file before its NXmx master, parts in order.
+        outputs = list(dict.fromkeys(path for _, c in self.counters.values() for path in c.outputs))
         written = self.outputs_count("written", pipeline)
         return {
             "scan_id": self.scan.scan_id,

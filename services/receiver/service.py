@@ -47,7 +47,7 @@ import zmq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from zmq.utils.monitor import recv_monitor_message
 
-from libs.common import messages
+from libs.common import codecs, messages
 from libs.common.contracts import WRITER_OUTPUT_DIR, raw_path
 from libs.common.detector import PROTOCOLS, Event, Image, SeriesEnd, SeriesStart, StreamError, header_from_image
 from libs.common.frames import Frame
@@ -59,7 +59,7 @@ from services.receiver.republish import Republisher
 
 logger = logging.getLogger(__name__)
 
-BATCH = 16
+BATCH = 64
 """Messages taken per loop turn at most, so commands are never kept waiting."""
 REPORT_PERIOD_S = 1.0
 RETRY_S = 0.5
@@ -170,6 +170,7 @@ class Service(Runtime):
             self._republisher = Republisher(self.context, params.republish)
         if params.protocol in PROTOCOLS:
             self._decode = PROTOCOLS[params.protocol].decode
+            codecs.warm()
             self._detector = self.context.socket(zmq.PULL)
             self._detector.setsockopt(zmq.LINGER, 0)
             self._detector.setsockopt(zmq.MAXMSGSIZE, params.max_message_bytes)

@@ -45,7 +45,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from libs.common.contracts import PEAKS
+from libs.common.contracts import PEAKS, WRITER_OUTPUT_DIR, raw_path
 from libs.common.errors import FrameError, SurveyorError
 from libs.common.frames import ArraySpec, Frame
 from libs.common.messages import ScanDescription, ServiceStats
@@ -65,7 +65,7 @@ FLUSH_FRAMES = 1000
 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    output_dir: str = "out"
+    output_dir: str = WRITER_OUTPUT_DIR
     flush_interval_s: float = Field(0.25, gt=0, le=60, description="longest time written frames stay unflushed")
     preview_interval_s: float = Field(1.0, gt=0, description="crystallography: aggregates to front-ends this often")
     hit_rate_window: int = Field(100, ge=1, description="crystallography: the hit rate is over this many frames")
@@ -281,7 +281,7 @@ class Service(Runtime):
         elif "index" in frame.header.meta and self.scan is not None and self.scan.technique == "ptychography":
             kind, stem = PtychoFile, scan_id
         else:
-            kind, stem = RawFile, f"{scan_id}_raw"
+            kind, stem = RawFile, Path(raw_path(self.params.output_dir, scan_id)).stem
         try:
             directory.mkdir(parents=True, exist_ok=True)
             if self._parts is None:
@@ -312,6 +312,8 @@ class Service(Runtime):
         outputs = [*map(str, self._parts.earlier), str(path)]
         if isinstance(file, SxFile):
             outputs.extend(map(str, file.geometries))
+        elif isinstance(file, RawFile):
+            outputs.append(str(file.master))
         self.counters.outputs.extend(p for p in outputs if p not in self.counters.outputs)
         self._count_on_disk()
 

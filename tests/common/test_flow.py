@@ -36,11 +36,12 @@ class Consumer:
         for _ in range(rounds):
             outlet.receive()
             for socket, _ in self.poller.poll(5):
-                message = self.inlet.receive(socket)
-                if message and message[0] in (FRAME, RESENT):
-                    got = decode(message[1])
+                for tag, parts in self.inlet.receive(socket) or []:
+                    if tag not in (FRAME, RESENT):
+                        continue
+                    got = decode(parts)
                     self.received.append(got.header.frame)
-                    if message[0] == RESENT:
+                    if tag == RESENT:
                         self.resent.append(got.header.frame)
                     if ack:
                         self.inlet.ack("producer", got.key)
@@ -111,3 +112,30 @@ def test_a_consumer_that_says_hello_before_the_route_exists_is_served_once_it_do
     assert early.received == [0] and outlet.outstanding(1) == 0
     outlet.close()
     early.inlet.close()
+
+
+def test_frames_sent_in_a_batch_travel_together_and_arrive_in_order(context):
+    """Inside `batch()` frames queue; they leave as one message per consumer, as many as its credit."""
+    outlet = Outlet(context, host="127.0.0.1", on_delivered=lambda _: None, max_pending=100)
+    outlet.add_route("w", latest=False, depth=0)
+    consumer = Consumer(context, outlet, "c1", credit=10)
+    settle(outlet, [consumer], acks=[False], seconds=0.3)
+    with outlet.batch():
+        for number in range(25):
+            outlet.send(frame(number).key, frame(number).encode(), parent=number)
+        assert consumer.received == [], "nothing leaves before the batch closes"
+    messages: list[list[int]] = []
+    deadline = time.monotonic() + 5
+    while len(sum(messages, [])) < 10 and time.monotonic() < deadline:
+        for socket, _ in consumer.poller.poll(10):
+            messages.append([decode(parts).header.frame for _, parts in consumer.inlet.receive(socket)])
+    assert messages == [list(range(10))], "one message of as many frames as the credit"
+    consumer.received = sum(messages, [])
+    for number in consumer.received:
+        consumer.inlet.ack("producer", frame(number).key)
+    consumer.inlet.grant("producer", len(consumer.received))
+    consumer.inlet.flush()
+    settle(outlet, [consumer], acks=[True], seconds=0.5)
+    consumer.inlet.close()
+    outlet.close()
+    assert consumer.received == list(range(25)) and outlet.pending == 0

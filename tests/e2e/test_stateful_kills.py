@@ -165,7 +165,7 @@ def test_peak_worker_killed_mid_scan_the_class_sums_count_every_frame_once(start
     assert run.summary()["restarts"]["peak_worker.1"] >= 1, at_kill
     sim = SxScan(count=frames, layout="1m", hit_fraction=0.5, scan_id=scan["scan_id"])
     _, corrections = finder_for(sim)
-    with h5py.File(next(p for p in scan["outputs"] if p.endswith(".cxi")), "r") as f:
+    with h5py.File(next(p for p in scan["outputs"] if p.endswith(".cxi") and not p.endswith("_raw.cxi")), "r") as f:
         numbers = f["entry_1/result_2/frame_number"][()]
         np.testing.assert_array_equal(np.sort(numbers), np.arange(frames))
         hit = dict(zip(numbers.tolist(), f["entry_1/result_2/hit"][()].astype(bool).tolist(), strict=True))

@@ -372,7 +372,7 @@ def test_killed_writer_leaves_a_readable_file_and_the_scan_goes_on(tmp_path, sta
     [scan] = summary["scans"]
     assert summary["restarts"]["writer.1"] >= 1 and scan["frames_lost"] == 0
     second = first.with_name("t_0001_raw.part2.cxi")
-    assert sorted(scan["outputs"]) == sorted([str(first), str(second)])
+    assert sorted(scan["outputs"]) == sorted([str(first), str(second), str(tmp_path / "out" / "t_0001_master.h5")])
     numbers = set()
     for path in (first, second):
         with h5py.File(path, "r", swmr=True) as f:
