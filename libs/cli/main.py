@@ -41,10 +41,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.rate is not None:
         overrides.append(f"simulation.rate_hz={args.rate}")
     pipeline = _pipeline(args.pipeline, overrides)
-    writer = pipeline.stages.get("writer")
-    chosen = any(o.startswith("stages.writer.params.output_dir") for o in overrides)
-    if writer is not None and writer.service == "writer" and not chosen:
-        overrides.append(f"stages.writer.params.output_dir={json.dumps(str(out))}")
+    # --out is where every writer stage writes (the hits and the raw frames of crystallography
+    # alike), unless the command line names a stage's own output_dir.
+    writers = [name for name, stage in pipeline.stages.items() if stage.service == "writer"
+               and not any(o.startswith(f"stages.{name}.params.output_dir") for o in overrides)]
+    if writers:
+        overrides += [f"stages.{name}.params.output_dir={json.dumps(str(out))}" for name in writers]
         pipeline = _pipeline(args.pipeline, overrides)
     return launcher.run(pipeline_file=args.pipeline, pipeline=pipeline, overrides=overrides,
                         simulate=args.simulate, scans=args.scans, out=out,
@@ -198,7 +200,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, help="simulated frame rate in Hz (0 = as fast as the pipeline takes)")
     p.add_argument("--scans", type=int,
                    help="exit after this many finished scans; aborted ones do not count (default: until interrupted)")
-    p.add_argument("--out", default="out", help="output directory (default ./out)")
+    p.add_argument("--out", default="out", help="output directory of every writer stage (default ./out)")
     p.add_argument("--summary", help="summary JSON path (default OUT/summary.json)")
     overrides(p)
     p.set_defaults(func=cmd_run)

@@ -26,6 +26,7 @@ from services.peak_worker.service import Params
 from tests.conftest import REPO, SHARED, free_endpoints, free_port, wait_for
 from tests.crystallography.test_science import finder_for
 from tests.field_tools import hdf5_110_pixels, hdf5_110_reads, validate_cxi
+from tests.ingest.test_nxmx import fabio_frames
 
 PIPELINE = REPO / "pipelines" / "crystallography.toml"
 FRAMES = 60
@@ -132,6 +133,19 @@ def test_simulated_run_writes_cheetah_layout_that_agrees_with_the_workers(start_
     frames, hits, peaks = worker_tallies(run.logs)
     assert (frames, hits) == (FRAMES, len(hit_numbers))
     assert peaks == sum(len(expected[n][0]) for n in range(FRAMES))
+
+    # The raw frames beside the hits (raw_writer), as DIALS and fabio read them through the master:
+    # the hits CrystFEL reads are the very frames DIALS reads.
+    raw, master = (Path(cxi).with_name(f"{scan['scan_id']}{suffix}") for suffix in ("_raw.cxi", "_master.h5"))
+    outputs = scan["outputs"]
+    assert outputs.index(str(master)) == outputs.index(str(raw)) + 1, outputs
+    validate_cxi(raw)
+    hdf5_110_reads(raw)
+    read = fabio_frames(master)
+    assert len(read) == FRAMES and all(np.array_equal(read[n], sim.frame(n)) for n in range(FRAMES))
+    with h5py.File(cxi, "r") as f:
+        rows = f["entry_1/result_1/frame_number"][()]
+        assert all(np.array_equal(f["entry_1/data_1/data"][row], read[n]) for row, n in enumerate(rows))
 
     geometry = Path(geom).read_text()
     for line in ("peak_list = /entry_1/result_1", "peak_list_type = cxi", "data = /entry_1/data_1/data",

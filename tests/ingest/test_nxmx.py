@@ -214,27 +214,6 @@ def test_a_killed_writer_s_parts_read_as_one_series_through_the_master(tmp_path,
 # --- crystallography keeps its raw data -------------------------------------------------------------
 
 
-def test_crystallography_writes_the_raw_frames_and_their_master_beside_the_hits(start_run):
-    from tests.crystallography.test_chain import PIPELINE, overrides
-
-    frames = 16
-    run = start_run(PIPELINE, "--simulate", "--frames", str(frames), overrides=overrides(free_port()))
-    code, output = run.finish(timeout_s=240)
-    assert code == 0, output[-3000:]
-    scan = run.summary()["scans"][0]
-    assert scan["frames_written"] == frames and scan["frames_lost"] == 0, scan
-    out, scan_id = run.out, scan["scan_id"]
-    assert {f"{scan_id}.cxi", f"{scan_id}_raw.cxi"} <= {os.path.basename(p) for p in scan["outputs"]}
-    sim = SxScan(count=frames, layout="1m", hit_fraction=0.5, scan_id=scan_id)
-    read = fabio_frames(out / f"{scan_id}_master.h5")
-    assert len(read) == frames and all(np.array_equal(read[n], sim.frame(n)) for n in range(frames))
-    # The hits CrystFEL reads are the very frames DIALS reads.
-    with h5py.File(out / f"{scan_id}.cxi", "r") as f:
-        hits = f["entry_1/result_1/frame_number"][()]
-        assert len(hits) > 0
-        assert all(np.array_equal(f["entry_1/data_1/data"][row], read[n]) for row, n in enumerate(hits))
-
-
 def test_a_raw_writer_short_of_frames_is_a_loss_though_the_hits_writer_has_them_all():
     """Two writers of the same frames are copies: the summary counts the one with fewer."""
     from libs.common.messages import ScanCounters, ScanDescription

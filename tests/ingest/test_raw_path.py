@@ -297,8 +297,9 @@ def series_header(protocol: str, encode: Callable, mode: str) -> tuple[list[byte
     return [head, json.dumps({"shape": [64, "x"], "dtype": "<u2"}).encode()], {"header meta shape"}
 
 
-@pytest.mark.parametrize("header", ["whole", "parts left out", "rejected"])
-@pytest.mark.parametrize(("protocol", "bad_per_good"), [("stream1", 12), ("stream2", 12), ("stins", 12)])
+@pytest.mark.parametrize(("protocol", "bad_per_good", "header"),
+                         [("stream1", 12, "whole"), ("stream1", 12, "parts left out"), ("stream1", 12, "rejected"),
+                          ("stream2", 12, "parts left out"), ("stins", 12, "rejected")])
 def test_corrupted_messages_are_counted_and_cost_no_good_frame(tmp_path, start_run, protocol, bad_per_good, header):
     """3 x 290 x 12 = 10,440 corrupted messages, mixed with 870 good ones, per kind of header: a
     header part that cannot be used is left out and named, a header that cannot be used at all
