@@ -26,7 +26,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import bitshuffle  # noqa: E402
 import lz4.block  # noqa: E402
-import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
 from libs.common.errors import FrameError  # noqa: E402
@@ -36,22 +35,6 @@ BLOCK_BYTES = 8192
 """Block size of our own bslz4 blobs, as a DECTRIS detector uses."""
 BITSHUFFLE_FILTER = 32008
 LZ4_FILTER = 32004
-
-
-@numba.njit(cache=True, nogil=True)
-def _walk(blob: np.ndarray, start: int, blocks: int, last: int, tail: int) -> int:
-    """End of `blocks` size-prefixed blocks of at most `last` bytes, plus `tail`; -1 if they overrun."""
-    pos = start
-    end = blob.size
-    for _ in range(blocks):
-        if pos + 4 > end:
-            return -1
-        size = (blob[pos] << 24) | (blob[pos + 1] << 16) | (blob[pos + 2] << 8) | blob[pos + 3]
-        pos += 4
-        if size > last or pos + size > end:
-            return -1
-        pos += size
-    return pos + tail
 
 
 def _header(blob: np.ndarray, expected: int, itemsize: int, what: str) -> int:
@@ -72,6 +55,7 @@ def warm() -> None:
 
 def check(blob: memoryview | bytes, compression: str, shape: tuple[int, ...], dtype: str) -> None:
     """Raise FrameError unless `blob` is a complete `compression` blob of that shape and dtype."""
+    from libs.common.block_walk import walk  # numba, only in the processes that check blobs
     data = np.frombuffer(blob, np.uint8)
     itemsize = np.dtype(dtype).itemsize
     expected = math.prod(shape) * itemsize
@@ -82,10 +66,10 @@ def check(blob: memoryview | bytes, compression: str, shape: tuple[int, ...], dt
         blocks = full + (1 if rest - rest % 8 else 0)
         # A block compresses into at most its size plus LZ4's worst-case overhead.
         bound = block + block // 255 + 16
-        end = _walk(data, HEADER.size, blocks, bound, (elements % 8) * itemsize)
+        end = walk(data, HEADER.size, blocks, bound, (elements % 8) * itemsize)
     elif compression == "lz4":
         block = _header(data, expected, itemsize, "lz4")
-        end = _walk(data, HEADER.size, -(-expected // block), block + block // 255 + 16, 0)
+        end = walk(data, HEADER.size, -(-expected // block), block + block // 255 + 16, 0)
     else:
         raise FrameError(f"unknown compression {compression!r}")
     if end != data.size:
