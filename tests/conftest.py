@@ -177,6 +177,7 @@ class Run:
                 self.process.communicate(timeout=30)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+                self.process.communicate()  # reaps it and closes its pipe
         self.feed.close()
 
     def summary(self) -> dict[str, Any]:

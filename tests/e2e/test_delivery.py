@@ -42,7 +42,9 @@ def test_2000_frames_arrive_exactly_once(tmp_path, start_run):
 
 
 def test_killed_worker_loses_nothing_and_is_restarted(tmp_path, start_run):
-    run = start_run(synthetic_pipeline(tmp_path, frames=2000, rate_hz=400), "--simulate")
+    # Paced so that the scan outlasts the handler's detection of the death (its liveness), even
+    # when the killed process held no frame and the others finish the scan without waiting for it.
+    run = start_run(synthetic_pipeline(tmp_path, frames=2000, rate_hz=200), "--simulate")
     run.wait_ready(4)
     victim = wait_for(lambda: (s := run.service("worker.1"))["frames_in"] >= 300 and s, 30,
                       "worker.1 to be busy")
