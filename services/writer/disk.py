@@ -23,6 +23,8 @@ from pathlib import Path
 
 import h5py
 
+from libs.common.frames import Frame
+
 logger = logging.getLogger(__name__)
 
 LIBVER = ("v110", "v110")
@@ -161,6 +163,11 @@ class ScanFile:
 
     earlier: set[int]
     committed: set[int]
+
+    @staticmethod
+    def creation_cost(frame: Frame) -> int:
+        """Bytes a new file takes before its first frame (its metadata), about."""
+        return 1 << 20
 
     @property
     def on_disk(self) -> set[int]:

@@ -171,10 +171,6 @@ class PtychoFile(ScanFile):
         self.flush()
         self.broken = False
 
-    @staticmethod
-    def creation_cost(frame: Frame) -> int:
-        return 1 << 20
-
     def redo_cost(self) -> int:
         return sum(self.cost(frame) for frame in self._pending)
 

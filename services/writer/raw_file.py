@@ -161,10 +161,6 @@ class RawFile(ScanFile):
         self.flush()
         self.broken = False
 
-    @staticmethod
-    def creation_cost(frame: Frame) -> int:
-        return 1 << 20
-
     def redo_cost(self) -> int:
         return sum(self.cost(frame) for frame in self._pending.values())
 
