@@ -128,8 +128,6 @@ class Service(Runtime):
         """Monitor of the detector socket: its disconnects and reconnection attempts."""
         self._unlinked: float | None = None
         """When the detector link went down with no reconnection attempt since."""
-        """Bytes of the largest image of the series from the detector (0: none yet)."""
-        """The detector socket's RCVHWM now."""
         self._replay: Iterator[Event] | None = None
         self._paced_from = 0.0
         self._replayed = 0
@@ -180,7 +178,8 @@ class Service(Runtime):
             self._detector.connect(params.source)
             self.watch(self._detector, self._on_detector)
             self.watch(self._detector_monitor, self._on_detector_event)
-            logger.info("receiving %s from %s", params.protocol, params.source)
+            logger.info("receiving %s from %s (queue of %d messages)", params.protocol, params.source,
+                        queue_length(params))
         elif params.protocol == "replay":
             self._replay = replay_events(params.source, params.dataset)
             self._paced_from = time.monotonic()
