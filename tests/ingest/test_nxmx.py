@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import signal
 import subprocess
 import sys
 
@@ -185,29 +183,6 @@ def test_the_master_of_an_aborted_scan_opens_and_holds_what_was_written(tmp_path
     assert seen["pixel_m"] == pytest.approx((172e-6, 172e-6)) and seen["beam_center_px"] == pytest.approx((30.5, 31.5))
     read = fabio_frames(master)
     assert [frame_number_of(read[n]) for n in np.flatnonzero(slots >= 0)] == slots[slots >= 0].tolist()
-    hdf5_110_reads(master)
-
-
-def test_a_killed_writer_s_parts_read_as_one_series_through_the_master(tmp_path, start_run):
-    frames = 1500
-    run = start_run(synthetic_pipeline(tmp_path, frames=frames, rate_hz=300, workers=1), "--simulate",
-                    "--set", "stages.writer.params.flush_interval_s=0.2")
-    run.wait_ready(3)
-    victim = wait_for(lambda: (s := run.service("writer.1"))["frames_in"] >= 300 and s, 30, "writer.1 to write")
-    master = tmp_path / "out" / "t_0001_master.h5"
-    assert master.exists(), "the master is written with the raw file"
-    os.kill(victim["pid"], signal.SIGKILL)
-    code, output = run.finish()
-    assert code == 0, output[-3000:]
-    assert run.summary()["scans"][0]["frames_lost"] == 0
-    # The first part still carries HDF5's "open for writing" flag: read as a live reader does.
-    with h5py.File(master, "r", swmr=True) as f:
-        data = f["entry/data/data_000001"]
-        sources = {source.file_name for source in data.virtual_sources()}
-        assert data.is_virtual and sources == {"t_0001_raw.cxi", "t_0001_raw.part2.cxi"}
-        assert data.shape[0] == f["entry/instrument/detector/detectorSpecific/nimages"][()] == frames
-        np.testing.assert_array_equal(f["entry/data/frame_number"][()], np.arange(frames))
-        assert all(frame_number_of(data[n]) == n for n in range(0, frames, 7))
     hdf5_110_reads(master)
 
 

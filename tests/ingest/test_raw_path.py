@@ -28,6 +28,7 @@ from libs.common.detector.stins import Numbering
 from libs.common.frames import ArraySpec
 from libs.simulation.synthetic import synthetic_frame
 from tests.conftest import SHARED, free_port, ingest_pipeline
+from tests.field_tools import hdf5_110_reads
 
 RECORDED = SHARED / "data" / "recorded"
 needs_recordings = pytest.mark.skipif(not RECORDED.is_dir(), reason="../shared/data/recorded is absent")
@@ -116,6 +117,17 @@ def assert_every_recorded_frame_written(scan: dict, path, name: str) -> None:
     assert scan["frames_rejected"] == 0 and scan["frames_lost"] == 0
 
 
+def replayed(tmp_path, start_run, name: str, messages: list, event: str) -> tuple[dict, dict]:
+    """Play `messages` (a recording, changed) to a raw pipeline: the `event` it reports and its scan."""
+    source = f"tcp://127.0.0.1:{free_port()}"
+    run = start_run(ingest_pipeline(tmp_path, protocol=name, source=source), "--scans", "1")
+    run.wait_ready(2)
+    replay(tmp_path, messages, source)
+    warning = run.feed.wait(event)
+    [scan] = only_scan(run)
+    return warning, scan
+
+
 @needs_recordings
 @pytest.mark.parametrize(("name", "series"), [("stream1", "14"), ("stream2", "16")])
 def test_recorded_series_with_empty_flatfield_and_mask_is_received_whole(tmp_path, start_run, name, series):
@@ -130,12 +142,7 @@ def test_recorded_series_with_empty_flatfield_and_mask_is_received_whole(tmp_pat
                  for key, tag in (("flatfield", 85), ("pixel_mask", 70))}
         messages[0] = [cbor2.dumps({**start, **empty})]
         parts = {"flatfield[threshold_1]", "pixel_mask[threshold_1]"}
-    source = f"tcp://127.0.0.1:{free_port()}"
-    run = start_run(ingest_pipeline(tmp_path, protocol=name, source=source), "--scans", "1")
-    run.wait_ready(2)
-    replay(tmp_path, messages, source)
-    warning = run.feed.wait("header_incomplete")
-    [scan] = only_scan(run)
+    warning, scan = replayed(tmp_path, start_run, name, messages, "header_incomplete")
     assert warning["service"] == "receiver.1" and set(warning["parts"]) == parts and warning["series"] == series
     assert "0 bytes" in warning["message"]
     assert scan["scan_id"] == f"series_{series}"
@@ -153,12 +160,7 @@ def test_recorded_series_whose_header_the_receiver_missed_is_written_as_a_raw_sc
     messages = recording(name)[1:]
     if name == "stream1":
         messages.append([json.dumps({"htype": "dseries_end-1.0", "series": int(series)}).encode()])
-    source = f"tcp://127.0.0.1:{free_port()}"
-    run = start_run(ingest_pipeline(tmp_path, protocol=name, source=source), "--scans", "1")
-    run.wait_ready(2)
-    replay(tmp_path, messages, source)
-    warning = run.feed.wait("header_missing")
-    [scan] = only_scan(run)
+    warning, scan = replayed(tmp_path, start_run, name, messages, "header_missing")
     assert warning["service"] == "receiver.1" and warning["series"] == series
     assert (warning["shape"], warning["dtype"], warning["compression"]) == ([1065, 1030], "<u4", "bslz4")
     assert scan["scan_id"] == warning["scan_id"] == f"series_{series}"
@@ -364,6 +366,8 @@ def test_killed_writer_leaves_a_readable_file_and_the_scan_goes_on(tmp_path, sta
     run.wait_ready(3)
     victim = wait_for(lambda: (s := run.service("writer.1"))["frames_in"] >= 600 and s, 30, "writer.1 to write")
     first = wait_for(lambda: next((tmp_path / "out").glob("t_0001_raw.cxi"), None), 10, "the raw file")
+    master = first.with_name("t_0001_master.h5")
+    assert master.exists(), "the NXmx master is written with the raw file"
     with h5py.File(first, "r", swmr=True) as f:
         flushed = int((f["entry_1/data_1/frame_number"][...] >= 0).sum())
     os.kill(victim["pid"], signal.SIGKILL)
@@ -373,7 +377,7 @@ def test_killed_writer_leaves_a_readable_file_and_the_scan_goes_on(tmp_path, sta
     [scan] = summary["scans"]
     assert summary["restarts"]["writer.1"] >= 1 and scan["frames_lost"] == 0
     second = first.with_name("t_0001_raw.part2.cxi")
-    assert sorted(scan["outputs"]) == sorted([str(first), str(second), str(tmp_path / "out" / "t_0001_master.h5")])
+    assert sorted(scan["outputs"]) == sorted([str(first), str(second), str(master)])
     numbers = set()
     for path in (first, second):
         with h5py.File(path, "r", swmr=True) as f:
@@ -389,6 +393,15 @@ def test_killed_writer_leaves_a_readable_file_and_the_scan_goes_on(tmp_path, sta
                 # The scan header reached the restarted writer, through the worker stage.
                 assert "detector_config" in f["entry_1/instrument_1/detector_1"]
     assert numbers == set(range(frames))
+    # The master reads both parts as one series (the first still flagged "open for writing":
+    # read as a live reader does), and HDF5 1.10 reads it.
+    with h5py.File(master, "r", swmr=True) as f:
+        data = f["entry/data/data_000001"]
+        assert data.is_virtual and {s.file_name for s in data.virtual_sources()} == {first.name, second.name}
+        assert data.shape[0] == f["entry/instrument/detector/detectorSpecific/nimages"][()] == frames
+        np.testing.assert_array_equal(f["entry/data/frame_number"][()], np.arange(frames))
+        assert all(frame_number_of(data[n]) == n for n in range(0, frames, 7))
+    hdf5_110_reads(master)
 
 
 def test_replayed_file_is_rewritten_as_is_and_republished_for_maxiv_consumers(tmp_path, start_run):
