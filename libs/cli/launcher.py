@@ -1,14 +1,16 @@
 """`surveyor run`: the handler and every stage's processes as children of one launcher.
 
-It restarts a child that dies (with back-off when it keeps dying), but stops at once, with the
-reason from the child's log, when a child could not bind its endpoint (restarting cannot help:
-another pipeline or program holds it), and refuses to run when a handler of another pipeline
-answers at its endpoint. It shows the scan's progress, writes summary.json, and on Ctrl-C or when
-the scans are done asks the handler to shut everything down, then makes sure no child is left
-behind. Children run in their own session, so a Ctrl-C at the terminal reaches only the launcher,
-which then stops them in order. Each run logs into a directory of its own (libs/common/logs.py).
-The exit code is 1 exactly when something was lost (or the run failed), and the run says what and
-why.
+It restarts a child that crashes (a non-zero exit or a signal; with back-off when it keeps
+dying), but not one that exits 0: our processes do that exactly when asked to stop (`shutdown`,
+SIGTERM). It stops at once, with the reason from the child's log, when a child could not bind its
+endpoint (restarting cannot help: another pipeline or program holds it), and refuses to run when a
+handler of another pipeline answers at its endpoint. It shows the scan's progress, writes
+summary.json, and on Ctrl-C or when the scans are done asks the handler to shut everything down,
+then makes sure no child is left behind; when the handler itself stops (`surveyor ctl shutdown`),
+the run ends the same way. Children run in their own session, so a Ctrl-C at the terminal reaches
+only the launcher, which then stops them in order. Each run logs into a directory of its own
+(libs/common/logs.py). The exit code is 1 exactly when something was lost (or the run failed), and
+the run says what and why.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ BIND_FAILED = re.compile(r"address already in use|assign requested address|canno
 PR_SET_PDEATHSIG = 1
 
 
+class ShutDown(Exception):
+    """The handler exited 0: it was asked to stop (`surveyor ctl shutdown`), so the run is over."""
+
+
 def _die_with_parent() -> None:
     """Linux: a child gets SIGTERM if the launcher dies, so no orphan outlives a killed launcher."""
     try:
@@ -67,6 +73,8 @@ class Child:
     not_before: float = 0.0
     log_from: int = 0
     """Where this start's output begins in the (appended) log."""
+    stopped: bool = False
+    """It exited 0, as asked to (a `shutdown`, a SIGTERM): not restarted."""
 
     def start(self, *extra: str) -> None:
         path = log_path(self.name)
@@ -181,14 +189,21 @@ class Launcher:
         self.detector.start()
 
     def supervise(self) -> None:
-        """Restart every child that has exited, unless we are stopping; stop the run when one
-        could not bind its endpoint."""
+        """Restart every child that has crashed, unless we are stopping; stop the run when one
+        could not bind its endpoint, end it (ShutDown) when the handler was asked to stop."""
         if self.detector is not None and self.detector.process.poll() not in (None, 0):
             raise RuntimeError(f"the virtual detector failed (exit code {self.detector.process.returncode}): "
                                f"{self.detector.reason()}; see {log_path('simulator')}")
         now = time.monotonic()
         for child in self.children.values():
-            if self.stopping or child.process is None or child.process.poll() is None:
+            if self.stopping or child.stopped or child.process is None or child.process.poll() is None:
+                continue
+            if child.process.returncode == 0:
+                if child.name == "handler":
+                    raise ShutDown("the handler was asked to stop (`surveyor ctl shutdown` or a SIGTERM) and "
+                                   "exited 0; stopping the pipeline")
+                child.stopped = True
+                console.log(f"{child.name} exited with code 0: it was asked to stop; not restarted")
                 continue
             if child.not_before == 0.0:
                 code = child.process.returncode
@@ -269,6 +284,8 @@ def run(*, pipeline_file: str, pipeline: Pipeline, overrides: list[str], simulat
         if truth is not None and finished:
             finished[-1]["truth"] = str(truth)
             _score(finished[-1], truth)
+    except ShutDown as exc:
+        console.log(f"[yellow]{exc}")
     except KeyboardInterrupt:
         console.log("[yellow]interrupted; stopping the pipeline")
         code = 130
@@ -386,15 +403,20 @@ def stage_totals(pipeline: Pipeline, scans: list[dict[str, Any]]) -> dict[str, d
 
 def _follow(launcher: Launcher, watcher: client.StatusFeed, finished: list[dict[str, Any]], wanted: int | None,
             *, simulate: bool = False) -> int:
-    """Supervise and show progress until `wanted` scans have finished (forever if None): 1 when a
-    scan lost something, else 0. An aborted scan is not counted and the run goes on (the operator
-    dropped it); with `simulate` it ends the run, since no other scan is coming."""
+    """Supervise and show progress until `wanted` scans have finished (forever if None) or the
+    handler is shut down: 1 when a scan lost something, else 0. An aborted scan is not counted and
+    the run goes on (the operator dropped it); with `simulate` it ends the run, since no other scan
+    is coming."""
     code = 0
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("waiting for a scan", total=None)
         while wanted is None or sum(done.get("state") != "aborted" for done in finished) < wanted:
-            launcher.supervise()
+            try:
+                launcher.supervise()
+            except ShutDown as exc:
+                console.log(f"[yellow]{exc}")
+                return code
             events = watcher.pump(0.2)
             # The snapshot first: the scan_finished event after it has the final count.
             scan = (watcher.status or {}).get("scan")

@@ -1,6 +1,7 @@
 """`surveyor run` as an operator meets it: each run's logs in a directory of their own, a summary
-that cannot be written is reported and not fatal, `--scans` counts finished scans only, and
-`surveyor status --watch --handler X` follows X's status feed."""
+that cannot be written is reported and not fatal, `--scans` counts finished scans only,
+`surveyor status --watch --handler X` follows X's status feed, and `surveyor ctl shutdown` ends the
+run (a crash before it is still restarted)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -69,3 +71,35 @@ def test_scans_counts_finished_scans_not_aborted_ones_and_watch_follows_the_hand
     assert "scan doomed aborted" in flat and "scan kept: 100 frames received" in flat, output
     scans = {scan["scan_id"]: scan for scan in json.loads((run.out / "summary.json").read_text())["scans"]}
     assert scans["doomed"]["state"] == "aborted" and scans["kept"]["state"] == "finished"
+
+
+def test_ctl_shutdown_ends_the_run_with_its_summary_and_only_a_crash_is_restarted(tmp_path):
+    run = Run(synthetic_pipeline(tmp_path), cwd=tmp_path)
+    try:
+        run.wait_ready(4)
+        crashed = run.service("worker.1")["pid"]
+        os.kill(crashed, signal.SIGKILL)
+        wait_for(lambda: any(s["name"] == "worker.1" and s["state"] == "up" and s["pid"] != crashed
+                             for s in run.ctl("status").result["services"]), 30, "worker.1 restarted")
+        pids = [s["pid"] for s in run.ctl("status").result["services"] if s["pid"] != crashed]
+        asked = time.monotonic()
+        shutdown = surveyor("ctl", "--handler", run.endpoint, "shutdown", env={})
+        assert shutdown.returncode == 0, shutdown.stdout + shutdown.stderr
+        code, output = run.finish(timeout_s=20)
+        took = time.monotonic() - asked
+    finally:
+        run.stop()
+    flat = " ".join(output.split())
+    assert code == 0, output
+    assert took < 15, f"the run took {took:.1f} s to end after the shutdown"
+    assert "the handler was asked to stop" in flat and f"summary written to {run.out / 'summary.json'}" in flat, output
+    assert output.count("restarting") == 1 and "worker.1 exited with code -9" in flat, output
+    assert run.summary()["restarts"] == {"handler": 0, "receiver.1": 0, "worker.1": 1, "worker.2": 0, "writer.1": 0}
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+    wait_for(lambda: all(gone(pid) for pid in pids), 5, "every process of the run gone")

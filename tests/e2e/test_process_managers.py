@@ -1,4 +1,5 @@
-"""The same pipeline under supervisord (generated configuration) and the CLI around it."""
+"""The same pipeline under supervisord (generated configuration) and the CLI around it: a crash is
+restarted, `surveyor ctl shutdown` leaves every program EXITED."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -21,7 +23,14 @@ def surveyor(*args: str, env=None) -> subprocess.CompletedProcess:
                           timeout=60, env=env)
 
 
-def test_supervisord_runs_restarts_and_logs_the_pipeline(tmp_path):
+def program_states(conf) -> dict[str, str]:
+    """supervisorctl's view: program (group:process) -> state."""
+    listing = subprocess.run([sys.executable, "-m", "supervisor.supervisorctl", "-c", str(conf), "status"],
+                             capture_output=True, text=True, timeout=30).stdout
+    return {line.split()[0]: line.split()[1] for line in listing.splitlines() if line.strip()}
+
+
+def test_supervisord_runs_restarts_logs_and_shuts_down_the_pipeline(tmp_path):
     pipeline_path = synthetic_pipeline(tmp_path, frames=300)
     endpoint = load(pipeline_path).handler.command
     conf = tmp_path / "surveyor.conf"
@@ -56,6 +65,17 @@ def test_supervisord_runs_restarts_and_logs_the_pipeline(tmp_path):
         assert wrong.returncode == 1 and "UnknownCommand" in wrong.stdout
         status = surveyor("status", "--handler", endpoint)
         assert status.returncode == 0 and "worker.2" in status.stdout
+        shutdown = surveyor("ctl", "--handler", endpoint, "shutdown")
+        assert shutdown.returncode == 0, shutdown.stdout + shutdown.stderr
+        programs = ["handler", "receiver:receiver_01", "worker:worker_01", "worker:worker_02", "writer:writer_01"]
+        everything_exited = dict.fromkeys(programs, "EXITED")
+        wait_for(lambda: program_states(conf) == everything_exited, 30, "every program EXITED after the shutdown")
+        time.sleep(1.5)  # past startsecs: a program restarted after its exit would be STARTING or RUNNING now
+        assert program_states(conf) == everything_exited
+        log = (tmp_path / "logs" / "supervisord.log").read_text()
+        assert "exited: worker_02 (terminated by SIGKILL; not expected)" in log, log
+        for program in programs:
+            assert f"exited: {program.split(':')[-1]} (exit status 0; expected)" in log, log
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(30)
