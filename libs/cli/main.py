@@ -174,6 +174,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                         handler=args.handler, wait_peer_s=args.wait_peer, linger_s=args.linger)
 
 
+def cmd_process(args: argparse.Namespace) -> int:
+    from libs.cli import process
+
+    try:
+        params = [parse_override(text) for text in args.param]
+    except PipelineError as exc:
+        sys.exit(f"surveyor process: {exc}")
+    return process.run(spec=args.processing, source=args.source, params=params, pipeline=args.pipeline, out=args.out,
+                       stage=args.stage, protocol=args.protocol, dataset=args.dataset)
+
+
 def cmd_supervisor_conf(args: argparse.Namespace) -> int:
     from libs.cli.supervisor_conf import render
 
@@ -262,6 +273,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-peer", type=float, default=30.0, help="seconds to wait for a receiver to connect")
     p.add_argument("--linger", type=float, default=30.0, help="seconds to wait for queued messages at exit")
     p.set_defaults(func=cmd_simulate)
+
+    p = commands.add_parser("process", help="a Processing class over a file, offline (OM's Processing Protocol)",
+                            description="Run a Processing class (libs/common/processing.py) over an HDF5/CXI file or "
+                                        "a recorded detector stream in one process, as processing node 1 and "
+                                        "collecting node 0, and write its result as the collecting node does: "
+                                        "OUT/SCAN_ID.STAGE.h5. Exit code 1 when a frame failed in the class.")
+    p.add_argument("processing", metavar="CLASS", help="'package.module:Class' or 'path/to/file.py:Class'")
+    p.add_argument("source", help="an HDF5/CXI file (e.g. out/SCAN_raw.cxi) or a recorded stream (*.msgpack.gz)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a key of the class's parameters (value read as TOML; dotted keys for nested tables)")
+    p.add_argument("--pipeline", help="start from the parameters of this pipeline's processing_node stage")
+    p.add_argument("--out", default="out", help="directory of the result file (default ./out)")
+    p.add_argument("--stage", default="offline", help="the STAGE in the result file's name (default offline)")
+    p.add_argument("--protocol", choices=["stream1", "stream2", "stins"],
+                   help="a recorded stream's protocol (default: from its file name)")
+    p.add_argument("--dataset", default="", help="the frame stack's path in an HDF5 file (default: look for it)")
+    p.set_defaults(func=cmd_process)
 
     p = commands.add_parser("supervisor-conf", help="a supervisord configuration for a pipeline")
     p.add_argument("pipeline")
