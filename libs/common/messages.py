@@ -217,9 +217,34 @@ class PreviewArgs(Strict):
     arrays: list[PreviewArray] = Field(max_length=16)
 
 
+class TellArgs(Strict):
+    """A message for the processes of another stage (feedback from a collector), relayed by the
+    handler: to every process of `stage` (rank 0) or to the one named `<stage>.<rank>`."""
+
+    instance: InstanceId
+    stage: str
+    rank: int = Field(0, ge=0)
+    body: dict[str, Any]
+
+
+class ToldArgs(Strict):
+    sender: ServiceName
+    body: dict[str, Any]
+
+
 class TopologyArgs(Strict):
     version: int
     services: list[ServiceInfo]
+
+
+class RegisterReply(Strict):
+    """The handler's answer to `register`: the pipeline as it runs (parameters configured since
+    it started included), the epoch, the scan in progress to join, and who is where."""
+
+    pipeline: dict[str, Any]
+    epoch: Epoch
+    scan: ScanDescription | None = None
+    topology: TopologyArgs
 
 
 class ScanStartArgs(Strict):
@@ -301,6 +326,16 @@ class Preview(_Request):
     args: PreviewArgs
 
 
+class Tell(_Request):
+    cmd: Literal["tell"]
+    args: TellArgs
+
+
+class Told(_Request):
+    cmd: Literal["told"]
+    args: ToldArgs
+
+
 class Topology(_Request):
     cmd: Literal["topology"]
     args: TopologyArgs
@@ -318,11 +353,11 @@ class ScanEnd(_Request):
 
 HandlerRequest = Annotated[
     Union[Ping, Status, StartScan, Abort, Configure, Shutdown, Register, Heartbeat, Unregister,
-          SourceDone, Event, Preview],
+          SourceDone, Event, Preview, Tell],
     Field(discriminator="cmd"),
 ]
 ServiceRequest = Annotated[
-    Union[Ping, Status, Abort, Configure, Shutdown, Topology, ScanStart, ScanEnd],
+    Union[Ping, Status, Abort, Configure, Shutdown, Topology, ScanStart, ScanEnd, Told],
     Field(discriminator="cmd"),
 ]
 HANDLER_REQUESTS: TypeAdapter = TypeAdapter(HandlerRequest)
@@ -395,3 +430,14 @@ class Reply(BaseModel):
 
 
 REPLIES: TypeAdapter = TypeAdapter(Reply)
+
+
+def as_reply(payload: bytes) -> Reply | None:
+    """The reply in `payload`, or None when it is a request: a DEALER or ROUTER that both sends
+    requests and answers them reads both on one socket (`ok` and `error` always lead a reply)."""
+    if not payload.startswith(b'{"ok"'):
+        return None
+    try:
+        return REPLIES.validate_json(payload)
+    except ValidationError:
+        return None

@@ -115,6 +115,15 @@ class Pipeline(Strict):
     def sources(self) -> list[str]:
         return [name for name, s in self.stages.items() if not s.inputs]
 
+    def params(self, stage: str) -> BaseModel:
+        """The parameters of `stage`, validated by its service's model once per pipeline object."""
+        config = self.stages[stage]
+        cache = self.__dict__.setdefault("_validated", {})  # shared by copies: keyed by the values
+        key = (config.service, json.dumps(config.params, sort_keys=True, default=str))
+        if key not in cache:
+            cache[key] = service_class(config.service).Params.model_validate(config.params)
+        return cache[key]
+
     @property
     def state_path(self) -> Path:
         """This pipeline's own folder under `state_dir` (two pipelines never share one)."""
@@ -191,12 +200,10 @@ def from_dict(tree: dict[str, Any], *, origin: str = "<pipeline>") -> Pipeline:
         raise PipelineError(f"{origin}: {describe(exc)}") from None
     for name, stage in pipeline.stages.items():
         try:
-            params_model = service_class(stage.service).Params
+            pipeline.params(name)
         except LookupError:
             raise PipelineError(f"{origin}: stages.{name}.service = {stage.service!r} is not a "
                                 f"Surveyor service (a package services/<name>/ with service.py)") from None
-        try:
-            params_model.model_validate(stage.params)
         except ValidationError as exc:
             raise PipelineError(f"{origin}: stages.{name}.params: {describe(exc)}") from None
     return pipeline

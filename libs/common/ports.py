@@ -16,6 +16,7 @@ from pydantic import TypeAdapter
 
 from libs.common import messages
 from libs.common.errors import SurveyorError
+from libs.common.loop import drain
 
 logger = logging.getLogger(__name__)
 
@@ -34,17 +35,14 @@ class CommandPort:
 
     def drain(self) -> int:
         """Serve every request waiting on the socket; returns how many were served."""
-        served = 0
-        while True:
-            try:
-                parts = self.socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return served
-            served += 1
-            if len(parts) < 2:
-                logger.warning("dropped a command message of %d part(s): no room for a reply", len(parts))
-                continue
-            self.serve(parts[:-1], parts[-1])
+        return drain(self.socket, self.take)
+
+    def take(self, parts: list[bytes]) -> None:
+        """One message as received: `[envelope..., payload]`."""
+        if len(parts) < 2:
+            logger.warning("dropped a command message of %d part(s): no room for a reply", len(parts))
+            return
+        self.serve(parts[:-1], parts[-1])
 
     def serve(self, envelope: Envelope, payload: bytes) -> None:
         try:
@@ -53,6 +51,10 @@ class CommandPort:
             logger.info("refused a command: %s", exc)
             self.reply(envelope, messages.error(messages.request_id(payload), exc))
             return
+        self.answer(envelope, request)
+
+    def answer(self, envelope: Envelope, request: Any) -> None:
+        """Dispatch a parsed request and reply (now, or later when it was DEFERRED)."""
         try:
             result = self.dispatch(request, envelope)
         except SurveyorError as exc:

@@ -1,31 +1,31 @@
 """The service runtime: what every Surveyor process but the handler runs.
 
 A service subclasses `Service`, names its `Params` model and implements `on_frame` (workers and
-sinks) or `produce` (sources), plus the scan hooks it needs. The runtime owns the rest:
+sinks) or `produce` (sources), plus the scan hooks it needs. The runtime owns the rest, in parts:
 
-- one `zmq.Poller` loop; commands are drained before every data frame, so a command waits at most
-  one frame's processing time (an asyncio loop would starve them: reference/zmq_patterns.md 3.5);
-- a link to the handler (a DEALER on its command endpoint): registration, a heartbeat every
-  `heartbeat_s`, and the handler's requests (topology, scan start/end, abort, configure, shutdown);
-  a silent handler is re-registered with, with back-off, while data keeps flowing;
-- a JSON command port of its own (ping, status, configure, abort, shutdown);
-- data: an `Inlet` from every live producer of its input stages and an `Outlet` to its consumers
-  (libs/common/flow.py), chained acknowledgements, duplicate and stale-epoch dropping;
-- per-scan counters, reported with heartbeats and when the scan ends;
-- SIGTERM / SIGINT / `shutdown`: leave the loop, tell the handler, close every socket.
+- the loop (here): one `zmq.Poller`; commands are served between batches of frames;
+- the link to the handler (handler_link.py): registration, a heartbeat every `heartbeat_s`, the
+  handler's requests, back-off and rejoin when it goes silent, while data keeps flowing;
+- the delivery ledger (ledger.py): holds, chained acknowledgements, duplicates, epochs;
+- data in and out (flow.py): an `Inlet` from every live producer of its input stages and an
+  `Outlet` to its consumers;
+- timers (timers.py): `after` and `every`, the clocks of flushes, retries and previews;
+- heavy work off the loop (offload.py): a service's hooks run on a worker thread while the loop
+  keeps answering, so a frame that takes seconds never costs a heartbeat;
+- a JSON command port of its own (ping, status, configure, abort, shutdown) and per-scan
+  counters, reported with heartbeats and when the scan ends;
+- SIGTERM / SIGINT / `shutdown`: leave the loop, tell the handler, close every socket, exit 0.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import os
-import signal
 import socket as net
-import threading
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable
 
@@ -37,21 +37,28 @@ from libs.common import messages
 from libs.common.contracts import DETECTOR_HEADER, header_name
 from libs.common.errors import FrameError, MessageError, ParameterError, SurveyorError
 from libs.common.flow import HEADER, RESENT, Inlet, Outlet
-from libs.common.frames import Frame, FrameKey, decode
+from libs.common.frames import Frame, decode
+from libs.common.handler_link import HandlerLink, OnReply
+from libs.common.ledger import Ledger, Token
+from libs.common.loop import readable, stop_on_signals
 from libs.common.messages import (Abort, Configure, Ping, ScanCounters, ScanDescription, ScanEnd,
-                                  ScanStart, ServiceIdentity, ServiceStats, Shutdown, Status, Topology)
+                                  ScanStart, ServiceIdentity, ServiceStats, Shutdown, Status, Told, Topology)
+from libs.common.offload import Offload
 from libs.common.pipeline import NoParams, Pipeline, from_dict
-from libs.common.ports import CommandPort
+from libs.common.ports import DEFERRED, CommandPort, Envelope
+from libs.common.timers import Timer, Timers
+
+__all__ = ["Service", "Token"]
 
 logger = logging.getLogger(__name__)
 
 FRAMES_PER_TURN = 8
-"""Frames taken from one producer link per loop turn; commands are still served between frames."""
+"""Messages taken from one producer link per loop turn; commands are still served between them."""
+ALWAYS_ANSWERED = (Ping, Status)
+"""Served at once even while a hook runs; other commands wait for it to return (a new parameter
+is in force from the next frame, an abort drops what the hook was working on)."""
 
-Token = tuple[str, FrameKey]
-"""A frame being worked on: (producer stage, (epoch, frame)). It names the frame, not the link it
-came by: when a producer re-sends a frame this process still holds (after a reconnection, or from
-a successor of a dead producer), the hold and the pending children carry over to the new copy."""
+Hook = Callable[..., Any]
 
 
 def advertised(host: str) -> str:
@@ -63,6 +70,9 @@ class Service:
     """Base of every Surveyor service process; see the module docstring for the contract."""
 
     Params: ClassVar[type[BaseModel]] = NoParams
+    offload: ClassVar[bool] = True
+    """Run the hooks on the worker thread (offload.py). Sources whose work is reading a socket as
+    fast as it fills keep it on the loop thread."""
 
     def __init__(self, *, pipeline: Pipeline, stage: str, name: str, handler: str,
                  context: zmq.Context | None = None) -> None:
@@ -70,7 +80,7 @@ class Service:
         self.stage = stage
         self.name = name
         self.instance = f"{name}-{uuid.uuid4().hex[:8]}"
-        self.params: BaseModel = self.Params.model_validate(pipeline.stages[stage].params)
+        self.params: BaseModel = pipeline.params(stage)
         self.epoch = 0
         self.scan: ScanDescription | None = None
         self.headers: dict[str, Frame] = {}
@@ -82,20 +92,12 @@ class Service:
         self._poller = zmq.Poller()
         self._stopping = False
         self._exit_code = 0
-        self._handler_endpoint = handler
         self._registered = False
-        self._next_heartbeat = 0.0
-        self._handler_seen = time.monotonic()
-        self._backoff = pipeline.handler.heartbeat_s
+        self._rejoining = False
+        """Registering again after losing the handler (see `_reconnect_inputs`)."""
         self._topology_version = -1
-        self._waiting: dict[str, Callable[[messages.Reply], None]] = {}
-        self._sequence = 0
         self._producer_stage: dict[str, str] = {}
-        self._children: dict[Token, int] = {}
-        self._on_hold: set[Token] = set()
-        self._producer_of: dict[Token, set[str]] = {}
-        """The producer instances that sent each frame not yet acknowledged: where the ack goes
-        (more than one when a producer declared dead, only stalled, sends it again too)."""
+        self._owed: dict[str, int] = {}
         self._current: Token | None = None
         self.redelivered = False
         """While a frame is handled: whether its producer sent it before (to a process that died
@@ -104,14 +106,17 @@ class Service:
         self._ended: tuple[int, ScanCounters] | None = None
         """The last scan this process finished, with its counters: a repeated scan_end (from a
         handler that restarted while ending the scan) gets the same answer."""
-        self._owed: dict[str, int] = {}
-        self._seen: dict[str, set[int]] = {}
+        self._ending: tuple[int, list[Callable[[dict[str, Any]], None]], float, str] | None = None
+        """A scan_end answered once what `on_scan_end` emitted is acknowledged downstream."""
         self._source_done: tuple[int, int] | None = None
         self._next_produce: float | None = None
         self._watched: dict[zmq.Socket, Callable[[], None]] = {}
         self._watching = False
-        self._rejoining = False
-        """Registering again after losing the handler (see `_reconnect_inputs`)."""
+        self._in_hook = False
+        self._later: list[Callable[[], None]] = []
+        """Commands and replies that came while a hook ran, served once it returned."""
+        self.timers = Timers()
+        self._offload = Offload(self.context) if self.offload else None
 
         host = pipeline.handler.data_host
         self._command_socket = self.context.socket(zmq.ROUTER)
@@ -119,17 +124,19 @@ class Service:
         self._command_socket.setsockopt(zmq.MAXMSGSIZE, 16 * messages.MAX_COMMAND_BYTES)
         port = self._command_socket.bind_to_random_port(f"tcp://{host}")
         self.command_endpoint = f"tcp://{advertised(host)}:{port}"
-        self._commands = CommandPort(self._command_socket, messages.SERVICE_REQUESTS, self._dispatch)
+        self._commands = CommandPort(self._command_socket, messages.SERVICE_REQUESTS,
+                                     lambda request, envelope: self._dispatch(request, envelope, self._commands))
         self._poller.register(self._command_socket, zmq.POLLIN)
 
-        self.outlet = Outlet(self.context, host=host, on_delivered=self._delivered)
+        self.outlet = Outlet(self.context, host=host, on_delivered=lambda parents: self._ledger.delivered(parents))
         self._poller.register(self.outlet.socket, zmq.POLLIN)
         self._wire(pipeline)
         self.inlet = Inlet(self.context, self._poller, identity=self.instance.encode(), stage=stage,
                            credit=pipeline.stages[stage].credit)
-        self._handler_link: zmq.Socket | None = None
-        self._handler_port: CommandPort | None = None
-        self._connect_handler()
+        self._ledger = Ledger(self.inlet.ack)
+        self._link = HandlerLink(self.context, self._poller, handler, self.instance.encode(),
+                                 lambda request, envelope: self._dispatch(request, envelope, self._link.port),
+                                 heartbeat_s=pipeline.handler.heartbeat_s, liveness=pipeline.handler.liveness)
 
     # --- hooks for services -------------------------------------------------------------------
 
@@ -170,8 +177,12 @@ class Service:
         """Drop what the service holds of the current scan; return how many frames that was."""
         return 0
 
-    def on_configure(self, params: BaseModel) -> None:
-        """New parameters are in force from the next frame (`self.params` is already `params`)."""
+    def on_configure(self, params: BaseModel, changed: set[str]) -> None:
+        """New parameters are in force from the next frame (`self.params` is already `params`);
+        `changed` names those whose value changed: rebuild only what they invalidate."""
+
+    def on_told(self, body: dict[str, Any]) -> None:
+        """A message from a process of another stage (`tell`), relayed by the handler."""
 
     def close(self) -> None:
         """Release what the service opened (files); called once when the loop ends."""
@@ -191,13 +202,15 @@ class Service:
         Stages whose edge takes only `darks` or `data` (pipeline `frames`) get only those frames,
         told apart by the frame number and the scan's `n_dark`."""
         parent = parent or self._current
-        family = {parent, *parents} - {None}
-        expected = self.outlet.send(frame.key, frame.encode(), parent=tuple(family) if family else None,
-                                    stages=self._stages_for(frame))
-        for token in family if expected else ():
-            self._children[token] = self._children.get(token, 0) + expected
-        self.counters.frames_out += 1
-        self.totals.frames_out += 1
+        family = tuple({parent, *parents} - {None})
+        blobs = frame.encode()  # on the worker thread when the hook runs there
+        self._effect(partial(self._send_frame, frame, blobs, family))
+
+    def _send_frame(self, frame: Frame, blobs: list[Any], family: tuple[Token, ...]) -> None:
+        expected = self.outlet.send(frame.key, blobs, parent=family or None, stages=self._stages_for(frame))
+        if expected:
+            self._ledger.derived(family, expected)
+        self.count("frames_out")
 
     def _stages_for(self, frame: Frame) -> list[str] | None:
         if not self._selective:
@@ -210,7 +223,7 @@ class Service:
         """Give every downstream process a scan header, before the frames emitted after it."""
         name = header_name(header)
         self.headers[name] = header
-        self.outlet.send_header(header.header.epoch, name, header.encode())
+        self._effect(partial(self.outlet.send_header, header.header.epoch, name, header.encode()))
 
     def preview(self, name: str, arrays: dict[str, np.ndarray], **meta: Any) -> None:
         """Publish small arrays for front-ends (`preview.<stage>` on the handler's status port)."""
@@ -222,18 +235,21 @@ class Service:
         self._send("preview", {"instance": self.instance, "name": name, "scan_id": self.scan.scan_id,
                                "meta": meta, "arrays": specs})
 
+    def tell(self, stage: str, body: dict[str, Any], *, rank: int = 0) -> None:
+        """A message for the processes of `stage` (`on_told`), relayed by the handler: to every
+        one (rank 0) or to the one named `<stage>.<rank>`. `body` is JSON."""
+        self._send("tell", {"instance": self.instance, "stage": stage, "rank": rank, "body": body})
+
     def hold(self) -> Token:
         """Inside `on_frame`: do not acknowledge this frame yet (it is not safe: not on disk, or
         its contribution not checkpointed); `release` the returned token when it is. Until then the
         producer keeps it and re-sends it to another process if this one dies."""
-        self._on_hold.add(self._current)
+        self._ledger.hold(self._current)
         return self._current
 
     def release(self, token: Token) -> None:
         """A held frame is safe; it is acknowledged once what was derived from it is, too."""
-        self._on_hold.discard(token)
-        if not self._children.get(token):
-            self._ack(token)
+        self._effect(partial(self._ledger.release, token))
 
     def checkpoint_dir(self) -> Path:
         """Where this stage keeps, for the current scan, what a successor restores after a crash:
@@ -260,9 +276,18 @@ class Service:
         return self.can_produce()
 
     def wake(self, delay: float) -> None:
-        """Sources: have `produce` called in `delay` seconds (a timer), or sooner if already due."""
+        """Sources: have `produce` called in `delay` seconds, or sooner if already due."""
         due = time.monotonic() + delay
         self._next_produce = due if self._next_produce is None else min(self._next_produce, due)
+
+    def after(self, delay: float, callback: Callable[[], None]) -> Timer:
+        """Call `callback` once in `delay` seconds (armed again before it fired: at the earlier
+        time). Timers are of the current scan: a new epoch clears them."""
+        return self.timers.after(delay, callback)
+
+    def every(self, period: float, callback: Callable[[], None]) -> Timer:
+        """Call `callback` every `period` seconds until the timer is cancelled or the scan ends."""
+        return self.timers.every(period, callback)
 
     def watch(self, socket: zmq.Socket, on_readable: Callable[[], None]) -> None:
         """Sources: call `on_readable` when `socket` has input, while downstream has room (a
@@ -278,9 +303,19 @@ class Service:
         if self._registered:
             self._send("event", {"instance": self.instance, "kind": kind, "message": message, "details": details})
 
-    def ask_handler(self, cmd: str, args: dict[str, Any], on_reply: Callable[[messages.Reply], None]) -> None:
+    def _effect(self, effect: Callable[[], None]) -> None:
+        """Do what touches a socket now, or, from the worker thread, once the hook has returned."""
+        if self._offload is not None and self._offload.in_worker():
+            self._offload.defer(effect)
+        else:
+            effect()
+
+    def ask_handler(self, cmd: str, args: dict[str, Any], on_reply: OnReply) -> None:
         """Send the handler a request; `on_reply` gets its answer from the event loop."""
         self._send(cmd, args, on_reply)
+
+    def _send(self, cmd: str, args: dict[str, Any], on_reply: OnReply | None = None) -> None:
+        self._effect(partial(self._link.send, cmd, args, on_reply))
 
     def stop(self) -> None:
         self._stopping = True
@@ -288,12 +323,9 @@ class Service:
     # --- loop -----------------------------------------------------------------------------------
 
     def run(self) -> int:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: self.stop())
+        stop_on_signals(self.stop)
         logger.info("%s starting: stage %s, commands at %s, data out at %s, handler %s",
-                    self.name, self.stage, self.command_endpoint, self.outlet.endpoint,
-                    self._handler_endpoint)
+                    self.name, self.stage, self.command_endpoint, self.outlet.endpoint, self._link.endpoint)
         try:
             while not self._stopping:
                 self._step()
@@ -303,9 +335,12 @@ class Service:
 
     def _step(self) -> None:
         now = time.monotonic()
-        wait = max(0.0, self._next_heartbeat - now)
+        wait = max(0.0, self._link.next_heartbeat - now)
         if self._next_produce is not None and self.can_produce():
             wait = min(wait, max(0.0, self._next_produce - now))
+        timer = self.timers.due_in(now)
+        if timer is not None:
+            wait = min(wait, timer)
         if self._watched and self.wants_input() != self._watching:
             self._watching = not self._watching
             for socket in self._watched:
@@ -325,41 +360,86 @@ class Service:
         for sock in [s for s in events if s in self.inlet.links]:
             for _ in range(FRAMES_PER_TURN):
                 producer = self.inlet.links.get(sock)
-                messages = self.inlet.receive(sock) if producer else None
-                if messages is None:
+                received = self.inlet.receive(sock) if producer else None
+                if received is None:
                     break
-                for tag, parts in messages:
-                    if tag == HEADER:
-                        self._on_header_message(parts)
-                    else:
-                        self._on_data(producer, parts, redelivered=tag == RESENT)
+                self._take_message(producer, received)
                 self._drain_control()
         if self._next_produce is not None and self.can_produce() and time.monotonic() >= self._next_produce:
-            started = time.perf_counter()
             self._next_produce = self._call_produce()
-            self._busy(time.perf_counter() - started)
+        for callback in self.timers.take_due(time.monotonic()):
+            self._guarded(callback, "a timer of")
         self._settle()
-        if time.monotonic() >= self._next_heartbeat:
+        if time.monotonic() >= self._link.next_heartbeat:
             self._heartbeat()
 
-    def _call_produce(self) -> float | None:
+    def _hook(self, hook: Hook, *args: Any) -> Any:
+        """Run a service hook: on the worker thread when the service offloads, while this thread
+        answers the handler (`_pump`); then send what the hook sent, in order."""
+        if self._offload is None or self._in_hook:
+            return hook(*args)
+        self._in_hook = True
         try:
-            delay = self.produce()
+            self._offload.start(partial(hook, *args))
+            while not readable(self._offload.wake):
+                self._pump()
+            return self._offload.finish()
+        finally:
+            self._in_hook = False
+            with self.outlet.batch():
+                for effect in self._offload.effects():
+                    effect()
+
+    def _pump(self) -> None:
+        """While a hook runs: heartbeats, ping and status; the rest waits for the hook (`_later`)."""
+        poller = zmq.Poller()
+        for socket in (self._offload.wake, self._command_socket, self._link.socket):
+            poller.register(socket, zmq.POLLIN)
+        poller.poll(max(0.0, min(self._link.next_heartbeat - time.monotonic(), 0.1)) * 1000)
+        self._drain_control()
+        if time.monotonic() >= self._link.next_heartbeat:
+            self._heartbeat()
+
+    def _guarded(self, hook: Hook, what: str) -> None:
+        started = time.perf_counter()
+        try:
+            self._hook(hook)
+        except Exception:  # noqa: BLE001 - a bug in a timer is logged, the service stays up
+            logger.exception("%s %s failed (scan %s)", what, self.stage, self.scan.scan_id if self.scan else None)
+        self._busy(time.perf_counter() - started)
+
+    def _call_produce(self) -> float | None:
+        started = time.perf_counter()
+        try:
+            delay = self._hook(self.produce)
         except Exception:  # noqa: BLE001 - a source bug is logged, the service stays up
             logger.exception("producing frames of scan %s failed; the source stops for this scan",
                              self.scan.scan_id if self.scan else None)
             return None
+        finally:
+            self._busy(time.perf_counter() - started)
         return None if delay is None else time.monotonic() + delay
 
     def _drain_control(self) -> None:
-        """Serve waiting commands; checking EVENTS first keeps this cheap between frames."""
-        if self._command_socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        """Serve waiting commands and the handler's messages; then what had to wait for a hook."""
+        if readable(self._command_socket):
             self._commands.drain()
-        if self._handler_link.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            self._drain_link()
+        if self._link.readable():
+            self._link.drain(self._on_reply)
+        if self._later and not self._in_hook:
+            later, self._later = self._later, []
+            for action in later:
+                action()
+
+    def _on_reply(self, callback: OnReply, reply: messages.Reply) -> None:
+        if self._in_hook and callback != self._on_heartbeat_reply:
+            self._later.append(partial(callback, reply))
+        else:
+            callback(reply)
 
     def _settle(self) -> None:
-        """Grant the credit owed once there is room downstream, send acks, report a finished source."""
+        """Grant the credit owed once there is room downstream, send acks, report a finished source
+        or a scan end whose last frames are acknowledged."""
         if self._owed and not self._input_paused and not self.outlet.full():
             for producer, credit in self._owed.items():
                 self.inlet.grant(producer, credit)
@@ -372,6 +452,8 @@ class Service:
             self.counters.source_done = frames
             self._send("source_done", {"instance": self.instance, "epoch": epoch, "frames": frames})
             logger.info("scan %s: all %d frames delivered", self.scan.scan_id if self.scan else "?", frames)
+        if self._ending is not None:
+            self._finish_scan_end()
 
     def _busy(self, seconds: float) -> None:
         self.totals.busy_s += seconds
@@ -379,69 +461,75 @@ class Service:
 
     # --- data -----------------------------------------------------------------------------------
 
-    def _on_data(self, producer: str, parts: list[Any], redelivered: bool = False) -> None:
-        self._owed[producer] = self._owed.get(producer, 0) + 1
-        if not parts:
-            return
-        try:
-            frame = decode(parts)
-        except FrameError as exc:
-            self.count("rejected")
-            logger.warning("rejected a frame from %s: %s", producer, exc)
-            return
+    def _take_message(self, producer: str, received: list[tuple[bytes, list[Any]]]) -> None:
+        """One message from a producer: headers and frames in their order, the frames handed to
+        the hooks together (one trip to the worker thread for a batch)."""
+        batch: list[tuple[Hook, Frame, Token, bool, bool]] = []
+        for tag, parts in received:
+            self._owed[producer] = self._owed.get(producer, 0) + (tag != HEADER)
+            if not parts:
+                continue
+            try:
+                frame = decode(parts)
+            except FrameError as exc:
+                self.count("rejected")
+                logger.warning("rejected a %s from %s: %s", "scan header" if tag == HEADER else "frame", producer, exc)
+                continue
+            if tag == HEADER or frame.header.epoch > self.epoch:
+                self._work(batch)
+                batch = []
+            if tag == HEADER:
+                self._on_header(frame)
+                continue
+            item = self._arrived(producer, frame, redelivered=tag == RESENT)
+            if item is not None:
+                batch.append(item)
+        self._work(batch)
+
+    def _arrived(self, producer: str, frame: Frame, redelivered: bool) -> tuple[Hook, Frame, Token, bool, bool] | None:
+        """The ledger's view of a frame: stale (acknowledged and dropped), new, or a duplicate;
+        returns the hook it goes to, and whether it is settled when the hook returns."""
         epoch, number = frame.key
         if epoch < self.epoch:
             self.count("dropped")
             self.inlet.ack(producer, frame.key)
-            return
+            return None
         if epoch > self.epoch:
             logger.warning("frame %d of epoch %d arrived before the scan start; taking it", number, epoch)
             self._new_epoch(epoch)
-        stage = self._producer_stage.get(producer, "")
-        token = (stage, frame.key)
-        seen = self._seen.setdefault(stage, set())
-        duplicate = number in seen
-        if duplicate:
-            self.count("duplicates")
-            logger.debug("duplicate of frame %d of scan %s", number, frame.header.scan_id)
-            # Still being made safe here, the new copy is acknowledged when the old one would be.
-            pending = token in self._on_hold or self._children.get(token)
-            self._producer_of.setdefault(token, set()).add(producer)
-            if pending:
-                self._call(self.on_duplicate, frame, token, redelivered)
-                return
-        else:
-            seen.add(number)
+        token, duplicate, pending = self._ledger.arrived(producer, self._producer_stage.get(producer, ""), frame.key)
+        if not duplicate:
             self.count("frames_in")
-            self._producer_of[token] = {producer}
-        self._call(self.on_duplicate if duplicate else self.on_frame, frame, token, redelivered)
-        if not self._children.get(token) and token not in self._on_hold:
-            self._children.pop(token, None)
-            self._ack(token)
+            return self.on_frame, frame, token, redelivered, True
+        self.count("duplicates")
+        logger.debug("duplicate of frame %d of scan %s", number, frame.header.scan_id)
+        # Still being made safe here, the new copy is acknowledged when the old one would be.
+        return self.on_duplicate, frame, token, redelivered, not pending
 
-    def _call(self, hook: Callable[[Frame], None], frame: Frame, token: Token, redelivered: bool) -> None:
-        self._current, self.redelivered = token, redelivered
-        started = time.perf_counter()
-        try:
-            hook(frame)
-        except Exception:  # noqa: BLE001 - one bad frame must not end the service
-            self.count("rejected")
-            logger.exception("frame %d of scan %s failed in %s", frame.header.frame, frame.header.scan_id, self.stage)
-        finally:
-            self._current, self.redelivered = None, False
-            self._busy(time.perf_counter() - started)
-
-    def _ack(self, token: Token) -> None:
-        for producer in self._producer_of.pop(token, ()):
-            self.inlet.ack(producer, token[1])
-
-    def _on_header_message(self, parts: list[Any]) -> None:
-        """Every producer process forwards the header; the first one of an epoch counts."""
-        try:
-            header = decode(parts)
-        except FrameError as exc:
-            logger.warning("ignored a scan header that is not a frame: %s", exc)
+    def _work(self, batch: list[tuple[Hook, Frame, Token, bool, bool]]) -> None:
+        if not batch:
             return
+        self._hook(self._run_hooks, batch)
+        for _, _, token, _, settle in batch:
+            if settle:
+                self._ledger.settle(token)
+
+    def _run_hooks(self, batch: list[tuple[Hook, Frame, Token, bool, bool]]) -> None:
+        for hook, frame, token, redelivered, _ in batch:
+            self._current, self.redelivered = token, redelivered
+            started = time.perf_counter()
+            try:
+                hook(frame)
+            except Exception:  # noqa: BLE001 - one bad frame must not end the service
+                self.count("rejected")
+                logger.exception("frame %d of scan %s failed in %s", frame.header.frame, frame.header.scan_id,
+                                 self.stage)
+            finally:
+                self._current, self.redelivered = None, False
+                self._busy(time.perf_counter() - started)
+
+    def _on_header(self, header: Frame) -> None:
+        """Every producer process forwards the header; the first one of an epoch counts."""
         epoch = header.header.epoch
         name = header_name(header)
         known = self.headers.get(name)
@@ -452,21 +540,9 @@ class Service:
         self.headers[name] = header
         logger.info("scan %s: %s header from %s", header.header.scan_id, name, header.header.origin)
         try:
-            self.on_header(header)
+            self._hook(self.on_header, header)
         except Exception:  # noqa: BLE001 - a bad header must not end the service
             logger.exception("scan header of %s failed in %s", header.header.scan_id, self.stage)
-
-    def _delivered(self, parents: tuple[Token, ...]) -> None:
-        for parent in parents:
-            left = self._children.get(parent)
-            if left is None:
-                continue
-            if left > 1:
-                self._children[parent] = left - 1
-            else:
-                del self._children[parent]
-                if parent not in self._on_hold:
-                    self._ack(parent)
 
     def count(self, name: str, n: int = 1) -> None:
         """Add to a counter of the scan and of the lifetime totals."""
@@ -474,12 +550,10 @@ class Service:
         setattr(self.totals, name, getattr(self.totals, name) + n)
 
     def _new_epoch(self, epoch: int) -> int:
-        dropped = self.outlet.drop_before(epoch) + self.on_abort()
-        self._children = {t: n for t, n in self._children.items() if t[1][0] >= epoch}
-        self._on_hold = {t for t in self._on_hold if t[1][0] >= epoch}
-        self._producer_of = {t: p for t, p in self._producer_of.items() if t[1][0] >= epoch}
+        dropped = self.outlet.drop_before(epoch) + self._hook(self.on_abort)
+        self._ledger.new_epoch(epoch)
+        self.timers.clear()
         self._input_paused = False
-        self._seen.clear()
         self.headers = {}
         self._source_done = None
         self._next_produce = None
@@ -497,66 +571,14 @@ class Service:
 
     # --- handler link ------------------------------------------------------------------------
 
-    def _connect_handler(self) -> None:
-        if self._handler_link is not None:
-            self._poller.unregister(self._handler_link)
-            self._handler_link.close(linger=0)
-        self._handler_link = self.context.socket(zmq.DEALER)
-        self._handler_link.setsockopt(zmq.ROUTING_ID, self.instance.encode())
-        self._handler_link.setsockopt(zmq.LINGER, 0)
-        self._handler_link.connect(self._handler_endpoint)
-        self._handler_port = CommandPort(self._handler_link, messages.SERVICE_REQUESTS, self._dispatch)
-        self._poller.register(self._handler_link, zmq.POLLIN)
-        self._registered = False
-        self._waiting.clear()
-
-    def _send(self, cmd: str, args: dict[str, Any], on_reply: Callable[[messages.Reply], None] | None = None) -> None:
-        self._sequence += 1
-        rid = f"{cmd}-{self._sequence}"
-        if on_reply is not None:
-            self._waiting[rid] = on_reply
-        try:
-            self._handler_link.send(messages.request(cmd, args, rid), zmq.NOBLOCK)
-        except zmq.Again:
-            logger.warning("handler link is full; %s not sent", cmd)
-
-    def _drain_link(self) -> None:
-        while True:
-            try:
-                parts = self._handler_link.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._handler_seen = time.monotonic()
-            payload = parts[-1]
-            try:
-                body = json.loads(payload)
-            except ValueError:
-                body = None
-            if isinstance(body, dict) and "ok" in body:
-                try:
-                    reply = messages.REPLIES.validate_python(body)
-                except ValidationError as exc:
-                    logger.warning("ignored a malformed reply from the handler: %s", messages.describe(exc))
-                    continue
-                callback = self._waiting.pop(reply.id, None)
-                if callback is not None:
-                    callback(reply)
-            else:
-                self._handler_port.serve(parts[:-1], payload)
-
     def _heartbeat(self) -> None:
-        config = self.pipeline.handler
         now = time.monotonic()
-        if now - self._handler_seen > config.heartbeat_s * config.liveness:
-            logger.warning("handler at %s silent for %.1f s; reconnecting in %.0f s",
-                           self._handler_endpoint, now - self._handler_seen, self._backoff)
-            self._connect_handler()
+        if self._link.silent(now):
+            self._link.back_off(now)
+            self._registered = False
             self._rejoining = True
-            self._handler_seen = now + self._backoff
-            self._next_heartbeat = now + self._backoff
-            self._backoff = min(self._backoff * 2, 32.0)
             return
-        self._next_heartbeat = now + config.heartbeat_s
+        self._link.beat(now)
         if not self._registered:
             identity = ServiceIdentity(name=self.name, stage=self.stage, instance=self.instance,
                                        host=net.gethostname(), pid=os.getpid(),
@@ -564,10 +586,10 @@ class Service:
                                        data_endpoint=self.outlet.endpoint,
                                        data_endpoint_local=self.outlet.local_endpoint,
                                        pipeline=self.pipeline.identity, epoch=self.epoch)
-            self._send("register", identity.model_dump(), self._on_registered)
+            self._link.send("register", identity.model_dump(), self._on_registered)
             return
-        self._send("heartbeat", {"instance": self.instance, "topology_version": self._topology_version,
-                                 "stats": self.stats().model_dump()}, self._on_heartbeat_reply)
+        self._link.send("heartbeat", {"instance": self.instance, "topology_version": self._topology_version,
+                                      "stats": self.stats().model_dump()}, self._on_heartbeat_reply)
 
     def _on_registered(self, reply: messages.Reply) -> None:
         if not reply.ok:
@@ -575,30 +597,30 @@ class Service:
             self._exit_code = 2
             self.stop()
             return
-        result = reply.result
-        pipeline = from_dict(result["pipeline"], origin="pipeline from the handler")
-        self._wire(pipeline)
-        self.params = self.Params.model_validate(pipeline.stages[self.stage].params)
+        result = messages.RegisterReply.model_validate(reply.result)
+        if result.pipeline != self.pipeline.model_dump(mode="json"):
+            # The handler's pipeline differs from the file (parameters configured since): its own.
+            self._wire(from_dict(result.pipeline, origin="pipeline from the handler"))
+            self.params = self.pipeline.params(self.stage)
         self._registered = True
-        self._backoff = pipeline.handler.heartbeat_s
+        self._link.joined(self.pipeline.handler.heartbeat_s)
         if self._rejoining:
             self._rejoining = False
             self._reconnect_inputs()
-            self.on_rejoin()
-        logger.info("registered with the handler as %s (epoch %d)", self.instance, result["epoch"])
+            self._hook(self.on_rejoin)
+        logger.info("registered with the handler as %s (epoch %d)", self.instance, result.epoch)
         # Registering again within the scan this process is in keeps what it holds of it.
-        in_scan = result["epoch"] == self.epoch and self.scan is not None
-        if result["epoch"] != self.epoch:
-            self._new_epoch(result["epoch"])
-        if result.get("scan") and not in_scan:
-            scan = ScanDescription.model_validate(result["scan"])
+        in_scan = result.epoch == self.epoch and self.scan is not None
+        if result.epoch != self.epoch:
+            self._new_epoch(result.epoch)
+        if result.scan is not None and not in_scan:
             try:
-                self._start_scan(scan)
+                self._start_scan(result.scan)
             except SurveyorError as exc:
-                logger.error("cannot take part in the running scan %s: %s", scan.scan_id, exc)
-                self.report("scan_refused", f"{self.name} cannot take part in scan {scan.scan_id}: {exc}",
-                            scan_id=scan.scan_id)
-        self._apply_topology(messages.TopologyArgs.model_validate(result["topology"]))
+                logger.error("cannot take part in the running scan %s: %s", result.scan.scan_id, exc)
+                self.report("scan_refused", f"{self.name} cannot take part in scan {result.scan.scan_id}: {exc}",
+                            scan_id=result.scan.scan_id)
+        self._apply_topology(result.topology)
 
     def _on_heartbeat_reply(self, reply: messages.Reply) -> None:
         if not reply.ok:
@@ -606,7 +628,7 @@ class Service:
                            reply.error.get("message") if reply.error else "")
             self._registered = False
             self._rejoining = True
-            self._next_heartbeat = 0.0
+            self._link.next_heartbeat = 0.0
 
     def _apply_topology(self, topology: messages.TopologyArgs) -> None:
         self._topology_version = topology.version
@@ -636,11 +658,20 @@ class Service:
 
     # --- commands -----------------------------------------------------------------------------
 
-    def _dispatch(self, request: Any, envelope: list[bytes]) -> dict[str, Any] | None:
+    def _dispatch(self, request: Any, envelope: Envelope, port: CommandPort) -> Any:
+        if self._in_hook and not isinstance(request, ALWAYS_ANSWERED):
+            self._later.append(partial(port.answer, envelope, request))
+            return DEFERRED
+        if isinstance(request, ScanEnd):
+            return self._cmd_scan_end(request.args, partial(self._answer_later, port, envelope, request.id))
         handler = {Ping: self._cmd_ping, Status: self._cmd_status, Configure: self._cmd_configure,
                    Abort: self._cmd_abort, Shutdown: self._cmd_shutdown, Topology: self._cmd_topology,
-                   ScanStart: self._cmd_scan_start, ScanEnd: self._cmd_scan_end}[type(request)]
+                   ScanStart: self._cmd_scan_start, Told: self._cmd_told}[type(request)]
         return handler(request.args)
+
+    @staticmethod
+    def _answer_later(port: CommandPort, envelope: Envelope, rid: Any, result: dict[str, Any]) -> None:
+        port.reply(envelope, messages.ok(rid, result))
 
     def _cmd_ping(self, _: Any) -> dict[str, Any]:
         return {"pong": True, "version": messages.VERSION, "service": self.name}
@@ -653,15 +684,16 @@ class Service:
     def _cmd_configure(self, args: messages.ConfigureArgs) -> dict[str, Any]:
         if args.stage is not None and args.stage != self.stage:
             raise MessageError(f"this process serves stage {self.stage!r}, not {args.stage!r}")
-        merged = {**self.params.model_dump(), **args.params}
+        before = self.params.model_dump()
         try:
-            params = self.Params.model_validate(merged)
+            params = self.Params.model_validate({**before, **args.params})
         except ValidationError as exc:
             raise ParameterError(f"stage {self.stage}: {messages.describe(exc)}; "
                                  "the parameters in force did not change") from None
+        changed = {key for key, value in params.model_dump().items() if before.get(key) != value}
         self.params = params
-        self.on_configure(params)
-        logger.info("parameters now %s", params.model_dump(mode="json"))
+        self._hook(self.on_configure, params, changed)
+        logger.info("parameters now %s (changed: %s)", params.model_dump(mode="json"), sorted(changed) or "none")
         return {"stage": self.stage, "params": params.model_dump(mode="json")}
 
     def _cmd_abort(self, args: messages.AbortArgs) -> dict[str, Any]:
@@ -671,6 +703,7 @@ class Service:
         scan = self.scan.scan_id if self.scan else None
         dropped = self._new_epoch(max(args.epoch, self.epoch))
         self.scan = None
+        self._ending = None
         logger.info("scan %s aborted: dropped %d frames; now at epoch %d", scan, dropped, self.epoch)
         return {"dropped": dropped}
 
@@ -686,6 +719,10 @@ class Service:
             self._apply_topology(args)
         return {}
 
+    def _cmd_told(self, args: messages.ToldArgs) -> dict[str, Any]:
+        self._hook(self.on_told, args.body)
+        return {}
+
     def _cmd_scan_start(self, args: messages.ScanStartArgs) -> dict[str, Any]:
         if args.epoch == self.epoch and self.scan is not None and self.scan.scan_id == args.scan.scan_id:
             return {}  # told again by a handler that restarted while starting the scan
@@ -697,26 +734,48 @@ class Service:
     def _start_scan(self, scan: ScanDescription) -> None:
         self.scan = scan
         self.counters = ScanCounters()
+        self._ended = None
         try:
-            self.on_scan_start(scan)
+            self._hook(self.on_scan_start, scan)
         except Exception:
             self.scan = None
             raise
         logger.info("scan %s started (epoch %d)", scan.scan_id, self.epoch)
         self._next_produce = time.monotonic()
 
-    def _cmd_scan_end(self, args: messages.EpochArgs) -> dict[str, Any]:
+    def _cmd_scan_end(self, args: messages.EpochArgs, answer: Callable[[dict[str, Any]], None]) -> Any:
+        """Finish the scan, and answer once what `on_scan_end` sent is acknowledged downstream (a
+        collector's consumers have it before they are asked to end), or half the handler's wait."""
+        if self._ending is not None and self._ending[0] == args.epoch:
+            self._ending[1].append(answer)  # asked again by a handler that restarted meanwhile
+            return DEFERRED
         if self._ended is not None and self._ended[0] == args.epoch:
             return self._ended[1].model_dump()
         if args.epoch != self.epoch or self.scan is None:
             return ScanCounters().model_dump()
         self._next_produce = None
-        self.on_scan_end()
-        counters = self.scan_counters()
-        logger.info("scan %s ended: %s", self.scan.scan_id, counters.model_dump())
-        self._ended = (args.epoch, counters)
+        self._hook(self.on_scan_end)
+        self.timers.clear()
+        deadline = time.monotonic() + self.pipeline.handler.scan_end_timeout_s / 2
+        self._ending = (args.epoch, [answer], deadline, self.scan.scan_id)
         self.scan = None
-        return counters.model_dump()
+        self._finish_scan_end()
+        return DEFERRED
+
+    def _finish_scan_end(self) -> None:
+        epoch, answers, deadline, scan_id = self._ending
+        left = self.outlet.outstanding(epoch)
+        if left and time.monotonic() < deadline:
+            return
+        if left:
+            logger.warning("scan %s: %d frames sent at its end not acknowledged downstream in %.0f s",
+                           scan_id, left, self.pipeline.handler.scan_end_timeout_s / 2)
+        self._ending = None
+        counters = self.scan_counters()
+        logger.info("scan %s ended: %s", scan_id, counters.model_dump())
+        self._ended = (epoch, counters)
+        for answer in answers:
+            answer(counters.model_dump())
 
     # --- reporting ------------------------------------------------------------------------------
 
@@ -743,8 +802,10 @@ class Service:
             self._send("unregister", {"instance": self.instance})
         self.inlet.close()
         self.outlet.close()
-        self._handler_link.close(linger=200)
+        self._link.close()
         self._command_socket.close(linger=0)
+        if self._offload is not None:
+            self._offload.close()
         if self._own_context:
             self.context.term()
         logger.info("%s stopped", self.name)

@@ -89,6 +89,10 @@ PEAK_FIELDS = ("fs", "ss", "intensity", "num_pixels", "max_pixel_intensity", "si
 class PeakFinder8:
     """peakfinder8 for one layout, radius map and mask; `find` per frame."""
 
+    TABLES = frozenset({"min_res", "max_res", "max_num_peaks"})
+    """The parameters its per-layout tables are built from; the others can change between frames
+    (`retune`) at no cost."""
+
     def __init__(self, layout: Layout, radius: np.ndarray, good: np.ndarray, params: Peakfinder8Params) -> None:
         if radius.shape != layout.shape or good.shape != layout.shape:
             raise ValueError(f"radius map {radius.shape} and mask {good.shape} must have the layout's shape "
@@ -111,6 +115,12 @@ class PeakFinder8:
         self._inpeak = np.zeros(layout.shape, np.int8)
         self._queue = np.empty(layout.asic_shape[0] * layout.asic_shape[1], np.int32)
         self._out = np.empty((7, params.max_num_peaks), np.float32)
+
+    def retune(self, params: Peakfinder8Params) -> None:
+        """New thresholds for the next frame; the tables stay (`TABLES` must be unchanged)."""
+        if any(getattr(params, name) != getattr(self.params, name) for name in self.TABLES):
+            raise ValueError(f"{sorted(self.TABLES)} are built into the tables: build a new PeakFinder8")
+        self.params = params
 
     def radial_statistics(self, data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per radius bin: background (sigma-clipped mean) and detection threshold."""

@@ -164,17 +164,16 @@ class Service(Runtime):
                             f"to {path}: {exc}; its {len(self._held)} frames stay unacknowledged until it is "
                             f"(retried every {SAVE_RETRY_S:.0f} s)", path=str(path), errno=exc.errno)
             self._save_failed = True
-            self.wake(SAVE_RETRY_S)
+            self.after(SAVE_RETRY_S, self._retry_save)
             return
         if self._save_failed:
             logger.info("scan %s: calibration saved to %s at last", self.scan.scan_id, path)
         self._save_failed = False
         self._release_held()
 
-    def produce(self) -> float | None:
+    def _retry_save(self) -> None:
         if self._save_failed and self.scan is not None and self._calibration is not None:
             self._save()
-        return None
 
     def _release_held(self) -> None:
         held, self._held = self._held, []

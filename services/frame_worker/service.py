@@ -87,7 +87,7 @@ class Service(Runtime):
 
     def _start_waiting(self) -> None:
         self._waiting_since = time.monotonic()
-        self.wake(self.params.calibration_timeout_s)
+        self.after(self.params.calibration_timeout_s, self._calibration_overdue)
         logger.info("scan %s: holding frames until the calibration comes (at most %g s)",
                     self.scan.scan_id, self.params.calibration_timeout_s)
 
@@ -99,15 +99,15 @@ class Service(Runtime):
             logger.exception("frame %d of scan %s failed in %s", frame.header.frame, self.scan.scan_id, self.stage)
         self.release(token)
 
-    def produce(self) -> float | None:
+    def _calibration_overdue(self) -> None:
         """The calibration timer: give up on the frames held for it once it is past."""
         if not self._uncalibrated or self._waiting_since is None or self.scan is None:
-            return None
+            return
         left = self._waiting_since + self.params.calibration_timeout_s - time.monotonic()
         if left > 0:
-            return left
-        self._give_up()
-        return None
+            self.after(left, self._calibration_overdue)
+        else:
+            self._give_up()
 
     def _give_up(self) -> None:
         waiting, self._uncalibrated = self._uncalibrated, []

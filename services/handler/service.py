@@ -20,8 +20,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import signal
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -32,9 +30,10 @@ from pydantic import ValidationError
 
 from libs.common import messages
 from libs.common.errors import MessageError, ParameterError, PipelineError
-from libs.common.messages import (Abort, Configure, Event, Heartbeat, Ping, Preview, Register, ScanCounters,
-                                  ScanDescription, ServiceIdentity, Shutdown, SourceDone, StartScan, Status,
-                                  Unregister)
+from libs.common.loop import drain, stop_on_signals
+from libs.common.messages import (Abort, Configure, Event, Heartbeat, Ping, Preview, Register, RegisterReply,
+                                  ScanCounters, ScanDescription, ServiceIdentity, Shutdown, SourceDone, StartScan,
+                                  Status, Tell, Unregister)
 from libs.common.pipeline import Pipeline, service_class
 from libs.common.ports import DEFERRED, CommandPort, Envelope
 from services.handler.journal import Journal
@@ -102,7 +101,7 @@ class Handler:
                           Abort: self.on_abort, Configure: self.on_configure, Shutdown: self.on_shutdown,
                           Register: self.on_register, Heartbeat: self.on_heartbeat,
                           Unregister: self.on_unregister, SourceDone: self.on_source_done,
-                          Event: self.on_event, Preview: self.on_preview}
+                          Event: self.on_event, Preview: self.on_preview, Tell: self.on_tell}
 
     # --- journal -----------------------------------------------------------------------------------
 
@@ -179,9 +178,7 @@ class Handler:
     # --- loop -------------------------------------------------------------------------------------
 
     def run(self) -> int:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: self.stop())
+        stop_on_signals(self.stop)
         logger.info("handler for pipeline %s: commands at %s, status at %s", self.pipeline.name,
                     self.pipeline.handler.command, self.pipeline.handler.status)
         poller = zmq.Poller()
@@ -202,24 +199,16 @@ class Handler:
         self._stopping = True
 
     def _receive(self) -> None:
-        while True:
-            try:
-                parts = self._command_socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if len(parts) < 2:
-                logger.warning("dropped a command message of %d part(s): no room for a reply", len(parts))
-                continue
-            if not self._take_reply(parts[0], parts[-1]):
-                self._port.serve(parts[:-1], parts[-1])
+        drain(self._command_socket, self._take)
+
+    def _take(self, parts: list[bytes]) -> None:
+        if len(parts) < 2 or not self._take_reply(parts[0], parts[-1]):
+            self._port.take(parts)
 
     def _take_reply(self, identity: bytes, payload: bytes) -> bool:
         """A service's reply to one of our barrier requests? Then record it."""
-        if not payload.startswith(b'{"ok"'):
-            return False
-        try:
-            reply = messages.REPLIES.validate_json(payload)
-        except ValidationError:
+        reply = messages.as_reply(payload)
+        if reply is None:
             return False
         instance = identity.decode(errors="replace")
         self.registry.seen(instance)
@@ -353,9 +342,9 @@ class Handler:
         self._event("service_up", service=identity.name, instance=identity.instance,
                     message=f"{identity.name} joined stage {identity.stage} on {identity.host}")
         record = self.scans.current
-        return {"pipeline": self.pipeline.model_dump(mode="json"), "epoch": self.scans.epoch,
-                "scan": record.scan.model_dump(mode="json") if record and record.state != "starting" else None,
-                "topology": self.registry.topology().model_dump()}
+        return RegisterReply(pipeline=self.pipeline.model_dump(mode="json"), epoch=self.scans.epoch,
+                             scan=record.scan if record and record.state != "starting" else None,
+                             topology=self.registry.topology()).model_dump(mode="json")
 
     def on_heartbeat(self, request: Heartbeat, envelope: Envelope) -> dict[str, Any]:
         args = request.args
@@ -404,6 +393,21 @@ class Handler:
                 "arrays": [{"name": a.name, "dtype": a.dtype, "shape": list(a.shape)} for a in args.arrays]}
         self._publish(f"preview.{stage}", body, *(a.data for a in args.arrays))
         return DEFERRED
+
+    def on_tell(self, request: Tell, envelope: Envelope) -> dict[str, Any]:
+        """Relay a message to the processes of a stage: all of them (rank 0) or `<stage>.<rank>`."""
+        args = request.args
+        sender = self.registry.members.get(args.instance)
+        if sender is None:
+            raise MessageError(f"unknown instance {args.instance!r}: register first")
+        if args.stage not in self.pipeline.stages:
+            raise MessageError(f"stage {args.stage!r} is not in pipeline {self.pipeline.name!r}; "
+                               f"its stages are {sorted(self.pipeline.stages)}")
+        targets = [m.identity.instance for m in self.registry.up(args.stage)
+                   if args.rank == 0 or m.identity.name == f"{args.stage}.{args.rank}"]
+        self._request_all(targets, "told", {"sender": sender.identity.name, "body": args.body},
+                          SERVICE_TIMEOUT_S, lambda replies, missing: None)
+        return {"to": len(targets)}
 
     def on_start_scan(self, request: StartScan, envelope: Envelope) -> Any:
         self._exclusive(lambda: self._start_scan(request.args, request.id, envelope))

@@ -65,6 +65,7 @@ def packed_array(array: np.ndarray) -> dict[bytes, object]:
 
 class Service(Runtime):
     Params = Params
+    offload = False  # its hooks answer indexers on a socket of their own, which only the loop thread may touch
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)

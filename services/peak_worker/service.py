@@ -103,8 +103,15 @@ class Service(Runtime):
         super().on_header(header)
         self._finder = self._corrections = None
 
-    def on_configure(self, params: Params) -> None:
-        self._finder = None
+    def on_configure(self, params: Params, changed: set[str]) -> None:
+        """Thresholds apply from the next frame; the finder's tables are rebuilt only for what
+        they are built from, the corrections only for the flatfield."""
+        if "flatfield" in changed:
+            self._corrections = None
+        if self._finder is not None and changed & (PeakFinder8.TABLES | {"asic_shape", "flatfield"}):
+            self._finder = None
+        elif self._finder is not None:
+            self._finder.retune(params)
 
     def on_abort(self) -> int:
         dropped = len(self._summed) + len(self._early)
@@ -164,12 +171,7 @@ class Service(Runtime):
         if time.monotonic() >= self._sums_due:
             self._send_sums()
         else:
-            self.wake(self._sums_due - time.monotonic())
-
-    def produce(self) -> float | None:
-        """The sums timer: the kept-back record leaves with the sums."""
-        self._send_sums()
-        return None
+            self.after(self._sums_due - time.monotonic(), self._send_sums)
 
     def on_scan_end(self) -> None:
         frames, hits, peaks = self._tally.tolist()

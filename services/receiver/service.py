@@ -105,6 +105,7 @@ def scan_id_for(series: str, protocol: str) -> str:
 
 class Service(Runtime):
     Params = Params
+    offload = False  # a source: reading the detector as fast as it sends is the loop's work
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)

@@ -202,7 +202,7 @@ class Service(Runtime):
             self._start_engine(None)
         except Exception:  # noqa: BLE001 - tried again with the first frame
             logger.exception("scan %s: resuming from the checkpoint failed", self.scan.scan_id)
-        self.wake(0)
+        self.after(0, self._tick)
 
     def on_frame(self, frame: Frame) -> None:
         token = self.hold()
@@ -247,7 +247,7 @@ class Service(Runtime):
             if len(self._unsaved) >= self.params.checkpoint_frames:
                 self._save_batch()
         self._last_frame_at = time.monotonic()
-        self.wake(min(POLL_S, self.params.checkpoint_interval_s))
+        self.after(min(POLL_S, self.params.checkpoint_interval_s), self._tick)
 
     def _make_newest(self, token: Token, *, saved: bool) -> None:
         """Keep the newest frame unacknowledged (the scan cannot end before the result is written);
@@ -358,13 +358,16 @@ class Service(Runtime):
         self._batches = len(checkpoint.files(self._folder, f"batch-{self.instance}-*.npz"))
         return state, list(frames.values())
 
-    def produce(self) -> float | None:
+    def _tick(self) -> None:
+        """The solver's clock: batch files and state checkpoints, previews, the end of the solve."""
         now = time.monotonic()
         if self._unsaved and now >= self._batch_due:
             self._save_batch()
         engine = self._engine
         if engine is None:
-            return self.params.checkpoint_interval_s if self._unsaved else None
+            if self._unsaved:
+                self.after(self.params.checkpoint_interval_s, self._tick)
+            return
         if now >= self._state_due:
             self._save_state()
         if now >= self._next_preview:
@@ -375,9 +378,9 @@ class Service(Runtime):
                         f"finishing with the {received} of {engine.total} that came")
             engine.total = received
         if not engine.finished.is_set():
-            return min(POLL_S, self.params.checkpoint_interval_s)
+            self.after(min(POLL_S, self.params.checkpoint_interval_s), self._tick)
+            return
         self._finish()
-        return None
 
     def _publish_preview(self) -> None:
         self._next_preview = time.monotonic() + self.params.preview_interval_s

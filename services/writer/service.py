@@ -252,7 +252,7 @@ class Service(Runtime):
         if len(self._unflushed) >= FLUSH_FRAMES:
             self._flush()
         elif self._unflushed:
-            self.wake(self.params.flush_interval_s)
+            self.after(self.params.flush_interval_s, self._on_timer)
 
     def _write(self, frame: Frame) -> None:
         if self._file is None:
@@ -317,13 +317,14 @@ class Service(Runtime):
         self.counters.outputs.extend(p for p in outputs if p not in self.counters.outputs)
         self._count_on_disk()
 
-    def produce(self) -> float | None:
+    def _on_timer(self) -> None:
         """The flush timer, and the retry timer while writing fails."""
         if self._failure is not None:
             self._retry()
         elif self._unflushed:
             self._flush()
-        return self.params.retry_s if self._failure is not None else None
+        if self._failure is not None:
+            self.after(self.params.retry_s, self._on_timer)
 
     def _flush(self) -> None:
         if self._file is not None:
@@ -362,7 +363,7 @@ class Service(Runtime):
         if self._failing_since is None:
             self._failing_since = time.monotonic()
         self.pause_input(True)
-        self.wake(self.params.retry_s)
+        self.after(self.params.retry_s, self._on_timer)
         held = len(self._queue) + len(self._unflushed)
         cause = (code, str(path))
         if cause == self._reported:
