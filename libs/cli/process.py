@@ -59,6 +59,7 @@ def run(*, spec: str, source: str, params: list[tuple[str, Any]], pipeline: str 
                                           on_frame=lambda n: progress.update(task, completed=n))
         except (processing.ProcessingError, StreamError) as exc:
             raise SystemExit(f"surveyor process: {exc}") from None
+        progress.update(task, total=done.frames)  # a series may end short of what its header announced
     failed = f", {done.failed} failed (the first one's traceback is above)" if done.failed else ""
     console.log(f"{done.frames} frames, {done.collected} collected{failed}")
     if done.result is None:

@@ -28,9 +28,9 @@ from libs.common.contracts import WRITER_OUTPUT_DIR
 from libs.common.errors import ParameterError, PipelineError, SurveyorError
 from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
-from libs.common.processing_wire import END_RECORD, RECORD, from_record, to_feedback
+from libs.common.processing_wire import END_RECORD, RECORD, ProcessingError, from_record, to_feedback
 from libs.common.runtime import Service as Runtime, Token
-from services.collecting_node import result_file
+from services.collecting_node import previews, result_file
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ class Service(Runtime):
                                 f"{exc.strerror or exc}; choose another output_dir") from None
         self._node = processing.CollectingNode(processing.load(self.params.processing),
                                                parameters=self.params.parameters, pool_size=self.pool_size)
+        self._preview_name = previews.name_of(self._node.name)
         self._frames = self._failures = 0
         self._last_record = time.monotonic()
         self.every(self.params.preview_interval_s, self._publish)
@@ -143,8 +144,14 @@ class Service(Runtime):
         except Exception as exc:  # noqa: BLE001
             self._failed(self._node.name, "preview failed", exc)
             return
-        if arrays:
-            self.preview(self._node.name, arrays, frames=self._frames)
+        if not arrays:
+            return
+        try:
+            shown = previews.previewable(arrays)
+        except ProcessingError as exc:
+            self._failed(self._node.name, f"preview returned what front-ends cannot take: {exc}", exc)
+            return
+        self.preview(self._preview_name, shown, frames=self._frames)
 
     def on_scan_end(self) -> None:
         self._publish()

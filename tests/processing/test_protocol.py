@@ -1,5 +1,6 @@
 """OM's Processing Protocol without sockets: loading a class (and what the operator is told when it
-cannot be), the per-frame data, what travels between nodes, the offline driver, the result file."""
+cannot be), the per-frame data, what travels between nodes, the offline driver, the result file,
+`surveyor process` over a real detector's recorded stream."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import h5py
 import numpy as np
 import pytest
 
+from libs.cli import process
 from libs.common import codecs, processing
 from libs.common.frames import ArraySpec, Frame
 from libs.common.processing_wire import (END_FRAME, END_RECORD, RECORD, from_feedback, from_record, to_feedback,
                                          to_record, travel)
 from services.collecting_node import result_file
+from tests.conftest import SHARED
 
 CLASS = '''
 import numpy as np
@@ -200,3 +203,43 @@ def test_result_file_is_plain_hdf5_of_the_dict(tmp_path):
 def test_end_records_are_numbered_apart_from_frames():
     record = to_record({}, kind=END_RECORD, rank=2, frame=END_FRAME + 2, scan_id="s", epoch=1, origin="p", where="w")
     assert travel(record).header.frame == END_FRAME + 2 and from_record(travel(record)) == ({}, 2)
+
+
+RECORDED = SHARED / "data" / "recorded"
+SEEN = '''
+class Seen:
+    """What the class sees of a real detector's stream: frames, shape, geometry, the pixel mask."""
+
+    def __init__(self, *, parameters):
+        pass
+
+    def initialize_processing_node(self, *, node_rank, node_pool_size):
+        pass
+
+    def initialize_collecting_node(self, *, node_rank, node_pool_size):
+        self.seen = []
+
+    def process_data(self, *, node_rank, node_pool_size, data):
+        image, good = data["detector_data"], data["pixel_mask"] == 0
+        return {"frame": data["frame_number"], "shape": list(image.shape), "masked": int((~good).sum()),
+                "energy_ev": data["detector"]["detector"]["energy_ev"], "scan_id": data["scan_id"]}, node_rank
+
+    def collect_data(self, *, node_rank, node_pool_size, processed_data):
+        self.seen.append(processed_data[0])
+
+    def end_processing_on_collecting_node(self, *, node_rank, node_pool_size):
+        return {key: [seen[key] for seen in self.seen] for key in self.seen[0]}
+'''
+
+
+@pytest.mark.skipif(not RECORDED.is_dir(), reason="../shared/data/recorded is absent")
+@pytest.mark.parametrize("recording, frames", [("eiger1m_stream1", 9), ("eiger1m_stream2", 10)])
+def test_surveyor_process_runs_a_class_over_a_recorded_detector_stream(tmp_path, recording, frames):
+    code = write_class(tmp_path, SEEN, "seen.py")
+    assert process.run(spec=f"{code}:Seen", source=str(RECORDED / f"{recording}.msgpack.gz"), params=[],
+                       pipeline=None, out=str(tmp_path), stage="offline", protocol=None, dataset="") == 0
+    with h5py.File(tmp_path / f"{recording}.offline.h5", "r") as f:
+        assert len(f["frame"]) == frames and f["shape"][0].tolist() == [1065, 1030]
+        assert set(f["energy_ev"][()]) == {8000.0} and set(f["scan_id"].asstr()[()]) == {recording}
+        assert f["masked"][()].min() > 30000  # the detector's module gaps, from its header
+        assert f.attrs["frames_collected"] == frames and f.attrs["processing"] == f"{code}:Seen"

@@ -1,10 +1,12 @@
 """A Processing class as real processes: receiver -> 2 processing nodes -> collecting node, with the
 same frames in a raw file beside. The collected result is what `surveyor process` gives on the
 raw file; a processing process killed mid-scan costs no frame, none is collected twice; feedback
-from collect_data reaches the processing nodes, by rank and to all."""
+from collect_data reaches the processing nodes, by rank and to all; the class's previews reach
+front-ends."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import zmq
 
 from tests.conftest import REPO, free_port, wait_for
 
@@ -54,6 +57,9 @@ class Tally:
         self.times[frame] = self.times.get(frame, 0) + 1
         self.sums[frame] = values["sum"]
         return {0: {"collected": len(self.times)}, rank: {"to": rank}}
+
+    def preview(self, *, node_rank, node_pool_size):
+        return {"collected": np.array([len(self.times)])}
 
     def end_processing_on_processing_node(self, *, node_rank, node_pool_size):
         return {"frames": self.frames, "fed_all": self.fed_all, "fed_me": self.fed_me}
@@ -127,7 +133,18 @@ def finished(run) -> tuple[dict, Path, Path]:
 
 def test_collected_result_is_the_offline_result_and_feedback_reaches_the_nodes(tmp_path, start_run):
     run = start_run(processing_pipeline(tmp_path, frames=300, rate_hz=300), "--simulate")
+    previews = zmq.Context.instance().socket(zmq.SUB)
+    previews.setsockopt(zmq.SUBSCRIBE, b"preview.collector")
+    previews.connect(run.pipeline.handler.status)
     scan, raw, result = finished(run)
+    last = None
+    while previews.poll(0):
+        last = previews.recv_multipart()
+    previews.close(linger=0)
+    assert last is not None, "no preview.collector published"
+    body = json.loads(last[1])
+    assert body["name"] == "tally" and body["meta"] == {"frames": 300}
+    assert np.frombuffer(last[2], body["arrays"][0]["dtype"]).tolist() == [300]  # the last, at the scan end (int64 as float64)
     live = read(result)
     assert live["frame_number"].tolist() == list(range(300)) and set(live["times_collected"]) == {1}
     np.testing.assert_array_equal(live["sum"], [3 * (32 * 32 - 2) * (n % 251) + 3 * n for n in range(300)])

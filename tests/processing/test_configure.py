@@ -1,0 +1,74 @@
+"""A processing node in-process over its real command port: a live `configure` of `parameters`
+reaches the running instance's `configure`; a value the class refuses is refused to the operator
+and the parameters in force stay."""
+
+from __future__ import annotations
+
+import textwrap
+import threading
+
+import pytest
+
+from libs.common import client
+from libs.common.pipeline import from_dict
+from services.processing_node.service import Service
+from tests.conftest import free_port, wait_for
+
+CLASS = '''
+class Scaled:
+    def __init__(self, *, parameters):
+        self.scale = parameters["scale"]
+
+    def configure(self, *, parameters):
+        if parameters["scale"] < 0:
+            raise ValueError(f"scale {parameters['scale']} is negative")
+        self.scale = parameters["scale"]
+
+    def initialize_processing_node(self, *, node_rank, node_pool_size):
+        pass
+
+    def initialize_collecting_node(self, *, node_rank, node_pool_size):
+        pass
+
+    def process_data(self, *, node_rank, node_pool_size, data):
+        return {"scaled": self.scale}, node_rank
+
+    def collect_data(self, *, node_rank, node_pool_size, processed_data):
+        pass
+'''
+
+
+@pytest.fixture
+def node(tmp_path):
+    code = tmp_path / "scaled.py"
+    code.write_text(textwrap.dedent(CLASS))
+    pipeline = from_dict({
+        "handler": {"command": f"tcp://127.0.0.1:{free_port()}", "state_dir": str(tmp_path / "state")},
+        "stages": {"receiver": {"service": "receiver"},
+                   "processing": {"service": "processing_node", "inputs": ["receiver"],
+                                  "params": {"processing": f"{code}:Scaled", "parameters": {"scale": 2}}}}})
+    service = Service(pipeline=pipeline, stage="processing", name="processing.1", handler=pipeline.handler.command)
+    loop = threading.Thread(target=service.run)
+    loop.start()
+    yield service
+    service.stop()
+    loop.join(10)
+
+
+def test_live_configure_reaches_the_instance_and_a_refusal_keeps_the_old_parameters(node):
+    assert client.call(node.command_endpoint, "scan_start", {"epoch": 1, "scan": {"scan_id": "s1"}}).ok
+    instance = wait_for(lambda: node._node and node._node.instance, 5, "the scan's instance")
+    assert instance.scale == 2
+
+    reply = client.call(node.command_endpoint, "configure", {"params": {"parameters": {"scale": 5}}})
+    assert reply.ok and reply.result["params"]["parameters"] == {"scale": 5}
+    assert instance.scale == 5
+
+    reply = client.call(node.command_endpoint, "configure", {"params": {"parameters": {"scale": -1}}})
+    assert not reply.ok
+    assert "Scaled.configure refused the parameters: ValueError: scale -1 is negative" in reply.error["message"]
+    assert "the parameters in force did not change" in reply.error["message"]
+    assert instance.scale == 5 and node.params.parameters == {"scale": 5}
+    status = client.call(node.command_endpoint, "status").result
+    assert status["params"]["parameters"] == {"scale": 5}
+    assert client.call(node.command_endpoint, "ping").ok
