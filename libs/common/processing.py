@@ -2,8 +2,9 @@
 learns how data moves. This module is the contract; `services/processing_node`,
 `services/collecting_node` and `surveyor process` are the shells that call it.
 
-A Processing class (OM's Processing Layer, Mariani et al. 2016) has the methods of `Processing`,
-every argument keyword-only. Surveyor calls them; the class never calls them itself:
+A Processing class (the Processing Layer of OM, OnDA's successor: Mariani et al. 2016, J. Appl.
+Cryst. 49, 1073) has the methods of `Processing`, every argument keyword-only. Surveyor calls
+them; the class never calls them itself:
 
     processing node (rank N: the process `<stage>.N`)   collecting node (rank 0)
     __init__(parameters=...)                            __init__(parameters=...)
@@ -15,11 +16,13 @@ every argument keyword-only. Surveyor calls them; the class never calls them its
                                                         end_processing_on_collecting_node() -> dict
                                                           = the result file <output_dir>/<scan_id>.<stage>.h5
 
-The end dict of a processing node reaches `collect_data` like a frame's (as in OM): tell them
-apart by a key of your own. `node_pool_size` is the processing processes + 1. Lifecycle: one instance per scan on every node,
-built (and initialized) when the scan starts, also in a process restarted during the scan;
+`node_pool_size` is the processing processes + 1. Lifecycle: one instance per scan on every
+node, built (and initialized) when the scan starts, also in a process restarted during the scan;
 `end_processing_*` run when the scan ends (not for an aborted scan: its instances are dropped).
-`parameters` is the stage's `parameters` table (the same on every node), deep-copied.
+`parameters` is the stage's `parameters` table (give both stages the same), deep-copied. A
+processing node's end dict reaches `collect_data` like a frame's (as in OM): tell them apart by a
+key of your own. Feedback goes through the handler, a message per rank it names and per node: send it when
+something changed (a new background, a threshold), not with every frame.
 
 `data` (a read-only mapping; arrays decoded on first access, read-only views, copy to change):
     detector_data   the frame's pixels (decompressed once, when first read)
@@ -49,8 +52,9 @@ Optional methods, called when the class has them:
 A processing process killed mid-scan loses nothing of `process_data`'s records (its frames go to
 another node, each collected exactly once), but its instance's own state and its end record are
 gone: keep what the collector needs in the per-frame dicts. A frame whose `process_data` raises
-is counted lost and reported, and the scan goes on. The class runs on the service's event loop:
-keep each call short (a frame's work), never block waiting for something.
+is counted lost and reported, and the scan goes on. Each node calls the class from one thread,
+one call at a time, beside the loop that keeps answering the handler: a slow call costs no
+heartbeat, but the frames behind it wait; never block waiting for something.
 
 This module opens no sockets and no files but the class's own: the offline driver (`run_offline`)
 runs both nodes in one process, records and feedback through the same encoding as live.

@@ -13,6 +13,11 @@ result then covers the records since the restart. The collecting node is not a f
 in the scan summary (it reports no `delivered`): acknowledgements are chained through it, so a
 frame never collected stays unacknowledged at the source, and a record whose `collect_data`
 raised is counted lost, with a `processing_failed` event.
+
+A class that cannot be built (or, for the collector, an output_dir that cannot be made) refuses
+the scan start, and the handler starts nothing, saying why; in a process restarted into a running
+scan, it takes no more records and counts those it was sent lost (the runtime offers no way to
+hand them back).
 """
 
 from __future__ import annotations
@@ -63,6 +68,8 @@ class Service(Runtime):
         self._node: processing.CollectingNode | None = None
         self._early: list[tuple[Token, Frame]] = []
         """Records that came before this process heard of their scan: held, taken at its start."""
+        self._refused: int | None = None
+        """The epoch of a scan whose class could not be built here."""
         self._frames = 0
         self._failures = 0
         self._last_record = 0.0
@@ -73,13 +80,10 @@ class Service(Runtime):
 
     def on_scan_start(self, scan: ScanDescription) -> None:
         try:
-            result_file.result_path(self.params.output_dir, scan.scan_id, self.stage).parent.mkdir(
-                parents=True, exist_ok=True)
-        except OSError as exc:
-            raise SurveyorError(f"stage {self.stage}: cannot create output_dir {self.params.output_dir}: "
-                                f"{exc.strerror or exc}; choose another output_dir") from None
-        self._node = processing.CollectingNode(processing.load(self.params.processing),
-                                               parameters=self.params.parameters, pool_size=self.pool_size)
+            self._node = self._build(scan)
+        except SurveyorError:
+            self._refuse()
+            raise
         self._preview_name = previews.name_of(self._node.name)
         self._frames = self._failures = 0
         self._last_record = time.monotonic()
@@ -91,7 +95,20 @@ class Service(Runtime):
                 self._collect(record)
                 self.release(token)
 
+    def _build(self, scan: ScanDescription) -> processing.CollectingNode:
+        try:
+            result_file.result_path(self.params.output_dir, scan.scan_id, self.stage).parent.mkdir(
+                parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SurveyorError(f"stage {self.stage}: cannot create output_dir {self.params.output_dir}: "
+                                f"{exc.strerror or exc}; choose another output_dir") from None
+        return processing.CollectingNode(processing.load(self.params.processing), parameters=self.params.parameters,
+                                         pool_size=self.pool_size)
+
     def on_frame(self, frame: Frame) -> None:
+        if self._node is None and frame.header.epoch == self._refused:
+            self._lose(frame)
+            return
         if self._node is None:
             self._early.append((self.hold(), frame))
             return
@@ -177,6 +194,22 @@ class Service(Runtime):
             return
         self.counters.outputs.append(str(path))
         logger.info("scan %s: %d frames collected; result in %s", self.scan.scan_id, self._frames, path)
+
+    def _refuse(self) -> None:
+        """The class cannot be built here for this scan (a scan start refused, or a running scan this
+        restarted process cannot join): no credit for more records, and those here are counted lost,
+        not held (held, the scan could never end)."""
+        self._refused = self.epoch
+        self.pause_input()
+        early, self._early = self._early, []
+        for token, record in early:
+            self._lose(record)
+            self.release(token)
+
+    def _lose(self, record: Frame) -> None:
+        self.count("lost")
+        logger.warning("record %d of scan %s lost: the class could not be built in this process (see above)",
+                       record.header.frame, record.header.scan_id)
 
     def on_abort(self) -> int:
         dropped = len(self._early)

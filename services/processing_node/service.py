@@ -14,6 +14,11 @@ has one, else the next scan's instance; a new `processing` class is loaded at th
 
 A frame whose `process_data` raises (or returns what cannot travel) is counted lost, with the
 first failure of a scan reported as a `processing_failed` event and its traceback in the log.
+
+A class that cannot be built (or, for the collector, an output_dir that cannot be made) refuses
+the scan start, and the handler starts nothing, saying why; in a process restarted into a running
+scan, it takes no more frames and counts those it was sent lost (the runtime offers no way to
+hand them back).
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ class Service(Runtime):
         self._scan_data: dict[str, Any] = {}
         self._early: list[tuple[Token, Frame]] = []
         """Frames that came before this process heard of their scan: held, taken at its start."""
+        self._refused: int | None = None
+        """The epoch of a scan whose class could not be built here."""
         self._failures = 0
 
     @property
@@ -66,9 +73,13 @@ class Service(Runtime):
         return self.pipeline.stages[self.stage].processes + 1
 
     def on_scan_start(self, scan: ScanDescription) -> None:
-        cls = processing.load(self.params.processing)
-        self._node = processing.ProcessingNode(cls, parameters=self.params.parameters, rank=self.rank,
-                                               pool_size=self.pool_size)
+        try:
+            cls = processing.load(self.params.processing)
+            self._node = processing.ProcessingNode(cls, parameters=self.params.parameters, rank=self.rank,
+                                                   pool_size=self.pool_size)
+        except processing.ProcessingError:
+            self._refuse()
+            raise
         self._scan_data = scan.model_dump(mode="json")
         self._failures = 0
         early, self._early = self._early, []
@@ -78,6 +89,9 @@ class Service(Runtime):
                 self.release(token)
 
     def on_frame(self, frame: Frame) -> None:
+        if self._node is None and frame.header.epoch == self._refused:
+            self._lose(frame)
+            return
         if self._node is None:
             self._early.append((self.hold(), frame))
             return
@@ -130,6 +144,22 @@ class Service(Runtime):
                         f"{type(exc).__name__}: {exc}", error=f"{type(exc).__name__}: {exc}")
             return
         self.emit(record)
+
+    def _refuse(self) -> None:
+        """The class cannot be built here for this scan (a scan start refused, or a running scan this
+        restarted process cannot join): no credit for more frames, and those here are counted lost,
+        not held (held, the scan could never end)."""
+        self._refused = self.epoch
+        self.pause_input()
+        early, self._early = self._early, []
+        for token, frame in early:
+            self._lose(frame)
+            self.release(token)
+
+    def _lose(self, frame: Frame) -> None:
+        self.count("lost")
+        logger.warning("frame %d of scan %s lost: the class could not be built in this process (see above)",
+                       frame.header.frame, frame.header.scan_id)
 
     def on_abort(self) -> int:
         dropped = len(self._early)

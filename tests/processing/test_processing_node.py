@@ -1,6 +1,6 @@
 """A processing node in-process over its real command port: a live `configure` of `parameters`
 reaches the running instance's `configure`; a value the class refuses is refused to the operator
-and the parameters in force stay."""
+and the parameters in force stay; a class that cannot be built refuses the scan, saying why."""
 
 from __future__ import annotations
 
@@ -39,9 +39,14 @@ class Scaled:
 
 
 @pytest.fixture
-def node(tmp_path):
-    code = tmp_path / "scaled.py"
-    code.write_text(textwrap.dedent(CLASS))
+def code(tmp_path):
+    path = tmp_path / "scaled.py"
+    path.write_text(textwrap.dedent(CLASS))
+    return path
+
+
+@pytest.fixture
+def node(tmp_path, code):
     pipeline = from_dict({
         "handler": {"command": f"tcp://127.0.0.1:{free_port()}", "state_dir": str(tmp_path / "state")},
         "stages": {"receiver": {"service": "receiver"},
@@ -72,3 +77,15 @@ def test_live_configure_reaches_the_instance_and_a_refusal_keeps_the_old_paramet
     status = client.call(node.command_endpoint, "status").result
     assert status["params"]["parameters"] == {"scale": 5}
     assert client.call(node.command_endpoint, "ping").ok
+
+
+def test_a_class_that_cannot_be_built_refuses_the_scan_saying_why(node, code):
+    code.write_text(CLASS.replace("self.scale = parameters[\"scale\"]\n\n    def configure",
+                                  "self.scale = parameters[\"gain\"]\n\n    def configure"))
+    reply = client.call(node.command_endpoint, "scan_start", {"epoch": 1, "scan": {"scan_id": "s1"}})
+    assert not reply.ok and reply.error["type"] == "ProcessingError"
+    assert reply.error["message"] == "Scaled: __init__ or initialize_processing_node failed: KeyError: 'gain'"
+    assert node._refused == 1 and node._input_paused  # no credit: its frames go to the other nodes
+    code.write_text(CLASS)  # fixed: the next scan (a new epoch) builds it again, read anew
+    assert client.call(node.command_endpoint, "scan_start", {"epoch": 2, "scan": {"scan_id": "s2"}}).ok
+    assert not node._input_paused and node._node.instance.scale == 2
