@@ -278,7 +278,8 @@ def parser() -> argparse.ArgumentParser:
                             description="Run a Processing class (libs/common/processing.py) over an HDF5/CXI file or "
                                         "a recorded detector stream in one process, as processing node 1 and "
                                         "collecting node 0, and write its result as the collecting node does: "
-                                        "OUT/SCAN_ID.STAGE.h5. Exit code 1 when a frame failed in the class.")
+                                        "OUT/SCAN_ID.STAGE.h5. Exit code 1 when a frame failed in the class or the "
+                                        "run could not start.")
     p.add_argument("processing", metavar="CLASS", help="'package.module:Class' or 'path/to/file.py:Class'")
     p.add_argument("source", help="an HDF5/CXI file (e.g. out/SCAN_raw.cxi) or a recorded stream (*.msgpack.gz)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",

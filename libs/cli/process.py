@@ -9,7 +9,8 @@ stream (`*.msgpack.gz`: msgpack arrays of the messages as the detector sent them
 `../shared/data/recorded/` format). What the class sees matches live: the raw file's scan
 description is its `scan`, its geometry, configuration and mask are its `detector` and
 `pixel_mask` (the CXI mask bits: non-zero = bad, as the detector's own mask), and the scan id is
-the file's (`t_0001_raw.cxi` -> `t_0001`). The exit code is 1 when a frame failed in the class.
+the file's (`t_0001_raw.cxi` -> `t_0001`). The exit code is 1 when a frame failed in the class or
+the run could not start (each with the reason).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from libs.common import processing
-from libs.common.detector import PROTOCOLS, DetectorInfo, Event, Image, SeriesStart, StreamError
+from libs.common.detector import PROTOCOLS, Event, Image, SeriesStart, StreamError
 from libs.common.errors import PipelineError
 from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
@@ -65,8 +66,13 @@ def run(*, spec: str, source: str, params: list[tuple[str, Any]], pipeline: str 
     if done.result is None:
         console.log(f"{cls.__name__}.end_processing_on_collecting_node returned nothing: no result file")
     else:
-        path = result_file.write(result_file.result_path(out, scan.scan_id, stage), done.result, scan_id=scan.scan_id,
-                                 stage=stage, processing=spec, parameters=parameters, frames=done.collected)
+        path = result_file.result_path(out, scan.scan_id, stage)
+        try:
+            result_file.write(path, done.result, scan_id=scan.scan_id, stage=stage, processing=spec,
+                              parameters=parameters, frames=done.collected)
+        except OSError as exc:
+            raise SystemExit(f"surveyor process: the result was not written to {path}: {exc}; free space or "
+                             "choose another --out") from None
         console.log(f"result written to {path}")
     return 1 if done.failed else 0
 
@@ -88,6 +94,8 @@ def _parameters(pipeline: str | None, params: list[tuple[str, Any]]) -> dict[str
 
 def _open(path: Path, *, protocol: str | None, dataset: str) -> tuple[ScanDescription, Iterator[processing.FrameData], int | None]:
     """The scan, its frames as `data` mappings, and how many frames there are (if known)."""
+    if not path.is_file():
+        raise OSError(f"no file {path.absolute()}; give an HDF5/CXI file or a recorded stream ({', '.join(STREAMS)})")
     scan_id = path.name.split(".")[0].removesuffix("_raw")
     if path.name.endswith(STREAMS):
         protocol = protocol or next((p for p in PROTOCOLS if p in path.name), "")
@@ -136,7 +144,11 @@ def _hdf5(path: Path, dataset: str) -> tuple[ScanDescription | None, Iterator[Ev
     """The file's frames (services/receiver/replay.py), with what our raw file adds to its header:
     the scan description, the beam centre, the detector's configuration, mask and flatfield."""
     events = replay_events(path, dataset)
-    start = next(events)
+    try:
+        start = next(events)
+    except OSError as exc:
+        raise OSError(f"{path} cannot be read as HDF5 ({exc}); give an HDF5/CXI file or a recorded stream "
+                      f"({', '.join(STREAMS)})") from None
     scan = None
     with h5py.File(path, "r") as f:
         if isinstance(described := f.get("entry_1/scan_description"), h5py.Dataset):
