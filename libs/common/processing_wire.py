@@ -28,6 +28,7 @@ import numpy as np
 
 from libs.common.errors import SurveyorError
 from libs.common.frames import Frame, decode
+from libs.common.messages import MAX_COMMAND_BYTES
 
 RECORD = "processed"
 """Record kind (`meta["kind"]`): one frame's `process_data` dict, with the frame's identity."""
@@ -35,6 +36,8 @@ END_RECORD = "processing_end"
 """Record kind: a processing node's `end_processing_on_processing_node` dict."""
 END_FRAME = 1 << 48
 """End records are numbered END_FRAME + rank: apart from every frame, one per node."""
+FEEDBACK_CHARS = MAX_COMMAND_BYTES - 4096
+"""Feedback travels in one command to the handler (with room for the rest of the command)."""
 
 
 class ProcessingError(SurveyorError):
@@ -116,7 +119,11 @@ def to_feedback(values: Any, where: str) -> str:
     arrays: list[tuple[KeyPath, np.ndarray]] = []
     skeleton = _split(values, (), arrays, where)
     listed = [[list(p), a.dtype.str, list(a.shape), a.tobytes()] for p, a in arrays]
-    return base64.b64encode(_pack({"values": skeleton, "arrays": listed}, where)).decode()
+    text = base64.b64encode(_pack({"values": skeleton, "arrays": listed}, where)).decode()
+    if len(text) > FEEDBACK_CHARS:
+        raise ProcessingError(f"{where}: feedback of {len(text)} characters as sent; the handler relays at most "
+                              f"{FEEDBACK_CHARS}: send less (a binned array, a parameter)")
+    return text
 
 
 def from_feedback(text: str) -> dict[str, Any]:

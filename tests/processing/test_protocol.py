@@ -243,3 +243,8 @@ def test_surveyor_process_runs_a_class_over_a_recorded_detector_stream(tmp_path,
         assert set(f["energy_ev"][()]) == {8000.0} and set(f["scan_id"].asstr()[()]) == {recording}
         assert f["masked"][()].min() > 30000  # the detector's module gaps, from its header
         assert f.attrs["frames_collected"] == frames and f.attrs["processing"] == f"{code}:Seen"
+
+
+def test_feedback_too_large_for_the_handler_is_refused_with_what_to_do():
+    with pytest.raises(processing.ProcessingError, match="the handler relays at most .*send less"):
+        to_feedback({"background": np.zeros((512, 512))}, "C.collect_data")
