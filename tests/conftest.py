@@ -196,3 +196,34 @@ def start_run(tmp_path: Path):
     yield start
     for run in runs:
         run.stop()
+
+
+FALSE_DOWN = "false service_down:"
+"""What the handler logs when a process it declared dead turns out to be alive (`service_back`)."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "stalls: the test stops processes (SIGSTOP) on purpose, so a process "
+                                       "declared dead while alive is expected")
+    config.stash[_false_downs] = []
+
+
+_false_downs = pytest.StashKey[list]()
+
+
+@pytest.fixture(autouse=True)
+def no_false_service_down(request: pytest.FixtureRequest, tmp_path: Path):
+    """Every test: no process of any pipeline it ran was declared dead while it was alive (the
+    liveness is 3 heartbeats; heavy work runs off the event loop, so a busy process still beats)."""
+    yield
+    found = [f"{log.relative_to(tmp_path)}: {line.strip()}" for log in tmp_path.rglob("handler*.log")
+             for line in log.read_text(errors="replace").splitlines() if FALSE_DOWN in line]
+    if request.node.get_closest_marker("stalls"):
+        return
+    request.config.stash[_false_downs].extend(found)
+    assert not found, "processes declared dead while alive:\n" + "\n".join(found)
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    found = config.stash.get(_false_downs, [])
+    terminalreporter.write_line(f"false service_down events outside tests that stall processes: {len(found)}")

@@ -32,7 +32,7 @@ class HandlerConfig(Strict):
     status: str = "tcp://127.0.0.1:5551"
     data_host: str = Field("127.0.0.1", description="address services bind their ports on")
     heartbeat_s: float = Field(1.0, gt=0, le=30)
-    liveness: int = Field(5, ge=1, le=10, description="heartbeats missed before a process is declared dead")
+    liveness: int = Field(3, ge=1, le=10, description="heartbeats missed before a process is declared dead")
     scan_end_timeout_s: float = Field(30.0, gt=0)
     state_dir: str = Field("state", description="the handler's journal and the stages' checkpoints "
                            "(shared storage when stages run on several hosts)")

@@ -333,6 +333,15 @@ class Handler:
                            identity.epoch, self.scans.epoch)
             self.scans.epoch = identity.epoch
             self._save()
+        before = self.registry.members.get(identity.instance)
+        if before is not None and not before.alive:
+            # Alive all along: its heartbeats stopped (a stall, a loop held by a hook) for longer
+            # than the liveness, and its frames went to the others meanwhile.
+            message = (f"{identity.name} was declared dead ({before.cause}) {time.monotonic() - before.dead_since:.1f} s "
+                       "ago and is alive: it had stalled (a SIGSTOP, an overloaded host, a blocked event loop); "
+                       "it joins again")
+            logger.warning("false service_down: %s", message)
+            self._event("service_back", service=identity.name, instance=identity.instance, message=message)
         self.registry.register(identity)
         self._save()
         self._heard_from(identity.instance)

@@ -23,7 +23,7 @@ from scipy.constants import electron_volt
 from libs.crystallography.hits import is_hit
 from libs.simulation.sx import SxScan
 from services.peak_worker.service import Params
-from tests.conftest import REPO, SHARED, free_endpoints, free_port, wait_for
+from tests.conftest import FALSE_DOWN, REPO, SHARED, free_endpoints, free_port, wait_for
 from tests.crystallography.test_science import finder_for
 from tests.field_tools import hdf5_110_pixels, hdf5_110_reads, validate_cxi
 from tests.ingest.test_nxmx import fabio_frames
@@ -238,6 +238,7 @@ def test_live_configure_and_the_indexer_gets_the_newest_hits(start_run, tmp_path
     indexer.close()
 
 
+@pytest.mark.stalls
 def test_a_peak_process_that_stalls_past_its_heartbeats_rejoins_and_no_frame_is_lost(start_run):
     """SIGSTOP for longer than the handler's liveness: the process is declared dead, its frames go
     to the other one; after SIGCONT it registers again, takes frames again, and the file holds
@@ -257,6 +258,8 @@ def test_a_peak_process_that_stalls_past_its_heartbeats_rejoins_and_no_frame_is_
     assert scan["frames_lost"] == 0
     log = (run.logs / "peak_worker.1.log").read_text()
     assert log.count("registered with the handler") >= 2
+    back = [line for line in (run.logs / "handler.log").read_text().splitlines() if FALSE_DOWN in line]
+    assert len(back) == 1 and "peak_worker.1 was declared dead" in back[0], "the handler tells a stall from a death"
     tally = int(re.findall(r"(\d+) frames, \d+ hits", log)[-1])
     assert tally >= victim["frames_in"] + 10, "the process took frames again after it came back"
     with h5py.File(next(p for p in scan["outputs"] if p.endswith(".cxi") and not p.endswith("_raw.cxi")), "r") as f:

@@ -55,6 +55,7 @@ def run_with_faults(run, targets: list[str], faults: int, window_s: tuple[float,
 
 
 @pytest.mark.slow
+@pytest.mark.stalls
 def test_synthetic_scan_survives_kills_and_stops_of_every_process(tmp_path, start_run):
     frames = 3000
     run = start_run(synthetic_pipeline(tmp_path, frames=frames, rate_hz=200, shape=(32, 32)), "--simulate")
@@ -101,6 +102,7 @@ def check_schedule_hit(done: list[chaos.Inflicted], targets: list[str]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.stalls
 def test_ptychography_scan_survives_kills_and_stops_of_every_stage(start_run):
     frames, n_dark = 160, 10
     run = start_run(PTYCHO, "--simulate", "--frames", str(frames), "--rate", "10", overrides=small_ptycho(n_dark))
@@ -116,6 +118,7 @@ def test_ptychography_scan_survives_kills_and_stops_of_every_stage(start_run):
 
 
 @pytest.mark.slow
+@pytest.mark.stalls
 def test_crystallography_scan_survives_kills_and_stops_of_every_stage(start_run):
     frames = 300
     run = start_run(SX, "--simulate", "--frames", str(frames), "--rate", "20", overrides=(
