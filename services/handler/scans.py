@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from libs.common.feeds import ScanSummary, StageSummary
 from libs.common.messages import ScanCounters, ScanDescription
 from libs.common.pipeline import Pipeline
 
@@ -99,7 +100,7 @@ class ScanRecord:
             reasons.append(f"{unexplained} of {expected} frames reached no output{why}")
         return lost, reasons
 
-    def summary(self, pipeline: Pipeline) -> dict[str, Any]:
+    def summary(self, pipeline: Pipeline) -> ScanSummary:
         """The scan's entry of summary.json (INTERFACES.md)."""
         received = self.received(pipeline)
         lost, reasons = self.losses(pipeline)
@@ -107,27 +108,19 @@ class ScanRecord:
         # In the order the processes reported them: a raw file before its NXmx master, parts in order.
         outputs = list(dict.fromkeys(path for _, c in self.counters.values() for path in c.outputs))
         written = self.outputs_count("written", pipeline)
-        return {
-            "scan_id": self.scan.scan_id,
-            "epoch": self.epoch,
-            "state": self.state,
-            "frames_expected": self.expected,
-            "frames_received": received,
-            "frames_written": written or 0,
-            "frames_lost": lost if self.state == "finished" else None,
-            "losses": reasons if self.state == "finished" else [],
-            "frames_rejected": sum(c.rejected for _, c in self.counters.values()),
-            "duplicates_dropped": sum(c.duplicates for _, c in self.counters.values()),
-            "wall_s": round(wall, 3),
-            "rate_hz": round(received / wall, 2) if wall > 0 else 0.0,
-            "outputs": outputs,
-            "truth": None,
-            "stages": {name: {"processes": sum(1 for s, _ in self.counters.values() if s == name),
-                              "frames_in": self.stage_sum(name, "frames_in"),
-                              "frames_out": self.stage_sum(name, "frames_out"),
-                              "busy_s": round(sum(c.busy_s for s, c in self.counters.values() if s == name), 3)}
-                       for name in pipeline.stages},
-        }
+        return ScanSummary(
+            scan_id=self.scan.scan_id, epoch=self.epoch, state=self.state, frames_expected=self.expected,
+            frames_received=received, frames_written=written or 0,
+            frames_lost=lost if self.state == "finished" else None,
+            losses=reasons if self.state == "finished" else [],
+            frames_rejected=sum(c.rejected for _, c in self.counters.values()),
+            duplicates_dropped=sum(c.duplicates for _, c in self.counters.values()),
+            wall_s=round(wall, 3), rate_hz=round(received / wall, 2) if wall > 0 else 0.0, outputs=outputs,
+            stages={name: StageSummary(processes=sum(1 for s, _ in self.counters.values() if s == name),
+                                       frames_in=self.stage_sum(name, "frames_in"),
+                                       frames_out=self.stage_sum(name, "frames_out"),
+                                       busy_s=round(sum(c.busy_s for s, c in self.counters.values() if s == name), 3))
+                    for name in pipeline.stages})
 
     def to_json(self) -> dict[str, Any]:
         return {"scan": self.scan.model_dump(mode="json"), "epoch": self.epoch, "state": self.state,

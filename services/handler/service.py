@@ -18,7 +18,6 @@ frame in its own files.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import time
 from collections import deque
@@ -26,9 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import zmq
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from libs.common import messages
+from libs.common import feeds, messages
 from libs.common.errors import MessageError, ParameterError, PipelineError
 from libs.common.loop import drain, stop_on_signals
 from libs.common.messages import (Abort, Configure, Event, Heartbeat, Ping, Preview, Register, RegisterReply,
@@ -315,7 +314,7 @@ class Handler:
                 "identity": self.pipeline.identity, "status_endpoint": self.pipeline.handler.status}
 
     def on_status(self, request: Status, envelope: Envelope) -> dict[str, Any]:
-        return self.snapshot()
+        return self.snapshot().model_dump(mode="json")
 
     def on_register(self, request: Register, envelope: Envelope) -> dict[str, Any]:
         identity = request.args
@@ -397,9 +396,10 @@ class Handler:
             logger.warning("preview from unknown instance %s ignored", args.instance)
             return DEFERRED
         stage = member.identity.stage
-        body = {"time": time.time(), "service": member.identity.name, "stage": stage, "name": args.name,
-                "scan_id": args.scan_id, "meta": args.meta,
-                "arrays": [{"name": a.name, "dtype": a.dtype, "shape": list(a.shape)} for a in args.arrays]}
+        body = feeds.PreviewHeader(
+            time=time.time(), service=member.identity.name, stage=stage, name=args.name, scan_id=args.scan_id,
+            meta=args.meta, arrays=[feeds.PreviewArraySpec(name=a.name, dtype=a.dtype, shape=a.shape)
+                                    for a in args.arrays])
         self._publish(f"preview.{stage}", body, *(a.data for a in args.arrays))
         return DEFERRED
 
@@ -503,7 +503,7 @@ class Handler:
         if not stages:
             self.scans.finish(record)
             self._save()
-            summary = record.summary(self.pipeline)
+            summary = record.summary(self.pipeline).model_dump(mode="json")
             logger.info("scan %s finished: %s", record.scan.scan_id, summary)
             self._event("scan_finished", scan_id=record.scan.scan_id, epoch=record.epoch,
                         message=f"scan {record.scan.scan_id} finished", summary=summary,
@@ -604,20 +604,14 @@ class Handler:
 
     # --- status --------------------------------------------------------------------------------
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> feeds.StatusSnapshot:
         now = time.monotonic()
-        services = []
-        for member in self.registry.members.values():
-            identity, stats = member.identity, member.stats
-            services.append({
-                "name": identity.name, "stage": identity.stage, "host": identity.host,
-                "pid": identity.pid, "instance": identity.instance,
-                "state": "up" if member.alive else "dead",
-                "heartbeat_age_s": round(now - member.last_seen, 2),
-                "frames_in": stats.frames_in, "frames_out": stats.frames_out,
-                "queue_depth": stats.queue_depth, "inflight": stats.inflight,
-                "busy_s": stats.busy_s, "command_endpoint": identity.command_endpoint,
-            })
+        services = [feeds.ProcessRow(
+            name=m.identity.name, stage=m.identity.stage, host=m.identity.host, pid=m.identity.pid,
+            instance=m.identity.instance, state="up" if m.alive else "dead",
+            heartbeat_age_s=round(now - m.last_seen, 2), frames_in=m.stats.frames_in, frames_out=m.stats.frames_out,
+            queue_depth=m.stats.queue_depth, inflight=m.stats.inflight, busy_s=m.stats.busy_s,
+            command_endpoint=m.identity.command_endpoint) for m in self.registry.members.values()]
         record = self.scans.current
         scan = None
         if record is not None:
@@ -625,25 +619,21 @@ class Handler:
                 return sum(getattr(m.stats.scan, key) for m in self.registry.up(stage)
                            if m.stats.epoch == record.epoch)
 
-            scan = {"scan_id": record.scan.scan_id, "epoch": record.epoch, "state": record.state,
-                    "n_frames": record.scan.n_frames, "n_dark": record.scan.n_dark,
-                    "stages": {name: {key: scan_sum(name, key) for key in ("frames_in", "frames_out", "written",
-                                                                           "rejected")}
-                               for name in self.pipeline.stages}}
-        return {
-            "time": time.time(), "version": messages.VERSION, "pipeline": self.pipeline.name,
-            "epoch": self.scans.epoch, "services": services,
-            "stages": {name: self.registry.stage_totals(name) for name in self.pipeline.stages},
-            "scan": scan,
-            "scans": [r.summary(self.pipeline) for r in self.scans.history],
-        }
+            scan = feeds.ScanProgress(
+                scan_id=record.scan.scan_id, epoch=record.epoch, state=record.state, n_frames=record.scan.n_frames,
+                n_dark=record.scan.n_dark,
+                stages={name: {key: scan_sum(name, key) for key in ("frames_in", "frames_out", "written", "rejected")}
+                        for name in self.pipeline.stages})
+        return feeds.StatusSnapshot(
+            time=time.time(), version=messages.VERSION, pipeline=self.pipeline.name, epoch=self.scans.epoch,
+            services=services, stages={name: self.registry.stage_totals(name) for name in self.pipeline.stages},
+            scan=scan, scans=[r.summary(self.pipeline) for r in self.scans.history])
 
-    def _publish(self, topic: str, body: dict[str, Any], *buffers: bytes) -> None:
+    def _publish(self, topic: str, body: BaseModel, *buffers: bytes) -> None:
         try:
-            self._status_socket.send_multipart([topic.encode(), json.dumps(body).encode(), *buffers], zmq.NOBLOCK)
+            self._status_socket.send_multipart([topic.encode(), feeds.dumps(body), *buffers], zmq.NOBLOCK)
         except zmq.Again:
             pass
 
     def _event(self, kind: str, *, message: str, service: str = "handler", **extra: Any) -> None:
-        self._publish("event", {"time": time.time(), "kind": kind, "service": service,
-                                "message": message, **extra})
+        self._publish("event", feeds.Event(time=time.time(), kind=kind, service=service, message=message, **extra))

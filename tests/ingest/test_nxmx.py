@@ -203,11 +203,11 @@ def test_a_raw_writer_short_of_frames_is_a_loss_though_the_hits_writer_has_them_
     record.counters = {"r": ("receiver", ScanCounters(frames_out=100)),
                        "w": ("writer", ScanCounters(written=100, delivered=100)),
                        "p": ("peak_worker", ScanCounters(frames_in=100, frames_out=100))}
-    assert (record.summary(pipeline)["frames_written"], record.losses(pipeline)[0]) == (100, 0)
+    assert (record.summary(pipeline).frames_written, record.losses(pipeline)[0]) == (100, 0)
     record.counters["x"] = ("raw_writer", ScanCounters(written=93, delivered=93))
     summary = record.summary(pipeline)
-    assert summary["frames_written"] == 93 and summary["frames_lost"] == 7
-    assert summary["losses"] == ["7 of 100 frames reached no output"]
+    assert summary.frames_written == 93 and summary.frames_lost == 7
+    assert summary.losses == ["7 of 100 frames reached no output"]
 
 
 @pytest.mark.skipif(not RECORDED.is_dir(), reason="../shared/data/recorded is absent")
