@@ -41,9 +41,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.rate is not None:
         overrides.append(f"simulation.rate_hz={args.rate}")
     pipeline = _pipeline(args.pipeline, overrides)
-    # --out is where every writer stage writes (the hits and the raw frames of crystallography
-    # alike), unless the command line names a stage's own output_dir.
-    writers = [name for name, stage in pipeline.stages.items() if stage.service == "writer"
+    # --out is where every stage with an output_dir writes (the hits and the raw frames of
+    # crystallography alike, a collector's result), unless the command line names a stage's own.
+    writers = [name for name in pipeline.stages if "output_dir" in type(pipeline.params(name)).model_fields
                and not any(o.startswith(f"stages.{name}.params.output_dir") for o in overrides)]
     if writers:
         overrides += [f"stages.{name}.params.output_dir={json.dumps(str(out))}" for name in writers]

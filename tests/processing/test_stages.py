@@ -85,7 +85,6 @@ def processing_pipeline(directory: Path, *, frames: int, rate_hz: float, heartbe
 command = "tcp://127.0.0.1:{free_port()}"
 status = "tcp://127.0.0.1:{free_port()}"
 heartbeat_s = {heartbeat_s}
-liveness = 4
 
 [simulation]
 frames = {frames}
