@@ -207,3 +207,20 @@ def test_layouts():
     assert LAYOUTS["asics"].asics == (4, 4)
     with pytest.raises(ValueError, match="grid"):
         Layout("bad", (100, 100), (30, 30))
+
+
+def test_a_new_threshold_retunes_the_finder_and_keeps_its_tables():
+    """`configure` of a threshold costs nothing: the per-layout tables stay; a change of what they
+    are built from is refused, so the service builds a new finder."""
+    shape = (128, 128)
+    data = checkerboard(shape)
+    data[40:42, 40:42] = 200
+    params = Peakfinder8Params(adc_threshold=15, minimum_snr=3, min_pixel_count=2, max_pixel_count=20,
+                               local_bg_radius=3, max_res=120)
+    finder = PeakFinder8(Layout("t", shape, shape), radius_map(shape, (0.0, 0.0)), np.ones(shape, bool), params)
+    tables = finder._destination
+    assert len(finder.find(data)) == 1
+    finder.retune(params.model_copy(update={"adc_threshold": 500}))
+    assert finder._destination is tables and len(finder.find(data)) == 0
+    with pytest.raises(ValueError, match="build a new PeakFinder8"):
+        finder.retune(params.model_copy(update={"max_res": 60}))
