@@ -43,7 +43,7 @@ from libs.crystallography.hits import ClassSums, is_hit  # noqa: E402
 from libs.crystallography.layouts import radius_map  # noqa: E402
 from libs.crystallography.peakfinder8 import PeakFinder8  # noqa: E402
 from libs.simulation.sx import SxScan  # noqa: E402
-from services.peak_worker.service import Params  # noqa: E402
+from services.peak_worker.params import Params  # noqa: E402
 from tests.conftest import free_endpoints, free_port  # noqa: E402
 
 PIPELINE = REPO / "pipelines" / "crystallography.toml"

@@ -31,7 +31,8 @@ sys.path.insert(0, str(REPO))
 
 from libs.crystallography.corrections import Corrections  # noqa: E402
 from libs.crystallography.layouts import radius_map  # noqa: E402
-from libs.crystallography.peakfinder8 import PeakFinder8, Peakfinder8Params  # noqa: E402
+from libs.crystallography.params import Peakfinder8Params  # noqa: E402
+from libs.crystallography.peakfinder8 import PeakFinder8  # noqa: E402
 from libs.simulation.sx import SxScan  # noqa: E402
 
 PARAMS = Peakfinder8Params(max_num_peaks=2048, adc_threshold=20, minimum_snr=6, min_pixel_count=2,

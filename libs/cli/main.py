@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from libs.common import client, logs
+from libs.common import client, logs, stages
 from libs.common.errors import PipelineError
-from libs.common.pipeline import HandlerConfig, Pipeline, load, parse_override, service_class
+from libs.common.pipeline import HandlerConfig, Pipeline, load, parse_override
 from libs.simulation import KINDS
 
 
@@ -54,8 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_handler(args: argparse.Namespace) -> int:
-    from services.handler.service import Handler
-
+    Handler = stages.handler_class()
     pipeline = _pipeline(args.pipeline, args.set)
     logs.configure("handler")
     try:
@@ -73,7 +72,7 @@ def cmd_service(args: argparse.Namespace) -> int:
     name = (args.name or os.environ.get("SUPERVISOR_PROCESS_NAME") or os.environ.get("HONCHO_PROCESS_NAME")
             or f"{args.stage}.{os.getpid()}")
     logs.configure(name)
-    service = service_class(pipeline.stages[args.stage].service)
+    service = stages.service_class(pipeline.stages[args.stage].service)
     return service(pipeline=pipeline, stage=args.stage, name=name,
                    handler=args.handler or pipeline.handler.command).run()
 

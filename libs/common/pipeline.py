@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib
 import json
 import tomllib
 from functools import cached_property
@@ -23,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from libs.common.errors import PipelineError
 from libs.common.messages import ScanId, Strict, describe
+from libs.common.stages import params_model
 
 PIPELINES_DIR = Path(__file__).resolve().parents[2] / "pipelines"
 
@@ -116,12 +116,13 @@ class Pipeline(Strict):
         return [name for name, s in self.stages.items() if not s.inputs]
 
     def params(self, stage: str) -> BaseModel:
-        """The parameters of `stage`, validated by its service's model once per pipeline object."""
+        """The parameters of `stage`, validated by its service's model once per pipeline object
+        (`services/<service>/params.py`: light, so every process checks every stage's)."""
         config = self.stages[stage]
         cache = self.__dict__.setdefault("_validated", {})  # shared by copies: keyed by the values
         key = (config.service, json.dumps(config.params, sort_keys=True, default=str))
         if key not in cache:
-            cache[key] = service_class(config.service).Params.model_validate(config.params)
+            cache[key] = params_model(config.service).model_validate(config.params)
         return cache[key]
 
     @property
@@ -129,17 +130,6 @@ class Pipeline(Strict):
         """This pipeline's own folder under `state_dir` (two pipelines never share one)."""
         port = self.handler.command.rsplit(":", 1)[-1]
         return Path(self.handler.state_dir) / f"{self.name or 'pipeline'}-{port}"
-
-
-def service_class(service: str) -> type:
-    """The runtime class of a service package (`services/<service>/service.py`, `Service`)."""
-    try:
-        module = importlib.import_module(f"services.{service}.service")
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("services."):
-            raise LookupError(service) from None
-        raise
-    return module.Service
 
 
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

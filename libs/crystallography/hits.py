@@ -16,6 +16,8 @@ import numpy as np
 
 CLASSES = ("misses", "hits")
 """Class 0 and class 1, by the names their sums travel and are written under."""
+PEAK_FIELDS = ("fs", "ss", "intensity", "num_pixels", "max_pixel_intensity", "sigma", "snr")
+"""A peak list's arrays, by the names a peak record carries them under (peakfinder8.py's `Peaks`)."""
 
 
 def is_hit(n_peaks: int, min_peaks: int, max_peaks: int) -> bool:

@@ -24,37 +24,16 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from libs.crystallography.hits import PEAK_FIELDS
 from libs.crystallography.layouts import Layout
+from libs.crystallography.params import Peakfinder8Params
 
 F32 = np.float32
 FLT_MAX = F32(np.finfo(np.float32).max)
 FLT_MIN = F32(np.finfo(np.float32).tiny)
 """What an emptied radial bin's limits become (C's FLT_MAX, FLT_MIN: the smallest positive float)."""
 RADIAL_ROUNDS = 5
-
-
-class Peakfinder8Params(BaseModel):
-    """OM's peakfinder8 parameters, under OM's names (radii in pixels)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    max_num_peaks: int = Field(2048, ge=1, le=100_000, description="peaks stored per frame")
-    adc_threshold: float = Field(100.0, description="floor of the per-radius detection threshold")
-    minimum_snr: float = Field(6.0, gt=0, description="sigma-clipping factor and signal-to-noise cut")
-    min_pixel_count: int = Field(2, ge=1)
-    max_pixel_count: int = Field(30, ge=1)
-    local_bg_radius: int = Field(4, ge=1, le=64, description="local background: a disc of twice this radius")
-    min_res: float = Field(0.0, ge=0, description="pixels nearer the beam centre are not searched")
-    max_res: float = Field(1e6, gt=0, description="pixels farther from the beam centre are not searched")
-
-    @model_validator(mode="after")
-    def _ranges(self) -> Peakfinder8Params:
-        if self.min_pixel_count > self.max_pixel_count:
-            raise ValueError(f"min_pixel_count {self.min_pixel_count} > max_pixel_count {self.max_pixel_count}")
-        if self.min_res >= self.max_res:
-            raise ValueError(f"min_res {self.min_res} >= max_res {self.max_res}: no pixel would be searched")
-        return self
 
 
 @dataclass(frozen=True)
@@ -81,9 +60,6 @@ class Peaks:
 
     def as_arrays(self) -> dict[str, np.ndarray]:
         return {name: getattr(self, name) for name in PEAK_FIELDS}
-
-
-PEAK_FIELDS = ("fs", "ss", "intensity", "num_pixels", "max_pixel_intensity", "sigma", "snr")
 
 
 class PeakFinder8:

@@ -26,32 +26,16 @@ import logging
 import time
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
 from libs.common import processing
-from libs.common.contracts import WRITER_OUTPUT_DIR
 from libs.common.errors import ParameterError, PipelineError, SurveyorError
 from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
 from libs.common.processing_wire import END_RECORD, RECORD, ProcessingError, from_record, to_feedback
 from libs.common.runtime import Service as Runtime, Token
 from services.collecting_node import previews, result_file
+from services.collecting_node.params import Params
 
 logger = logging.getLogger(__name__)
-
-
-class Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    processing: str = Field(description="the Processing class: 'package.module:Class' or 'path/to/file.py:Class'")
-    parameters: dict[str, Any] = Field(default_factory=dict, description="given to the class as `parameters`")
-    output_dir: str = Field(WRITER_OUTPUT_DIR, description="where <scan_id>.<stage>.h5 goes")
-    preview_interval_s: float = Field(1.0, gt=0, le=3600)
-    idle_s: float = Field(0.5, gt=0, le=3600, description="wait_for_data runs when no record came for this long")
-
-    @field_validator("processing")
-    @classmethod
-    def _spec(cls, value: str) -> str:
-        return processing.check_spec(value)
 
 
 class Service(Runtime):

@@ -20,7 +20,6 @@ import logging
 import shutil
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
 from libs.common import checkpoint
 from libs.common.contracts import CALIBRATION
@@ -28,17 +27,12 @@ from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
 from libs.common.runtime import Service as Runtime, Token
 from services.dark_worker.dark_statistics import DarkStatistics, centre_of_mass
+from services.dark_worker.params import Params
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "calibration.npz"
 SAVE_RETRY_S = 2.0
-
-
-class Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    hot_factor: float = Field(10.0, gt=1, description="hot: dark variance above this x the median")
-    centre_frames: int = Field(0, ge=0, le=1000, description="data frames to find the centre in, if not given")
 
 
 class Service(Runtime):

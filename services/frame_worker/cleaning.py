@@ -5,32 +5,16 @@ Dark subtraction, ADU to photons, a threshold below one photon, bad and saturate
 a crop around the diffraction centre, then downsampling to the reconstruction size either by
 cropping in Fourier space (which keeps the pattern's sampling exact when the exit wave fits in
 half the frame) or by binning. Only the cropped window is ever touched, so the cost does not grow
-with the detector.
+with the detector. The parameters, `CleaningParams`, are in params.py with the stage's (light: any
+process validates them without loading scipy).
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import scipy.fft
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-
-class CleaningParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    crop: int = Field(512, ge=8, description="raw pixels cut around the diffraction centre")
-    size: int = Field(128, ge=8, description="clean frame size N; crop must be a multiple of it")
-    downsample: Literal["fourier", "bin"] = "fourier"
-    photon_threshold: float = Field(0.5, ge=0, description="photons per raw pixel below which it is 0")
-    saturation_adu: int = Field(65535, ge=1, description="raw values at or above this are masked")
-
-    @model_validator(mode="after")
-    def _multiple(self) -> CleaningParams:
-        if self.crop % self.size:
-            raise ValueError(f"crop ({self.crop}) must be a multiple of size ({self.size})")
-        return self
+from services.frame_worker.params import CleaningParams
 
 
 def clean_frame(raw: np.ndarray, *, dark: np.ndarray | None, bad: np.ndarray | None,

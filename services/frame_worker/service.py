@@ -17,21 +17,15 @@ import logging
 import time
 
 import numpy as np
-from pydantic import Field
 
 from libs.common.contracts import CALIBRATION, FRAMES_HEADER, header_name
 from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
 from libs.common.runtime import Service as Runtime, Token
-from services.frame_worker.cleaning import CleaningParams, clean_frame, static_mask
+from services.frame_worker.cleaning import clean_frame, static_mask
+from services.frame_worker.params import Params
 
 logger = logging.getLogger(__name__)
-
-
-
-class Params(CleaningParams):
-    calibration_timeout_s: float = Field(
-        60.0, gt=0, description="give up on frames held for the calibration this long after the first one")
 
 
 class Service(Runtime):

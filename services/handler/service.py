@@ -33,8 +33,9 @@ from libs.common.loop import drain, stop_on_signals
 from libs.common.messages import (Abort, Configure, Event, Heartbeat, Ping, Preview, Register, RegisterReply,
                                   ScanCounters, ScanDescription, ServiceIdentity, Shutdown, SourceDone, StartScan,
                                   Status, Tell, Unregister)
-from libs.common.pipeline import Pipeline, service_class
+from libs.common.pipeline import Pipeline
 from libs.common.ports import DEFERRED, CommandPort, Envelope
+from libs.common.stages import params_model
 from services.handler.journal import Journal
 from services.handler.registry import Registry
 from services.handler.scans import ScanBook, ScanRecord
@@ -564,7 +565,7 @@ class Handler:
             raise MessageError(f"no stage {name!r}; stages are {sorted(self.pipeline.stages)}")
         merged = {**stage.params, **request.args.params}
         try:
-            params = service_class(stage.service).Params.model_validate(merged)
+            params = params_model(stage.service).model_validate(merged)
         except ValidationError as exc:
             raise ParameterError(f"stage {name}: {messages.describe(exc)}; "
                                  "the parameters in force did not change") from None

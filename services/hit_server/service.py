@@ -30,22 +30,14 @@ from collections import deque
 import msgpack
 import numpy as np
 import zmq
-from pydantic import BaseModel, ConfigDict, Field
 
 from libs.common.frames import Frame
 from libs.common.runtime import Service as Runtime
 from libs.crystallography import detector
-from libs.crystallography.peakfinder8 import PEAK_FIELDS
+from libs.crystallography.hits import PEAK_FIELDS
+from services.hit_server.params import Params
 
 logger = logging.getLogger(__name__)
-
-
-class Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    endpoint: str = Field("tcp://127.0.0.1:12322", description="where indexers connect (OM's default port, "
-                          "loopback: bind tcp://*:PORT for indexers on other hosts)")
-    buffer: int = Field(20, ge=1, le=1000, description="newest hits kept, and requests waiting")
-    flatfield: bool = Field(True, description="as the peak stage: apply the detector's flatfield unless it did")
 
 
 def beyond_loopback(endpoint: str) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
 from libs.common.contracts import FRAMES_HEADER
 from libs.common.frames import Frame
@@ -17,11 +16,7 @@ from libs.common.messages import ScanDescription
 from libs.common.runtime import Service as Runtime
 from libs.ptychography import optics
 from services.image_worker import stxm
-
-
-class Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    preview_interval_s: float = Field(2.0, gt=0)
+from services.image_worker.params import Params
 
 
 class Service(Runtime):

@@ -8,16 +8,9 @@ from __future__ import annotations
 
 import time
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from libs.common.frames import Frame
 from libs.common.runtime import Service as Runtime
-
-
-class Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    offset: int = Field(0, ge=0, le=1000, description="added to every pixel")
-    delay_s: float = Field(0.0, ge=0, le=10, description="simulated work per frame")
+from services.passthrough.params import Params
 
 
 class Service(Runtime):

@@ -29,7 +29,6 @@ import logging
 import time
 
 import numpy as np
-from pydantic import Field, model_validator
 
 from libs.common.contracts import PEAKS
 from libs.common.frames import ArraySpec, Frame
@@ -39,25 +38,13 @@ from libs.crystallography import detector
 from libs.crystallography.corrections import Corrections
 from libs.crystallography.hits import CLASSES, ClassSums, SumsDelta, is_hit
 from libs.crystallography.layouts import Layout, radius_map
-from libs.crystallography.peakfinder8 import PeakFinder8, Peakfinder8Params
+from libs.crystallography.params import Peakfinder8Params
+from libs.crystallography.peakfinder8 import PeakFinder8
+from services.peak_worker.params import Params
 
 logger = logging.getLogger(__name__)
 
 """`meta.kind` of a record."""
-
-
-class Params(Peakfinder8Params):
-    min_peaks: int = Field(10, ge=0, description="a hit has at least this many peaks")
-    max_peaks: int = Field(100_000, ge=0, description="and at most this many")
-    asic_shape: tuple[int, int] | None = Field(None, description="ASIC (rows, columns); default from the scan")
-    flatfield: bool = Field(True, description="apply the detector's flatfield unless it did")
-    sums_interval_s: float = Field(2.0, gt=0, le=60, description="how often the class sums go downstream")
-
-    @model_validator(mode="after")
-    def _hit_range(self) -> Params:
-        if self.min_peaks > self.max_peaks:
-            raise ValueError(f"min_peaks {self.min_peaks} > max_peaks {self.max_peaks}: nothing would be a hit")
-        return self
 
 
 class Service(Runtime):

@@ -26,27 +26,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
 from libs.common import processing
 from libs.common.errors import ParameterError
 from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
 from libs.common.processing_wire import END_FRAME, END_RECORD, RECORD, from_feedback, to_record
 from libs.common.runtime import Service as Runtime, Token
+from services.processing_node.params import Params
 
 logger = logging.getLogger(__name__)
-
-
-class Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    processing: str = Field(description="the Processing class: 'package.module:Class' or 'path/to/file.py:Class'")
-    parameters: dict[str, Any] = Field(default_factory=dict, description="given to the class as `parameters`")
-
-    @field_validator("processing")
-    @classmethod
-    def _spec(cls, value: str) -> str:
-        return processing.check_spec(value)
 
 
 class Service(Runtime):

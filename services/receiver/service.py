@@ -40,11 +40,11 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Iterator, Literal
+from typing import Iterator
 
 import numpy as np
 import zmq
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel
 from zmq.utils.monitor import recv_monitor_message
 
 from libs.common import codecs, messages
@@ -54,6 +54,7 @@ from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
 from libs.common.runtime import Service as Runtime
 from libs.simulation.synthetic import synthetic_frame
+from services.receiver.params import MIB, Params
 from services.receiver.replay import replay_events
 from services.receiver.republish import Republisher
 
@@ -65,30 +66,6 @@ REPORT_PERIOD_S = 1.0
 RETRY_S = 0.5
 LINK_RETRY_S = 0.5
 """A detector link that went down and was not retried within this long was closed for good."""
-MIB = 2**20
-
-
-class Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    protocol: Literal["synthetic", "replay", "stream1", "stream2", "stins"] = "synthetic"
-    source: str = Field("", description="detector endpoint to connect PULL to, or the file to replay")
-    series_timeout_s: float = Field(30.0, gt=0, description="close a series silent this long")
-    republish: str = Field("", description="PUSH endpoint to bind for STINS re-publication; empty: off")
-    rate_hz: float = Field(0.0, ge=0, description="replay pace; 0 = as fast as the pipeline takes")
-    dataset: str = Field("", description="replay: the frame stack's path in the file; empty: look for it")
-    buffer_frames: int = Field(1000, ge=1, le=100_000,
-                               description="messages queued from the detector before it is made to wait")
-    buffer_mb: float = Field(1024, gt=0, description="and fewer if needed so that they fill at most this many "
-                             "MiB, were every one of max_message_bytes")
-    max_message_bytes: int = Field(256 * MIB, ge=4096, description="a larger message part from the detector is "
-                                   "dropped (ZeroMQ MAXMSGSIZE), counted as rejected and reported")
-
-    @model_validator(mode="after")
-    def _source_given(self) -> Params:
-        if self.protocol != "synthetic" and not self.source:
-            what = "the file to replay" if self.protocol == "replay" else "the detector's endpoint"
-            raise ValueError(f"protocol {self.protocol} needs `source`: {what}")
-        return self
 
 
 def queue_length(params: Params) -> int:

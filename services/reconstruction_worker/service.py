@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
 from libs.common import checkpoint
 from libs.common.contracts import FRAMES_HEADER, RESULT, header_name
@@ -40,6 +39,7 @@ from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
 from libs.common.runtime import Service as Runtime, Token
 from libs.ptychography import optics
+from services.reconstruction_worker.params import Params
 from services.reconstruction_worker.raar import StreamingRaar
 
 logger = logging.getLogger(__name__)
@@ -47,22 +47,6 @@ logger = logging.getLogger(__name__)
 POLL_S = 0.2
 STATE = "solver.npz"
 BATCHES = "batch-*.npz"
-
-
-class Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    beta: float = Field(0.8, gt=0, le=1, description="RAAR relaxation (1 = difference map)")
-    iterations: int = Field(40, ge=0, le=10000, description="iterations after the last frame")
-    tolerance: float = Field(1e-5, ge=0, description="stop early when the exit-wave change is below this")
-    min_frames: int = Field(8, ge=1, description="frames needed before the first iteration")
-    probe_fraction: float = Field(1.0, ge=0, le=1, description="refine the probe once this part of the scan is in")
-    preview_interval_s: float = Field(3.0, gt=0)
-    idle_s: float = Field(30.0, gt=0, description="finish with the frames received after this long without one")
-    threads: int = Field(1, ge=1, le=64, description="FFT threads")
-    checkpoint_interval_s: float = Field(0.5, gt=0, le=60, description="frames are saved (then acknowledged) "
-                                         "at least this often")
-    checkpoint_frames: int = Field(64, ge=1, le=100_000, description="or as soon as this many wait")
-    state_interval_s: float = Field(5.0, gt=0, description="the solver's object and probe are saved this often")
 
 
 class Engine(threading.Thread):

@@ -43,15 +43,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from libs.common.contracts import PEAKS, WRITER_OUTPUT_DIR, raw_path
+from libs.common.contracts import PEAKS, raw_path
 from libs.common.errors import FrameError, SurveyorError
 from libs.common.frames import ArraySpec, Frame
 from libs.common.messages import ScanDescription, ServiceStats
 from libs.common.runtime import Service as Runtime, Token
 from services.writer.disk import (EPOCH_ATTR, IO_ERRORS, MB, RETRYABLE, SCAN_ATTR, Parts, Space, advice,
                                   error_number, free_bytes, open_part)
+from services.writer.params import Params
 from services.writer.ptycho_file import PtychoFile
 from services.writer.raw_file import RawFile
 from services.writer.sx_file import SxFile
@@ -61,17 +60,6 @@ logger = logging.getLogger(__name__)
 
 FLUSH_FRAMES = 1000
 """Flush at least this often too: unflushed frames stay in the producer's ledger until then."""
-
-
-class Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    output_dir: str = WRITER_OUTPUT_DIR
-    flush_interval_s: float = Field(0.25, gt=0, le=60, description="longest time written frames stay unflushed")
-    preview_interval_s: float = Field(1.0, gt=0, description="crystallography: aggregates to front-ends this often")
-    hit_rate_window: int = Field(100, ge=1, description="crystallography: the hit rate is over this many frames")
-    reserve_mb: float = Field(64, ge=0, description="free space left on the output file system: below it the "
-                              "writer holds frames and waits (HDF5 then seldom meets a full disk mid-write)")
-    retry_s: float = Field(1.0, gt=0, le=60, description="how often a write that failed is tried again")
 
 
 class OutputError(SurveyorError):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.hit_server.service import Params, beyond_loopback
+from services.hit_server.params import Params
+from services.hit_server.service import beyond_loopback
 
 
 @pytest.mark.parametrize(("endpoint", "beyond"), [

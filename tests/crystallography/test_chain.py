@@ -22,7 +22,7 @@ from scipy.constants import electron_volt
 
 from libs.crystallography.hits import is_hit
 from libs.simulation.sx import SxScan
-from services.peak_worker.service import Params
+from services.peak_worker.params import Params
 from tests.conftest import FALSE_DOWN, REPO, SHARED, free_endpoints, free_port, wait_for
 from tests.crystallography.test_science import finder_for
 from tests.field_tools import hdf5_110_pixels, hdf5_110_reads, validate_cxi

@@ -9,7 +9,8 @@ from libs.crystallography.corrections import Corrections
 from libs.crystallography.hits import ClassSums, HitRate, add_to_powder, is_hit
 from libs.crystallography.layouts import LAYOUTS, Layout, radius_map
 from libs.crystallography.matching import matched
-from libs.crystallography.peakfinder8 import PeakFinder8, Peakfinder8Params
+from libs.crystallography.params import Peakfinder8Params
+from libs.crystallography.peakfinder8 import PeakFinder8
 from libs.simulation.sx import SxScan
 
 PARAMS = Peakfinder8Params(adc_threshold=20, minimum_snr=6, min_pixel_count=2, max_pixel_count=40,

@@ -14,7 +14,7 @@ import pytest
 
 from libs.common import client
 from libs.simulation.sx import SxScan
-from services.peak_worker.service import Params
+from services.peak_worker.params import Params
 from tests.conftest import free_port, wait_for
 from tests.crystallography.test_chain import PIPELINE, overrides, recompute
 from tests.field_tools import hdf5_110_reads, validate_cxi

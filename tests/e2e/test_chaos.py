@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from libs.simulation.sx import SxScan
-from services.peak_worker.service import Params
+from services.peak_worker.params import Params
 from tests import chaos
 from tests.crystallography.test_chain import recompute
 from tests.conftest import free_endpoints, free_port, ingest_pipeline, synthetic_pipeline, wait_for

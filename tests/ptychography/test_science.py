@@ -11,8 +11,8 @@ from libs.ptychography import optics
 from libs.ptychography.quality import illuminated, score
 from libs.simulation.ptycho import PtychoScan
 from services.dark_worker.dark_statistics import DarkStatistics, centre_of_mass
-from services.frame_worker.cleaning import (CleaningParams, bin_downsample, clean_frame, fourier_downsample,
-                                           static_mask)
+from services.frame_worker.cleaning import bin_downsample, clean_frame, fourier_downsample, static_mask
+from services.frame_worker.params import CleaningParams
 from services.image_worker import stxm
 from services.reconstruction_worker.raar import StreamingRaar
 

@@ -1,0 +1,25 @@
+"""The collecting node's parameters (`[stages.NAME.params]` of a pipeline). Light (pydantic and libs only),
+so that every process can check every stage's parameters (libs/common/stages.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from libs.common import processing
+from libs.common.contracts import WRITER_OUTPUT_DIR
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    processing: str = Field(description="the Processing class: 'package.module:Class' or 'path/to/file.py:Class'")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="given to the class as `parameters`")
+    output_dir: str = Field(WRITER_OUTPUT_DIR, description="where <scan_id>.<stage>.h5 goes")
+    preview_interval_s: float = Field(1.0, gt=0, le=3600)
+    idle_s: float = Field(0.5, gt=0, le=3600, description="wait_for_data runs when no record came for this long")
+
+    @field_validator("processing")
+    @classmethod
+    def _spec(cls, value: str) -> str:
+        return processing.check_spec(value)

@@ -1,0 +1,22 @@
+"""The reconstruction stage's parameters (`[stages.NAME.params]` of a pipeline). Light (pydantic and libs only),
+so that every process can check every stage's parameters (libs/common/stages.py)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    beta: float = Field(0.8, gt=0, le=1, description="RAAR relaxation (1 = difference map)")
+    iterations: int = Field(40, ge=0, le=10000, description="iterations after the last frame")
+    tolerance: float = Field(1e-5, ge=0, description="stop early when the exit-wave change is below this")
+    min_frames: int = Field(8, ge=1, description="frames needed before the first iteration")
+    probe_fraction: float = Field(1.0, ge=0, le=1, description="refine the probe once this part of the scan is in")
+    preview_interval_s: float = Field(3.0, gt=0)
+    idle_s: float = Field(30.0, gt=0, description="finish with the frames received after this long without one")
+    threads: int = Field(1, ge=1, le=64, description="FFT threads")
+    checkpoint_interval_s: float = Field(0.5, gt=0, le=60, description="frames are saved (then acknowledged) "
+                                         "at least this often")
+    checkpoint_frames: int = Field(64, ge=1, le=100_000, description="or as soon as this many wait")
+    state_interval_s: float = Field(5.0, gt=0, description="the solver's object and probe are saved this often")
