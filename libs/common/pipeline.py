@@ -193,7 +193,7 @@ def from_dict(tree: dict[str, Any], *, origin: str = "<pipeline>") -> Pipeline:
             pipeline.params(name)
         except LookupError:
             raise PipelineError(f"{origin}: stages.{name}.service = {stage.service!r} is not a "
-                                f"Surveyor service (a package services/<name>/ with service.py)") from None
+                                f"Surveyor service (a package services/<name>/ with params.py and service.py)") from None
         except ValidationError as exc:
             raise PipelineError(f"{origin}: stages.{name}.params: {describe(exc)}") from None
     return pipeline

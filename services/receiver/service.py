@@ -55,7 +55,7 @@ from libs.common.messages import ScanDescription
 from libs.common.runtime import Service as Runtime
 from libs.simulation.synthetic import synthetic_frame
 from services.receiver.params import MIB, Params
-from services.receiver.replay import replay_events
+from libs.common.detector.replay import replay_events
 from services.receiver.republish import Republisher
 
 logger = logging.getLogger(__name__)

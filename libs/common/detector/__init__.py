@@ -8,6 +8,8 @@ single definition of every format:
     stream2   DECTRIS Stream V2 (one CBOR map per message: start, image, end)
     stins     MAX IV streaming-receiver secondary port (header, image, series_end)
 
+and `replay` streams an HDF5 file's frames as a detector would (offline runs, `surveyor process`).
+
 `decode` validates everything before a C decoder sees a byte (JSON/CBOR well-formedness, part
 counts, sizes, the bitshuffle framing) and raises `StreamError` saying what is wrong. A header
 part that cannot be used (an empty or misfitting flatfield, pixel mask or count-rate blob, an
