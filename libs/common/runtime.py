@@ -39,6 +39,7 @@ from libs.common.errors import FrameError, MessageError, ParameterError, Surveyo
 from libs.common.flow import HEADER, RESENT, Inlet, Outlet
 from libs.common.frames import Frame, decode
 from libs.common.handler_link import HandlerLink, OnReply
+from libs.common.hooks import Hooks
 from libs.common.ledger import Ledger, Token
 from libs.common.loop import readable, stop_on_signals
 from libs.common.messages import (Abort, Configure, Ping, ScanCounters, ScanDescription, ScanEnd,
@@ -66,7 +67,7 @@ def advertised(host: str) -> str:
     return net.gethostname() if host in ("0.0.0.0", "*", "") else host
 
 
-class Service:
+class Service(Hooks):
     """Base of every Surveyor service process; see the module docstring for the contract."""
 
     Params: ClassVar[type[BaseModel]] = NoParams
@@ -137,55 +138,6 @@ class Service:
         self._link = HandlerLink(self.context, self._poller, handler, self.instance.encode(),
                                  lambda request, envelope: self._dispatch(request, envelope, self._link.port),
                                  heartbeat_s=pipeline.handler.heartbeat_s, liveness=pipeline.handler.liveness)
-
-    # --- hooks for services -------------------------------------------------------------------
-
-    def on_frame(self, frame: Frame) -> None:
-        """Handle one input frame; call `emit` for what goes downstream."""
-
-    def produce(self) -> float | None:
-        """Sources: emit the next frames of the current scan. Return seconds until the next call
-        is wanted (0 = at once), or None when there is nothing to do until something changes."""
-        return None
-
-    def on_duplicate(self, frame: Frame) -> None:
-        """A frame this process already took came again (its producer re-sent it after a link or
-        a process was lost). It is not processed again; a sink that merges partial results riding
-        on frames (class sums) takes what the first copy's may have lost. `hold` works as in
-        `on_frame`."""
-
-    def on_rejoin(self) -> None:
-        """This process was declared dead (stalled) and registered again: its producers have sent
-        what it held to the others, where it is derived again. Drop partial results of those
-        frames that have not left yet (a sum over many frames), or they would count twice."""
-
-    def on_scan_start(self, scan: ScanDescription) -> None:
-        """A scan starts; `self.scan` and `self.epoch` are already set. Raise a SurveyorError to
-        refuse it (an output directory that cannot take it): the handler then starts nothing."""
-
-    def on_header(self, header: Frame) -> None:
-        """A scan header arrived (`self.headers[header_name(header)]`): the detector's (geometry,
-        flatfield, pixel mask; also `self.header`) or another stage's (a calibration). Before
-        any frame that follows it from the same producer. Passed on downstream unless a service
-        overrides this."""
-        self.send_header(header)
-
-    def on_scan_end(self) -> None:
-        """Every frame of the scan has been delivered; finish its outputs (counters in `self.counters`)."""
-
-    def on_abort(self) -> int:
-        """Drop what the service holds of the current scan; return how many frames that was."""
-        return 0
-
-    def on_configure(self, params: BaseModel, changed: set[str]) -> None:
-        """New parameters are in force from the next frame (`self.params` is already `params`);
-        `changed` names those whose value changed: rebuild only what they invalidate."""
-
-    def on_told(self, body: dict[str, Any]) -> None:
-        """A message from a process of another stage (`tell`), relayed by the handler."""
-
-    def close(self) -> None:
-        """Release what the service opened (files); called once when the loop ends."""
 
     # --- API for services ---------------------------------------------------------------------
 
@@ -703,7 +655,6 @@ class Service:
         scan = self.scan.scan_id if self.scan else None
         dropped = self._new_epoch(max(args.epoch, self.epoch))
         self.scan = None
-        self._ending = None
         logger.info("scan %s aborted: dropped %d frames; now at epoch %d", scan, dropped, self.epoch)
         return {"dropped": dropped}
 
