@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from libs.common import processing
 from libs.common.detector import PROTOCOLS, Event, Image, SeriesStart, StreamError
-from libs.common.errors import PipelineError
+from libs.common.errors import PipelineError, ProcessingError
 from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
 from libs.common.pipeline import load as load_pipeline, set_dotted
@@ -50,7 +50,7 @@ def run(*, spec: str, source: str, params: list[tuple[str, Any]], pipeline: str 
         cls = processing.load(spec)
         parameters = _parameters(pipeline, params)
         scan, frames, total = _open(Path(source), protocol=protocol, dataset=dataset)
-    except (processing.ProcessingError, PipelineError, StreamError, OSError) as exc:
+    except (ProcessingError, PipelineError, StreamError, OSError) as exc:
         raise SystemExit(f"surveyor process: {exc}") from None
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
@@ -58,7 +58,7 @@ def run(*, spec: str, source: str, params: list[tuple[str, Any]], pipeline: str 
         try:
             done = processing.run_offline(cls, parameters=parameters, frames=frames,
                                           on_frame=lambda n: progress.update(task, completed=n))
-        except (processing.ProcessingError, StreamError) as exc:
+        except (ProcessingError, StreamError) as exc:
             raise SystemExit(f"surveyor process: {exc}") from None
         progress.update(task, total=done.frames)  # a series may end short of what its header announced
     failed = f", {done.failed} failed (the first one's traceback is above)" if done.failed else ""

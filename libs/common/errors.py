@@ -5,7 +5,8 @@
     ├── MessageError       a command or reply that does not follow the schema
     │   └── UnknownCommand a well-formed request whose `cmd` this service does not serve
     ├── FrameError         a data message that cannot be a frame (parts, sizes, header)
-    └── ParameterError     a stage parameter value that is refused (the old value stays)
+    ├── ParameterError     a stage parameter value that is refused (the old value stays)
+    └── ProcessingError    a Processing class that cannot be loaded or run as written, or broke the contract
 
 At a port every one of them becomes an `ok: false` reply or a counted rejection, never a crash.
 The `type` of such a reply is the class name, so front-ends can tell them apart.
@@ -34,3 +35,7 @@ class FrameError(SurveyorError):
 
 class ParameterError(SurveyorError):
     """A refused parameter value; the value in force does not change."""
+
+
+class ProcessingError(SurveyorError):
+    """A Processing class that cannot be loaded or run as written, or one that broke the contract."""

@@ -104,9 +104,10 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from libs.common.contracts import END_RECORD, RECORD
+from libs.common.errors import ProcessingError
 from libs.common.frames import Frame
-from libs.common.processing_wire import (END_FRAME, END_RECORD, RECORD, ProcessingError, from_feedback, from_record,
-                                         to_feedback, to_record, travel)
+from libs.common.processing_wire import END_FRAME, from_feedback, from_record, to_feedback, to_record, travel
 
 logger = logging.getLogger(__name__)
 

@@ -26,22 +26,14 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from libs.common.errors import SurveyorError
+from libs.common.errors import ProcessingError
 from libs.common.frames import Frame, decode
 from libs.common.messages import MAX_COMMAND_BYTES
 
-RECORD = "processed"
-"""Record kind (`meta["kind"]`): one frame's `process_data` dict, with the frame's identity."""
-END_RECORD = "processing_end"
-"""Record kind: a processing node's `end_processing_on_processing_node` dict."""
 END_FRAME = 1 << 48
 """End records are numbered END_FRAME + rank: apart from every frame, one per node."""
 FEEDBACK_CHARS = MAX_COMMAND_BYTES - 4096
 """Feedback travels in one command to the handler (with room for the rest of the command)."""
-
-
-class ProcessingError(SurveyorError):
-    """A Processing class that cannot be loaded or run as written, or one that broke the contract."""
 
 
 KeyPath = tuple[str | int, ...]

@@ -11,7 +11,7 @@ import re
 import numpy as np
 
 from libs.common import messages
-from libs.common.processing_wire import ProcessingError
+from libs.common.errors import ProcessingError
 
 PREVIEW_TYPES = {"b": "|u1", "u1": "|u1", "u2": "<u2", "u4": "<u4", "i1": "<i4", "i2": "<i4", "i4": "<i4",
                  "f2": "<f4", "f4": "<f4", "f8": "<f8", "c8": "<c8", "c16": "<c8"}

@@ -24,11 +24,12 @@ import time
 from typing import Any
 
 from libs.common import processing
-from libs.common.errors import PipelineError, SurveyorError
+from libs.common.contracts import END_RECORD, RECORD
+from libs.common.errors import PipelineError, ProcessingError, SurveyorError
 from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
 from libs.common.processing_stage import ProcessingStage
-from libs.common.processing_wire import END_RECORD, RECORD, ProcessingError, from_record, to_feedback
+from libs.common.processing_wire import from_record, to_feedback
 from libs.common.runtime import Token
 from services.collecting_node import previews, result_file
 from services.collecting_node.params import Params

@@ -19,10 +19,11 @@ import logging
 from typing import Any
 
 from libs.common import processing
+from libs.common.contracts import END_RECORD, RECORD
 from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
 from libs.common.processing_stage import ProcessingStage
-from libs.common.processing_wire import END_FRAME, END_RECORD, RECORD, from_feedback, to_record
+from libs.common.processing_wire import END_FRAME, from_feedback, to_record
 from libs.common.runtime import Token
 from services.processing_node.params import Params
 

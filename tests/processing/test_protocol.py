@@ -12,9 +12,10 @@ import pytest
 
 from libs.cli import process
 from libs.common import codecs, processing
+from libs.common.contracts import END_RECORD, RECORD
+from libs.common.errors import ProcessingError
 from libs.common.frames import ArraySpec, Frame
-from libs.common.processing_wire import (END_FRAME, END_RECORD, RECORD, from_feedback, from_record, to_feedback,
-                                         to_record, travel)
+from libs.common.processing_wire import END_FRAME, from_feedback, from_record, to_feedback, to_record, travel
 from services.collecting_node import result_file
 from tests.conftest import SHARED
 
@@ -90,7 +91,7 @@ def test_load_errors_say_what_where_and_what_to_do(tmp_path, spec, says):
     (directory / "half.py").write_text("class Half:\n    def initialize_processing_node(self, **_): pass\n"
                                        "    def process_data(self, **_): pass\n")
     (directory / "needs.py").write_text("import not_installed_anywhere\n")
-    with pytest.raises(processing.ProcessingError) as error:
+    with pytest.raises(ProcessingError) as error:
         processing.load(spec.format(dir=directory))
     assert says.format(dir=directory) in str(error.value)
 
@@ -98,7 +99,7 @@ def test_load_errors_say_what_where_and_what_to_do(tmp_path, spec, says):
 def test_rank_is_the_number_of_the_process_name():
     assert processing.rank_of("processing.2", "processing") == 2
     for name in ("processing.0", "processing.x", "worker.1", "processing"):
-        with pytest.raises(processing.ProcessingError, match="start it with --name processing.N"):
+        with pytest.raises(ProcessingError, match="start it with --name processing.N"):
             processing.rank_of(name, "processing")
 
 
@@ -140,7 +141,7 @@ def test_records_and_feedback_carry_nested_arrays_and_json_values_never_pickle()
     for bad, says in (({"names": np.array(["a"])}, "the array at ['names'] is <U1; only numeric arrays travel"),
                       ({"by_rank": {1: 2}}, "the dict at ['by_rank'] has keys [1] that are not strings"),
                       ({"s": {1, 2}}, "set at ['s'] cannot travel"), ([1], "returned list for the collector")):
-        with pytest.raises(processing.ProcessingError) as error:
+        with pytest.raises(ProcessingError) as error:
             to_record(bad, kind=RECORD, rank=1, frame=0, scan_id="s1", epoch=0, origin="p", where="C.process_data")
         assert str(error.value).startswith("C.process_data") and says in str(error.value)
 
@@ -176,11 +177,11 @@ def test_offline_driver_counts_a_failing_frame_and_goes_on(tmp_path, caplog):
 
 def test_a_class_that_breaks_the_contract_is_told_how(tmp_path):
     cls = processing.load(f"{write_class(tmp_path)}:Tally")
-    with pytest.raises(processing.ProcessingError, match=r"__init__ or initialize_processing_node failed: KeyError"):
+    with pytest.raises(ProcessingError, match=r"__init__ or initialize_processing_node failed: KeyError"):
         processing.ProcessingNode(cls, parameters={}, rank=1, pool_size=2)
     node = processing.ProcessingNode(cls, parameters={"scale": 1}, rank=1, pool_size=2)
     node.instance.process_data = lambda **_: {"no": "rank"}
-    with pytest.raises(processing.ProcessingError, match=r"returned dict .*; it returns \(dict, node_rank\)"):
+    with pytest.raises(ProcessingError, match=r"returned dict .*; it returns \(dict, node_rank\)"):
         node.process(frames(1)[0])
 
 
@@ -246,5 +247,5 @@ def test_surveyor_process_runs_a_class_over_a_recorded_detector_stream(tmp_path,
 
 
 def test_feedback_too_large_for_the_handler_is_refused_with_what_to_do():
-    with pytest.raises(processing.ProcessingError, match="the handler relays at most .*send less"):
+    with pytest.raises(ProcessingError, match="the handler relays at most .*send less"):
         to_feedback({"background": np.zeros((512, 512))}, "C.collect_data")
