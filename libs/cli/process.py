@@ -28,13 +28,12 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from libs.common import processing
+from libs.common import processing, processing_result
 from libs.common.detector import PROTOCOLS, Event, Image, SeriesStart, StreamError
 from libs.common.errors import PipelineError, ProcessingError
 from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
 from libs.common.pipeline import load as load_pipeline, set_dotted
-from services.collecting_node import result_file
 from services.receiver.replay import replay_events
 
 logger = logging.getLogger(__name__)
@@ -66,10 +65,10 @@ def run(*, spec: str, source: str, params: list[tuple[str, Any]], pipeline: str 
     if done.result is None:
         console.log(f"{cls.__name__}.end_processing_on_collecting_node returned nothing: no result file")
     else:
-        path = result_file.result_path(out, scan.scan_id, stage)
+        path = processing_result.result_path(out, scan.scan_id, stage)
         try:
-            result_file.write(path, done.result, scan_id=scan.scan_id, stage=stage, processing=spec,
-                              parameters=parameters, frames=done.collected)
+            processing_result.write(path, done.result, scan_id=scan.scan_id, stage=stage, processing=spec,
+                                    parameters=parameters, frames=done.collected)
         except OSError as exc:
             raise SystemExit(f"surveyor process: the result was not written to {path}: {exc}; free space or "
                              "choose another --out") from None

@@ -5,7 +5,7 @@ feedback it returns to the processing nodes by rank (`tell`, relayed by the hand
 `wait_for_data` when no record came for `idle_s`, publishes the class's optional `preview` every
 `preview_interval_s` (`preview.<stage>`), and at the scan end, once the processing nodes' end
 records are in, writes what `end_processing_on_collecting_node` returns as
-`<output_dir>/<scan_id>.<stage>.h5` (result_file.py), named in the scan's outputs. What both
+`<output_dir>/<scan_id>.<stage>.h5` (libs/common/processing_result.py), named in the scan's outputs. What both
 nodes share (one instance per scan, records held before the scan start, a class that cannot be
 built, a live `configure`) is libs/common/processing_stage.py.
 
@@ -23,7 +23,7 @@ import logging
 import time
 from typing import Any
 
-from libs.common import processing
+from libs.common import processing, processing_result
 from libs.common.contracts import END_RECORD, RECORD
 from libs.common.errors import PipelineError, ProcessingError, SurveyorError
 from libs.common.frames import Frame
@@ -31,7 +31,7 @@ from libs.common.messages import ScanDescription
 from libs.common.processing_stage import ProcessingStage
 from libs.common.processing_wire import from_record, to_feedback
 from libs.common.runtime import Token
-from services.collecting_node import previews, result_file
+from services.collecting_node import previews
 from services.collecting_node.params import Params
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class Service(ProcessingStage[processing.CollectingNode]):
 
     def build(self, scan: ScanDescription) -> processing.CollectingNode:
         try:
-            result_file.result_path(self.params.output_dir, scan.scan_id, self.stage).parent.mkdir(
+            processing_result.result_path(self.params.output_dir, scan.scan_id, self.stage).parent.mkdir(
                 parents=True, exist_ok=True)
         except OSError as exc:
             raise SurveyorError(f"stage {self.stage}: cannot create output_dir {self.params.output_dir}: "
@@ -127,10 +127,11 @@ class Service(ProcessingStage[processing.CollectingNode]):
             return
         if result is None:
             return
-        path = result_file.result_path(self.params.output_dir, self.scan.scan_id, self.stage)
+        path = processing_result.result_path(self.params.output_dir, self.scan.scan_id, self.stage)
         try:
-            result_file.write(path, result, scan_id=self.scan.scan_id, stage=self.stage,
-                              processing=self.params.processing, parameters=node.parameters, frames=self._frames)
+            processing_result.write(path, result, scan_id=self.scan.scan_id, stage=self.stage,
+                                    processing=self.params.processing, parameters=node.parameters,
+                                    frames=self._frames)
         except (OSError, TypeError, ValueError) as exc:
             logger.exception("scan %s: result file %s not written", self.scan.scan_id, path)
             self.report("result_not_written", f"{self.name}: the result of scan {self.scan.scan_id} was not written "

@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 
 from libs.cli import process
-from libs.common import codecs, processing
+from libs.common import codecs, processing, processing_result
 from libs.common.contracts import END_RECORD, RECORD
 from libs.common.errors import ProcessingError
 from libs.common.frames import ArraySpec, Frame
 from libs.common.processing_wire import END_FRAME, from_feedback, from_record, to_feedback, to_record, travel
-from services.collecting_node import result_file
 from tests.conftest import SHARED
 
 CLASS = '''
@@ -186,10 +185,10 @@ def test_a_class_that_breaks_the_contract_is_told_how(tmp_path):
 
 
 def test_result_file_is_plain_hdf5_of_the_dict(tmp_path):
-    path = result_file.write(result_file.result_path(tmp_path, "s1", "collector"),
-                             {"profile": {"hits": np.ones(3), "bin_px": 4.0}, "hit_rate": 0.25, "name": "radial",
-                              "labels": ["a", "b"], "mixed": [{"a": 1}, 2], "none": None, "a/b": 1},
-                             scan_id="s1", stage="collector", processing="m:C", parameters={"x": 1}, frames=4)
+    path = processing_result.write(processing_result.result_path(tmp_path, "s1", "collector"),
+                                   {"profile": {"hits": np.ones(3), "bin_px": 4.0}, "hit_rate": 0.25, "name": "radial",
+                                    "labels": ["a", "b"], "mixed": [{"a": 1}, 2], "none": None, "a/b": 1},
+                                   scan_id="s1", stage="collector", processing="m:C", parameters={"x": 1}, frames=4)
     assert path.name == "s1.collector.h5" and not list(tmp_path.glob(".*partial"))
     with h5py.File(path, "r", libver=("earliest", "v110")) as f:
         assert f["profile/hits"][()].tolist() == [1, 1, 1] and f["profile/bin_px"][()] == 4.0

@@ -6,7 +6,8 @@ number or a string a scalar dataset, None an empty dataset; a list that is no ar
 dicts) is stored as its JSON text with the attribute `json = 1`, so nothing the class returned is
 dropped (a '/' in a key becomes '_': HDF5 reads it as a path). The root's attributes say where the file came from (scan, stage, class, parameters).
 Written beside its final name and renamed over it: a reader never sees half a result. Live (the
-collecting node) and offline (`surveyor process`) write the same file.
+collecting node) and offline (`surveyor process`) write the same file with this module, which
+opens no sockets and imports no service.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import numpy as np
 from libs.common.messages import VERSION
 
 LIBVER = ("earliest", "v110")
-"""As the writer's LIBVER_PLAIN (services/writer/disk.py, not imported: no stage imports another's
-package): no SWMR, so HDF5 1.10-1.14 read every object."""
+"""As the writer's LIBVER_PLAIN (services/writer/disk.py, not imported: libs import no service):
+no SWMR, so HDF5 1.10-1.14 read every object."""
 
 
 def result_path(output_dir: str | Path, scan_id: str, stage: str) -> Path:
