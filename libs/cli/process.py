@@ -34,7 +34,7 @@ from libs.common.errors import PipelineError, ProcessingError
 from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
 from libs.common.pipeline import load as load_pipeline, set_dotted
-from services.receiver.replay import replay_events
+from libs.common.detector.replay import replay_events
 
 logger = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -140,7 +140,7 @@ def _recorded(path: Path, protocol: str) -> Iterator[Event]:
 
 
 def _hdf5(path: Path, dataset: str) -> tuple[ScanDescription | None, Iterator[Event]]:
-    """The file's frames (services/receiver/replay.py), with what our raw file adds to its header:
+    """The file's frames (libs/common/detector/replay.py), with what our raw file adds to its header:
     the scan description, the beam centre, the detector's configuration, mask and flatfield."""
     events = replay_events(path, dataset)
     try:

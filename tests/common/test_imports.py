@@ -26,11 +26,6 @@ from libs.common.pipeline import PIPELINES_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = Path("libs/common/stages.py")
-LIBS_IMPORTING_SERVICES = {
-    Path("libs/cli/process.py"): "`surveyor process` writes the collecting node's result file and replays "
-                                 "recorded streams as the receiver does (issue 13: to move out of services/)",
-}
-"""Known exceptions to the libs rule, each with why; the test fails once one is no longer needed."""
 NUMBA_STAGES = {"peak_worker", "hit_server", "reconstruction_worker"}
 """Services whose own code runs numba kernels (peakfinder8, the detector corrections, RAAR's)."""
 SERVICES = sorted(p.parent.name for p in (ROOT / "services").glob("*/service.py") if p.parent.name != "handler")
@@ -81,7 +76,7 @@ def _violations(root: Path = ROOT) -> list[str]:
             if path.parts[0] == "services" and parts[1] != own:
                 found.append(f"{path}:{line}: `{lines[line - 1].strip()}` imports {name}, another service's "
                              f"package (what stages share lives in libs/)")
-            elif path.parts[0] == "libs" and path != STAGES and path not in LIBS_IMPORTING_SERVICES:
+            elif path.parts[0] == "libs" and path != STAGES:
                 found.append(f"{path}:{line}: `{lines[line - 1].strip()}` imports {name}: libs reach a "
                              f"service only through {STAGES}")
     return found
@@ -90,12 +85,6 @@ def _violations(root: Path = ROOT) -> list[str]:
 def test_no_service_imports_another_and_libs_import_services_only_through_stages():
     found = _violations()
     assert not found, "\n".join(["imports that load one stage's code in another's process:", *found])
-
-
-def test_the_known_exceptions_are_still_needed():
-    for path, why in LIBS_IMPORTING_SERVICES.items():
-        assert any(name.startswith("services.") for _, name in _imports(path)), \
-            f"{path} no longer imports services: remove it from LIBS_IMPORTING_SERVICES ({why})"
 
 
 def test_the_walker_sees_every_form_of_import(tmp_path):
