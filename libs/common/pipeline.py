@@ -69,6 +69,8 @@ class Pipeline(Strict):
     name: str = ""
     identity: str = Field("", description="digest of the pipeline as loaded: a service registers only "
                           "with the handler of its own pipeline")
+    directory: str = Field("", description="the pipeline file's folder: a relative path in a stage's "
+                           "parameters (a Processing class's file) is taken from it")
     handler: HandlerConfig = HandlerConfig()
     stages: dict[str, StageConfig]
     simulation: Simulation = Simulation()
@@ -177,6 +179,7 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipel
         raise PipelineError(f"{file}: not valid TOML: {exc}") from None
     for text in overrides:
         set_dotted(tree, *parse_override(text))
+    tree.setdefault("directory", str(file.parent.resolve()))
     return from_dict(tree, origin=str(file))
 
 

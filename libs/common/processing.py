@@ -156,16 +156,19 @@ def check_spec(spec: str) -> str:
     return spec
 
 
-def load(spec: str) -> type:
+def load(spec: str, base: Path | None = None) -> type:
     """The class named by `package.module:Class` (imported once per process) or
-    `path/to/file.py:Class` (relative to the working directory; read anew at every call, so an
-    edited file takes effect at the next scan)."""
+    `path/to/file.py:Class` (a relative path taken from `base`, a pipeline file's folder, else from
+    the working directory; read anew at every call, so an edited file takes effect at the next scan)."""
     match = SPEC.match(spec)
     if match is None:
         raise ProcessingError(f"processing = {spec!r} names no class: write 'package.module:Class' "
                               "or 'path/to/file.py:Class'")
     where, name = match["where"], match["name"]
-    module = _from_file(spec, Path(where)) if where.endswith(".py") or "/" in where else _import(spec, where)
+    if where.endswith(".py") or "/" in where:
+        module = _from_file(spec, Path(where).expanduser(), base)
+    else:
+        module = _import(spec, where)
     cls = getattr(module, name, None)
     if not inspect.isclass(cls):
         found = sorted(n for n, v in vars(module).items() if inspect.isclass(v) and v.__module__ == module.__name__)
@@ -191,11 +194,12 @@ def _import(spec: str, module: str) -> Any:
         raise ProcessingError(f"processing = {spec!r}: importing {module} failed: {type(exc).__name__}: {exc}") from exc
 
 
-def _from_file(spec: str, path: Path) -> Any:
-    path = path.expanduser()
+def _from_file(spec: str, path: Path, base: Path | None) -> Any:
+    path = path if path.is_absolute() or base is None else base / path
     if not path.is_file():
+        origin = f"the pipeline file's folder, {base}" if base is not None else f"the working directory, {Path.cwd()}"
         raise ProcessingError(f"processing = {spec!r}: no file {path.absolute()} (a relative path is taken from "
-                              f"the directory the process runs in, {Path.cwd()}); give the file's path")
+                              f"{origin}); give the file's path")
     name = f"surveyor_processing_{re.sub(r'[^A-Za-z0-9_]', '_', path.stem)}"
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)

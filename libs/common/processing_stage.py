@@ -20,6 +20,7 @@ later ones are counted, their tracebacks at DEBUG.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel
@@ -43,13 +44,17 @@ class ProcessingStage(Service, Generic[NodeT]):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        processing.load(self.params.processing)  # a wrong class stops the process at its start, saying why
+        self.processing_class()  # a wrong class stops the process at its start, saying why
         self._node: NodeT | None = None
         self._early: list[tuple[Token, Frame]] = []
         """Inputs that came before this process heard of their scan: held, taken at its start."""
         self._refused: int | None = None
         """The epoch of a scan whose class could not be built here."""
         self._failures = 0
+
+    def processing_class(self) -> type:
+        """The class the stage runs; a relative file is taken from the pipeline file's folder."""
+        return processing.load(self.params.processing, Path(self.pipeline.directory) if self.pipeline.directory else None)
 
     # --- what a node supplies -------------------------------------------------------------------
 

@@ -62,7 +62,7 @@ class Service(ProcessingStage[processing.CollectingNode]):
         except OSError as exc:
             raise SurveyorError(f"stage {self.stage}: cannot create output_dir {self.params.output_dir}: "
                                 f"{exc.strerror or exc}; choose another output_dir") from None
-        return processing.CollectingNode(processing.load(self.params.processing), parameters=self.params.parameters,
+        return processing.CollectingNode(self.processing_class(), parameters=self.params.parameters,
                                          pool_size=self.pool_size)
 
     def begin(self, scan: ScanDescription) -> None:

@@ -47,7 +47,7 @@ class Service(ProcessingStage[processing.ProcessingNode]):
         return self.pipeline.stages[self.stage].processes + 1
 
     def build(self, scan: ScanDescription) -> processing.ProcessingNode:
-        return processing.ProcessingNode(processing.load(self.params.processing), parameters=self.params.parameters,
+        return processing.ProcessingNode(self.processing_class(), parameters=self.params.parameters,
                                          rank=self.rank, pool_size=self.pool_size)
 
     def begin(self, scan: ScanDescription) -> None:

@@ -5,6 +5,7 @@ cannot be), the per-frame data, what travels between nodes, the offline driver, 
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -16,7 +17,7 @@ from libs.common.contracts import END_RECORD, RECORD
 from libs.common.errors import ProcessingError
 from libs.common.frames import ArraySpec, Frame
 from libs.common.processing_wire import END_FRAME, from_feedback, from_record, to_feedback, to_record, travel
-from tests.conftest import SHARED
+from tests.conftest import REPO, SHARED
 
 CLASS = '''
 import numpy as np
@@ -248,3 +249,17 @@ def test_surveyor_process_runs_a_class_over_a_recorded_detector_stream(tmp_path,
 def test_feedback_too_large_for_the_handler_is_refused_with_what_to_do():
     with pytest.raises(ProcessingError, match="the handler relays at most .*send less"):
         to_feedback({"background": np.zeros((512, 512))}, "C.collect_data")
+
+
+def test_the_example_pipeline_finds_its_class_from_any_working_directory(tmp_path, monkeypatch):
+    """A relative file in a pipeline is taken from the pipeline file's folder, not from where
+    `surveyor run` was started."""
+    from libs.common.pipeline import load
+
+    monkeypatch.chdir(tmp_path)
+    pipeline = load(REPO / "examples" / "radial_monitor.toml")
+    spec = pipeline.stages["processing"].params["processing"]
+    assert not Path(spec.split(":")[0]).is_absolute()
+    assert processing.load(spec, Path(pipeline.directory)).__name__ == "RadialMonitor"
+    with pytest.raises(ProcessingError, match="pipeline file's folder"):
+        processing.load("nowhere.py:RadialMonitor", Path(pipeline.directory))
