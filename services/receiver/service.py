@@ -33,6 +33,11 @@ bytes: it is `buffer_frames`, or fewer, so that even messages of `max_message_by
 than `buffer_mb` MiB. It is set once, before the link is made: libzmq wedges a link whose HWM
 changes while messages queue (zeromq/libzmq#2509; a receiver that lowered it at a series header
 took 243 of 500 frames and heard nothing more).
+
+Front-ends see the last frame received: a preview named `last_frame` (`preview.<stage>`), the newest
+frame binned to at most LAST_FRAME_PX pixels per side, at most once every LAST_FRAME_PERIOD_S (the
+frame that is newest when one is due), and the last frame of each series when it ends. It costs a
+reference per frame and one decode and binning a period, on the loop: never a copy per frame.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from libs.common import codecs, messages
 from libs.common.contracts import WRITER_OUTPUT_DIR, raw_path
+from libs.common.errors import FrameError
 from libs.common.detector import PROTOCOLS, Event, Image, SeriesEnd, SeriesStart, StreamError, header_from_image
 from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
@@ -66,6 +72,23 @@ REPORT_PERIOD_S = 1.0
 RETRY_S = 0.5
 LINK_RETRY_S = 0.5
 """A detector link that went down and was not retried within this long was closed for good."""
+LAST_FRAME_PX = 256
+LAST_FRAME_PERIOD_S = 1.0
+
+
+def downsampled(image: np.ndarray, max_side: int = LAST_FRAME_PX) -> tuple[np.ndarray, int]:
+    """`image` (its first 2-D plane) binned by one whole factor to at most `max_side` pixels per
+    side, as float32 block means, and that factor. Rows and columns past the last whole block are
+    left out (fewer than the factor): a preview, not a measurement."""
+    plane = np.atleast_2d(image)
+    while plane.ndim > 2:
+        plane = plane[0]
+    factor = max(1, -(-max(plane.shape) // max_side))
+    rows, columns = (max(1, n // factor) for n in plane.shape)
+    if factor == 1 or min(plane.shape) < factor:
+        return np.ascontiguousarray(plane[::factor, ::factor][:max_side, :max_side], dtype=np.float32), factor
+    blocks = plane[:rows * factor, :columns * factor].reshape(rows, factor, columns, factor)
+    return blocks.mean(axis=(1, 3), dtype=np.float32), factor
 
 
 def queue_length(params: Params) -> int:
@@ -111,6 +134,9 @@ class Service(Runtime):
         self._replayed = 0
         self._synthetic_total = 0
         self._republisher: Republisher | None = None
+        self._last_frame: Frame | None = None
+        """The newest frame not shown yet as the `last_frame` preview."""
+        self._next_frame_preview = 0.0
         self._connect()
 
     def _endpoints(self) -> tuple[str, ...]:
@@ -263,8 +289,33 @@ class Service(Runtime):
             return
         self._frames.add(event.frame)
         self._republish(event)
-        self.emit(Frame.from_blobs(scan_id=self.scan.scan_id, epoch=self.epoch, frame=event.frame,
-                                   origin=self.stage, blobs=event.blobs, meta=event.meta))
+        frame = Frame.from_blobs(scan_id=self.scan.scan_id, epoch=self.epoch, frame=event.frame,
+                                 origin=self.stage, blobs=event.blobs, meta=event.meta)
+        self.emit(frame)
+        self._keep_last_frame(frame)
+
+    def _keep_last_frame(self, frame: Frame) -> None:
+        """Show `frame` now if a `last_frame` preview is due, else when it is (unless a newer comes)."""
+        self._last_frame = frame
+        now = time.monotonic()
+        if now >= self._next_frame_preview:
+            self._publish_last_frame()
+        else:
+            self.after(self._next_frame_preview - now, self._publish_last_frame)
+
+    def _publish_last_frame(self) -> None:
+        frame, self._last_frame = self._last_frame, None
+        if frame is None:
+            return
+        self._next_frame_preview = time.monotonic() + LAST_FRAME_PERIOD_S
+        spec = frame.spec()
+        try:
+            image, factor = downsampled(frame.array())
+        except (FrameError, ValueError) as exc:
+            logger.debug("scan %s: frame %d not shown as last_frame: %s", frame.header.scan_id, frame.header.frame, exc)
+            return
+        self.preview("last_frame", {"data": image}, frame=frame.header.frame, shape=list(spec.shape),
+                     dtype=spec.dtype, binning=factor)
 
     def _without_header(self, image: Image) -> None:
         """The first image of a series whose header never came opens it, as that header would have."""
@@ -378,6 +429,7 @@ class Service(Runtime):
             logger.warning("scan %s: series %s ended with %d of the %d frames its header announced",
                            self.scan.scan_id, self._series, received, expected)
         self._close_series()
+        self._publish_last_frame()  # the series' last frame, even within LAST_FRAME_PERIOD_S of the one before
         # The series' length as far as seen (its highest frame number + 1): what a receiver that
         # took over mid-series reports too, so the handler knows how many frames the scan had.
         self.finish_source(max(self._frames) + 1 if self._frames else 0)
@@ -463,8 +515,10 @@ class Service(Runtime):
         number = len(self._frames)
         simulation = self.pipeline.simulation
         self._frames.add(number)
-        self.emit(Frame.from_arrays(scan_id=self.scan.scan_id, epoch=self.epoch, frame=number, origin=self.stage,
-                                    arrays={"data": synthetic_frame(number, simulation.shape, simulation.dtype)}))
+        frame = Frame.from_arrays(scan_id=self.scan.scan_id, epoch=self.epoch, frame=number, origin=self.stage,
+                                  arrays={"data": synthetic_frame(number, simulation.shape, simulation.dtype)})
+        self.emit(frame)
+        self._keep_last_frame(frame)
 
     def close(self) -> None:
         self._disconnect()
