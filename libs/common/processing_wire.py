@@ -26,6 +26,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from libs.common.contracts import ProcessingRecord
 from libs.common.errors import ProcessingError
 from libs.common.frames import Frame, decode
 from libs.common.messages import MAX_COMMAND_BYTES
@@ -94,14 +95,20 @@ def to_record(values: Any, *, kind: str, rank: int, frame: int, scan_id: str, ep
     packed = _pack({"values": skeleton, "paths": [list(p) for p, _ in arrays]}, where)
     blobs = {"values": np.frombuffer(packed, np.uint8), **{f"array_{i}": a for i, (_, a) in enumerate(arrays)}}
     return Frame.from_arrays(scan_id=scan_id, epoch=epoch, frame=frame, origin=origin, arrays=blobs,
-                             meta={"kind": kind, "rank": rank})
+                             meta=ProcessingRecord(kind=kind, rank=rank).to_meta())
+
+
+def record_values(record: Frame) -> dict[str, Any]:
+    """The dict a record carries, its arrays as read-only views."""
+    packed = msgpack.unpackb(record.raw("values"))
+    arrays = ((path, record.array(f"array_{i}")) for i, path in enumerate(packed["paths"]))
+    return _join(packed["values"], arrays)
 
 
 def from_record(record: Frame) -> tuple[dict[str, Any], int]:
-    """`processed_data` for collect_data: the dict (arrays as read-only views) and the sender's rank."""
-    packed = msgpack.unpackb(record.raw("values"))
-    arrays = ((path, record.array(f"array_{i}")) for i, path in enumerate(packed["paths"]))
-    return _join(packed["values"], arrays), int(record.header.meta["rank"])
+    """`processed_data` for collect_data: the dict (arrays as read-only views) and the sender's rank
+    (FrameError if the record's meta is not a processing record's)."""
+    return record_values(record), ProcessingRecord.of(record).rank
 
 
 def to_feedback(values: Any, where: str) -> str:

@@ -24,12 +24,12 @@ import time
 from typing import Any
 
 from libs.common import processing, processing_result
-from libs.common.contracts import END_RECORD, RECORD
-from libs.common.errors import PipelineError, ProcessingError, SurveyorError
+from libs.common.contracts import RECORD, ProcessingRecord
+from libs.common.errors import FrameError, PipelineError, ProcessingError, SurveyorError
 from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
 from libs.common.processing_stage import ProcessingStage
-from libs.common.processing_wire import from_record, to_feedback
+from libs.common.processing_wire import record_values, to_feedback
 from libs.common.runtime import Token
 from services.collecting_node import previews
 from services.collecting_node.params import Params
@@ -73,20 +73,20 @@ class Service(ProcessingStage[processing.CollectingNode]):
         self.every(self.params.idle_s, self._idle)
 
     def take(self, record: Frame, parent: Token | None = None) -> None:
-        kind = record.header.meta.get("kind")
-        if kind not in (RECORD, END_RECORD):
+        try:
+            meta = ProcessingRecord.of(record)
+        except FrameError as exc:
             self.count("rejected")
-            logger.warning("frame %d from %s is not a processing record (kind %r): stage %s takes the records of "
-                           "a processing_node stage", record.header.frame, record.header.origin, kind, self.stage)
+            logger.warning("rejected the %s; stage %s takes the records of a processing_node stage", exc, self.stage)
             return
         try:
-            feedback = self._node.collect(*from_record(record))
+            feedback = self._node.collect(record_values(record), meta.rank)
             bodies = {rank: to_feedback(values, f"{self._node.name}.collect_data") for rank, values in feedback.items()}
         except Exception as exc:  # noqa: BLE001 - the class's failure costs this record, not the service
             self.count("lost")
             self.failed(self._node.name, f"collect_data failed on the record of frame {record.header.frame}", exc)
             return
-        if kind == RECORD:
+        if meta.kind == RECORD:
             self._frames += 1
         for rank, body in bodies.items():
             self.tell(self.source, {"epoch": self.epoch, "feedback": body}, rank=rank)

@@ -20,11 +20,12 @@ import logging
 import shutil
 
 import numpy as np
+from pydantic import ValidationError
 
 from libs.common import checkpoint
-from libs.common.contracts import CALIBRATION
+from libs.common.contracts import DETECTOR_HEADER, Calibration, DetectorHeader, ScanHeader, header_name
 from libs.common.frames import Frame
-from libs.common.messages import ScanDescription
+from libs.common.messages import ScanDescription, describe
 from libs.common.runtime import Service as Runtime, Token
 from services.dark_worker.dark_statistics import DarkStatistics, centre_of_mass
 from services.dark_worker.params import Params
@@ -37,6 +38,8 @@ SAVE_RETRY_S = 2.0
 
 class Service(Runtime):
     Params = Params
+    _detector: ScanHeader[DetectorHeader] | None = None
+    """The detector's header of the scan, its meta parsed as it came."""
     _calibration: Frame | None = None
     _save_failed = False
     _published = True
@@ -66,7 +69,9 @@ class Service(Runtime):
 
     def on_header(self, header: Frame) -> None:
         super().on_header(header)
-        self._publish_when_ready()
+        if header_name(header) == DETECTOR_HEADER:
+            self._detector = ScanHeader.of(header)
+            self._publish_when_ready()
 
     def on_frame(self, frame: Frame) -> None:
         token = self.hold()
@@ -77,6 +82,7 @@ class Service(Runtime):
 
     def on_abort(self) -> int:
         dropped, self._early = len(self._early), []
+        self._detector = None
         return dropped
 
     def _take(self, token: Token, frame: Frame) -> None:
@@ -100,15 +106,15 @@ class Service(Runtime):
     def _centre(self) -> tuple[float, float] | None:
         if self.scan and self.scan.beam_center_px is not None:
             return self.scan.beam_center_px
-        centre = self.header.header.meta.get("detector", {}).get("beam_center_px") if self.header else None
-        if centre is not None:
-            return tuple(centre)
+        info = self._detector.meta.detector if self._detector else None
+        if info is not None and info.beam_center_px is not None:
+            return info.beam_center_px
         if self._centre_count and self._centre_count >= self.params.centre_frames:
             return centre_of_mass(self._centre_sum / self._centre_count)
         return None
 
     def _publish_when_ready(self) -> None:
-        if self._published or self.scan is None or self.header is None:
+        if self._published or self.scan is None or self._detector is None:
             return
         darks = self._darks.count if self._darks else 0
         if darks < self.scan.n_dark:
@@ -128,8 +134,8 @@ class Service(Runtime):
             model = self._darks.result(hot_factor=self.params.hot_factor)
             bad = model.bad
             arrays["dark"] = model.mean
-        if "pixel_mask" in {spec.name for spec in self.header.header.arrays}:
-            masked = self.header.array("pixel_mask") != 0
+        if "pixel_mask" in self._detector.names:
+            masked = self._detector.array("pixel_mask") != 0
             bad = masked if bad is None else bad | masked
         if bad is not None:
             arrays["bad"] = bad.view(np.uint8)
@@ -138,7 +144,7 @@ class Service(Runtime):
                     self.scan.scan_id, darks, 0 if bad is None else int(bad.sum()), centre)
         self._calibration = Frame.from_arrays(
             scan_id=self.scan.scan_id, epoch=self.epoch, frame=0, origin=self.name, arrays=arrays,
-            meta={"header": CALIBRATION, "darks": darks, "centre_px": [float(c) for c in centre]})
+            meta=Calibration(darks=darks, centre_px=(float(centre[0]), float(centre[1]))).to_meta())
         # Published even if it cannot be saved: the frame workers wait for it. Its frames stay
         # unacknowledged until it is saved (retried), so a successor could build it again.
         self.send_header(self._calibration)
@@ -184,14 +190,20 @@ class Service(Runtime):
             return False
         if found is None:
             return False
-        arrays, meta = found
+        arrays, saved = found
+        try:
+            meta = Calibration.model_validate(saved)
+        except ValidationError as exc:
+            logger.warning("scan %s: the calibration checkpoint's meta is not a calibration (%s); it is built "
+                           "from the darks", self.scan.scan_id, describe(exc))
+            return False
         self._published = True
         self._calibration = Frame.from_arrays(scan_id=self.scan.scan_id, epoch=self.epoch, frame=0,
-                                              origin=self.name, arrays=arrays, meta=meta)
+                                              origin=self.name, arrays=arrays, meta=meta.to_meta())
         logger.info("scan %s: calibration from %d darks restored from the checkpoint; publishing it again",
-                    self.scan.scan_id, meta["darks"])
+                    self.scan.scan_id, meta.darks)
         self.send_header(self._calibration)
-        self.counters.delivered = int(meta["darks"])
+        self.counters.delivered = meta.darks
         return True
 
     def on_scan_end(self) -> None:

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from libs.common.contracts import CALIBRATION, FRAMES_HEADER, header_name
+from libs.common.contracts import CALIBRATION, Calibration, CleanFrame, FramesHeader, ScanHeader, header_name
 from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
 from libs.common.runtime import Service as Runtime, Token
@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 class Service(Runtime):
     Params = Params
+    _calibration: ScanHeader[Calibration] | None = None
+    """The scan's calibration from the dark stage, its meta parsed as it came."""
     _waiting_since: float | None = None
     _gave_up = 0
 
@@ -44,18 +46,20 @@ class Service(Runtime):
                               if frame.header.epoch == self.epoch]
         self._waiting_since = None
         self._gave_up = 0
-        if CALIBRATION in self.headers:  # it came before the scan start
-            self._calibrated(self.headers[CALIBRATION])
+        if self._calibration is not None:  # it came before the scan start
+            self._calibrated()
         elif self._uncalibrated:
             self._start_waiting()
 
     def on_header(self, header: Frame) -> None:
         super().on_header(header)
-        if header_name(header) == CALIBRATION and self.scan is not None:
-            self._calibrated(header)
+        if header_name(header) == CALIBRATION:
+            self._calibration = ScanHeader.of(header)
+            if self.scan is not None:
+                self._calibrated()
 
-    def _calibrated(self, calibration: Frame) -> None:
-        self._send_geometry(calibration)
+    def _calibrated(self) -> None:
+        self._send_geometry(self._calibration)
         waiting, self._uncalibrated = self._uncalibrated, []
         self._waiting_since = None
         if self._gave_up:
@@ -65,7 +69,7 @@ class Service(Runtime):
 
     def on_frame(self, frame: Frame) -> None:
         token = self.hold()
-        if self.scan is not None and CALIBRATION in self.headers:
+        if self.scan is not None and self._calibration is not None:
             self._clean_held(token, frame)
             return
         if self.scan is not None and self._gave_up:
@@ -128,35 +132,34 @@ class Service(Runtime):
     def on_abort(self) -> int:
         dropped, self._uncalibrated = len(self._uncalibrated), []
         self._waiting_since = None
+        self._calibration = None
         return dropped
 
     def _clean(self, frame: Frame, parent: Token | None = None) -> None:
-        calibration = self.headers[CALIBRATION]
-        arrays = {spec.name for spec in calibration.header.arrays}
+        calibration = self._calibration
+        arrays = calibration.names
         clean, mask = clean_frame(
             frame.array("data"),
             dark=calibration.array("dark") if "dark" in arrays else None,
             bad=calibration.array("bad").view(bool) if "bad" in arrays else None,
-            centre=tuple(calibration.header.meta["centre_px"]), adu_per_photon=self.scan.adu_per_photon or 1.0,
+            centre=calibration.meta.centre_px, adu_per_photon=self.scan.adu_per_photon or 1.0,
             params=self.params)
         number = frame.header.frame
         self.emit(Frame.from_arrays(scan_id=frame.header.scan_id, epoch=self.epoch, frame=number, origin=self.name,
                                     arrays={"data": clean, "mask": mask},
-                                    meta={"index": number - self.scan.n_dark}), parent)
+                                    meta=CleanFrame(index=number - self.scan.n_dark).to_meta()), parent)
 
-    def _send_geometry(self, calibration: Frame) -> None:
+    def _send_geometry(self, calibration: ScanHeader[Calibration]) -> None:
         scan, p = self.scan, self.params
         if scan.pixel_size_m is None or scan.distance_m is None or scan.energy_ev is None:
             self.report("scan_incomplete", f"scan {scan.scan_id}: energy_ev, distance_m and pixel_size_m are "
                         "needed to reconstruct; the clean frames are written without geometry")
         factor = p.crop // p.size
         mask = np.ones((p.size, p.size), np.uint8)
-        if "bad" in {spec.name for spec in calibration.header.arrays}:
-            mask = static_mask(calibration.array("bad").view(bool), centre=calibration.header.meta["centre_px"],
-                               params=p)
-        meta = {"header": FRAMES_HEADER, "size": p.size, "crop": p.crop, "downsample": p.downsample,
-                "centre_px": calibration.header.meta["centre_px"],
-                "pixel_size_m": scan.pixel_size_m * factor if scan.pixel_size_m else None,
-                "distance_m": scan.distance_m, "energy_ev": scan.energy_ev}
+        if "bad" in calibration.names:
+            mask = static_mask(calibration.array("bad").view(bool), centre=calibration.meta.centre_px, params=p)
+        meta = FramesHeader(size=p.size, crop=p.crop, downsample=p.downsample, centre_px=calibration.meta.centre_px,
+                            pixel_size_m=scan.pixel_size_m * factor if scan.pixel_size_m else None,
+                            distance_m=scan.distance_m, energy_ev=scan.energy_ev)
         self.send_header(Frame.from_arrays(scan_id=scan.scan_id, epoch=self.epoch, frame=0, origin=self.name,
-                                           arrays={"mask": mask}, meta=meta))
+                                           arrays={"mask": mask}, meta=meta.to_meta()))

@@ -31,6 +31,7 @@ import msgpack
 import numpy as np
 import zmq
 
+from libs.common.contracts import Peaks
 from libs.common.frames import Frame
 from libs.common.runtime import Service as Runtime
 from libs.crystallography import detector
@@ -80,7 +81,7 @@ class Service(Runtime):
                            port, self.params.endpoint, port)
 
     def on_frame(self, frame: Frame) -> None:
-        if not frame.header.meta.get("hit"):
+        if not Peaks.of(frame).hit:  # a record that is not a peak record raises: counted rejected
             return
         scan = self.scan
         about = {"beam_energy": scan.energy_ev if scan else None,

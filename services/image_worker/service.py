@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from libs.common.contracts import FRAMES_HEADER
+from libs.common.contracts import FRAMES_HEADER, CleanFrame, FramesHeader, header_name
 from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
 from libs.common.runtime import Service as Runtime
@@ -21,6 +21,8 @@ from services.image_worker.params import Params
 
 class Service(Runtime):
     Params = Params
+    _geometry: FramesHeader | None = None
+    """The frames header's meta (the geometry of the clean frames), parsed as it came."""
 
     def on_scan_start(self, scan: ScanDescription) -> None:
         count = scan.n_frames or len(scan.positions_m or ())
@@ -28,8 +30,17 @@ class Service(Runtime):
         self._pattern_sum: np.ndarray | None = None
         self._next_preview = time.monotonic() + self.params.preview_interval_s
 
+    def on_header(self, header: Frame) -> None:
+        super().on_header(header)
+        if header_name(header) == FRAMES_HEADER:
+            self._geometry = FramesHeader.of(header)
+
+    def on_abort(self) -> int:
+        self._geometry = None
+        return 0
+
     def on_frame(self, frame: Frame) -> None:
-        index = frame.header.meta["index"]
+        index = CleanFrame.of(frame).index
         data, mask = frame.array("data"), frame.array("mask")
         if 0 <= index < len(self._moments):
             self._moments[index] = stxm.frame_moments(data, mask)
@@ -48,7 +59,7 @@ class Service(Runtime):
 
     def images(self) -> dict[str, np.ndarray]:
         """Transmission, DPC phase and the probe amplitude estimated from the mean pattern."""
-        scan, geometry = self.scan, self.headers.get(FRAMES_HEADER)
+        scan, geometry = self.scan, self._geometry
         if scan is None or not scan.positions_m or geometry is None or self._pattern_sum is None:
             return {}
         seen = np.isfinite(self._moments[:, 0])
@@ -57,13 +68,12 @@ class Service(Runtime):
         positions = np.asarray(scan.positions_m)[: len(self._moments)][seen]
         total, com_y, com_x = self._moments[seen].T
         step = stxm.scan_step_m(positions)
-        meta = geometry.header.meta
         transmission = stxm.on_grid(positions, total / total.max(), step)
         images = {"transmission": transmission.astype(np.float32)}
-        if meta.get("pixel_size_m") and meta.get("distance_m") and meta.get("energy_ev"):
-            wavelength = optics.wavelength_m(meta["energy_ev"])
+        if geometry.placed:
+            wavelength = optics.wavelength_m(geometry.energy_ev)
             gradients = [stxm.on_grid(positions, stxm.phase_gradient(
-                c - c.mean(), detector_pixel_m=meta["pixel_size_m"], distance_m=meta["distance_m"],
+                c - c.mean(), detector_pixel_m=geometry.pixel_size_m, distance_m=geometry.distance_m,
                 wavelength_m=wavelength), step) for c in (com_y, com_x)]
             images["dpc_phase"] = stxm.integrate_gradients(*gradients, step).astype(np.float32)
         probe = optics.probe_from_patterns(self._pattern_sum / seen.sum())

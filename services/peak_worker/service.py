@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from libs.common.contracts import PEAKS
+from libs.common.contracts import Peaks, PixelFormat
 from libs.common.frames import ArraySpec, Frame
 from libs.common.messages import ScanDescription
 from libs.common.runtime import Service as Runtime, Token
@@ -43,8 +43,6 @@ from libs.crystallography.peakfinder8 import PeakFinder8
 from services.peak_worker.params import Params
 
 logger = logging.getLogger(__name__)
-
-"""`meta.kind` of a record."""
 
 
 class Service(Runtime):
@@ -62,7 +60,7 @@ class Service(Runtime):
         self._finder: PeakFinder8 | None = None
         self._corrections: Corrections | None = None
         self._sums: ClassSums | None = None
-        self._pending: tuple[Token, Frame] | None = None
+        self._pending: tuple[Token, Frame, Peaks] | None = None
         """The newest record, kept back: the next delta leaves with it."""
         self._summed: list[Token] = []
         """The frames in the sums not yet sent: held until the delta with them is."""
@@ -136,25 +134,25 @@ class Service(Runtime):
         blobs = [(ArraySpec(name=name, dtype="<f4", shape=a.shape), a) for name, a in peaks.as_arrays().items()]
         if hit:
             blobs.append((spec, frame.raw("data")))
-        meta = {"kind": PEAKS, "n_peaks": len(peaks), "found": peaks.found, "hit": hit,
-                "frame": {"shape": list(spec.shape), "dtype": spec.dtype, "compression": spec.compression},
-                "max_num_peaks": self.params.max_num_peaks}
+        meta = Peaks(n_peaks=len(peaks), found=peaks.found, hit=hit, max_num_peaks=self.params.max_num_peaks,
+                     frame=PixelFormat(shape=spec.shape, dtype=spec.dtype, compression=spec.compression))
         record = Frame.from_blobs(scan_id=frame.header.scan_id, epoch=self.epoch, frame=frame.header.frame,
-                                  origin=self.name, blobs=blobs, meta=meta)
+                                  origin=self.name, blobs=blobs, meta=meta.to_meta())
         self._tally += (1, hit, len(peaks))
         if redelivered:
             # Its sum may be in the writer already: alone in its delta, refused or taken exactly.
-            self.emit(_with_delta(record, SumsDelta.of_frame(corrected, hit, frame.header.frame)), parent=token)
+            self.emit(_with_delta(record, meta, SumsDelta.of_frame(corrected, hit, frame.header.frame)),
+                      parent=token)
             self.release(token)
             return
         self._sums.add(corrected, hit, frame.header.frame)
         self._summed.append(token)
         if self._pending is not None:
             # The previous record goes now, without the sums; its frame stays held for the delta.
-            previous, kept = self._pending
+            previous, kept, _ = self._pending
             self._pending = None
             self.emit(kept, parent=previous)
-        self._pending = (token, record)
+        self._pending = (token, record, meta)
         if time.monotonic() >= self._sums_due:
             self._send_sums()
         else:
@@ -170,11 +168,11 @@ class Service(Runtime):
         then those frames are released (acknowledged once their records and the delta are)."""
         if self._pending is None:
             return
-        token, record = self._pending
+        token, record, meta = self._pending
         self._pending = None
         summed, self._summed = self._summed, []
         self._sums_due = time.monotonic() + self.params.sums_interval_s
-        self.emit(_with_delta(record, self._sums.take()), parent=token, parents=summed)
+        self.emit(_with_delta(record, meta, self._sums.take()), parent=token, parents=summed)
         for held in summed:
             self.release(held)
 
@@ -196,14 +194,14 @@ class Service(Runtime):
         return self._finder, self._corrections
 
 
-def _with_delta(record: Frame, delta: SumsDelta) -> Frame:
-    """The record with the class sums of `delta` riding on it (`meta["sum_frames"]`: the count per
-    class, `meta["summed"]`: which frames; an array per class that has frames)."""
+def _with_delta(record: Frame, meta: Peaks, delta: SumsDelta) -> Frame:
+    """The record (its meta `meta`) with the class sums of `delta` riding on it (`sum_frames`: the
+    count per class, `summed`: which frames; an array per class that has frames)."""
     blobs = list(zip(record.header.arrays, record.buffers, strict=True))
     blobs += [(ArraySpec(name=f"{CLASSES[cls]}_sum", dtype="<f8", shape=s.shape), s) for cls, s in delta.sums.items()]
-    meta = {**record.header.meta, "sum_frames": delta.frames.tolist(), "summed": delta.numbers}
+    meta = meta.model_copy(update={"sum_frames": tuple(delta.frames.tolist()), "summed": delta.numbers})
     return Frame.from_blobs(scan_id=record.header.scan_id, epoch=record.header.epoch, frame=record.header.frame,
-                            origin=record.header.origin, blobs=blobs, meta=meta)
+                            origin=record.header.origin, blobs=blobs, meta=meta.to_meta())
 
 
 def _compile() -> None:

@@ -53,7 +53,7 @@ from pydantic import BaseModel
 from zmq.utils.monitor import recv_monitor_message
 
 from libs.common import codecs, messages
-from libs.common.contracts import WRITER_OUTPUT_DIR, raw_path
+from libs.common.contracts import WRITER_OUTPUT_DIR, DetectorHeader, raw_path
 from libs.common.errors import FrameError
 from libs.common.detector import PROTOCOLS, Event, Image, SeriesEnd, SeriesStart, StreamError, header_from_image
 from libs.common.frames import Frame
@@ -395,13 +395,14 @@ class Service(Runtime):
         self._scan_used = True
         self._last_input = time.monotonic()
         arrays: dict[str, np.ndarray] = {}
-        meta = {"series": self._series, "protocol": self.params.protocol}
         if event is not None:
             for kind, channels in (("flatfield", event.flatfield), ("pixel_mask", event.pixel_mask)):
                 arrays.update({kind if name == "data" else f"{kind}_{name}": a for name, a in channels.items()})
-            meta.update(detector=event.info.model_dump(mode="json", exclude_none=True), config=event.config)
+        meta = DetectorHeader(series=self._series, protocol=self.params.protocol,
+                              detector=event.info if event is not None else None,
+                              config=event.config if event is not None else None)
         self.send_header(Frame.from_arrays(scan_id=self.scan.scan_id, epoch=self.epoch, frame=0,
-                                           origin=self.stage, arrays=arrays, meta=meta))
+                                           origin=self.stage, arrays=arrays, meta=meta.to_meta()))
         if event is not None:
             self._republish(event, filename=self._raw_path())
         logger.info("scan %s: series %s open", self.scan.scan_id, self._series)

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from libs.common import checkpoint
-from libs.common.contracts import FRAMES_HEADER, RESULT, header_name
+from libs.common.contracts import FRAMES_HEADER, CleanFrame, FramesHeader, Reconstruction, header_name
 from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
 from libs.common.runtime import Service as Runtime, Token
@@ -128,6 +128,8 @@ class Service(Runtime):
     Params = Params
     _engine: Engine | None = None
     _folder: Path | None = None
+    _geometry: FramesHeader | None = None
+    """The frames header's meta (the geometry of the clean frames), parsed as it came."""
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -175,12 +177,14 @@ class Service(Runtime):
 
     def on_header(self, header: Frame) -> None:
         super().on_header(header)
-        if header_name(header) == FRAMES_HEADER and self.scan is not None:
-            self._resume_from_checkpoint()
+        if header_name(header) == FRAMES_HEADER:
+            self._geometry = FramesHeader.of(header)
+            if self.scan is not None:
+                self._resume_from_checkpoint()
 
     def _resume_from_checkpoint(self) -> None:
         """A successor: the solver from the checkpoint as soon as the frames' geometry is known."""
-        if not self._resume or self._engine is not None or self._finished or FRAMES_HEADER not in self.headers:
+        if not self._resume or self._engine is not None or self._finished or self._geometry is None:
             return
         try:
             self._start_engine(None)
@@ -198,9 +202,9 @@ class Service(Runtime):
     def _take(self, token: Token, frame: Frame) -> None:
         """One frame, held: into the solver, released once it is in a batch file (the newest one
         once the result is sent)."""
-        index = frame.header.meta.get("index")
         try:
-            if not isinstance(index, int) or not 0 <= index < self._total:
+            index = CleanFrame.of(frame).index
+            if not 0 <= index < self._total:
                 raise ValueError(f"frame {frame.header.frame}: index {index} outside the scan's {self._total} "
                                  "positions")
             if self._engine is None and not self._finished:
@@ -283,22 +287,21 @@ class Service(Runtime):
 
     def _start_engine(self, first: Frame | None) -> None:
         """Start the solver; from the checkpoint when there is one (`first` None: only from it)."""
-        geometry = self.headers.get(FRAMES_HEADER)
-        meta = geometry.header.meta if geometry else {}
-        if not (meta.get("pixel_size_m") and meta.get("distance_m") and meta.get("energy_ev")):
+        geometry = self._geometry
+        if geometry is None or not geometry.placed:
             raise ValueError("the clean frames carry no geometry (energy, distance, pixel size): "
                              "cannot place them on the object")
         state, batches = self._load_checkpoint() if self._resume else (None, [])
         if first is None and not batches and state is None:
             return
-        size = meta["size"]
-        pixel = optics.object_pixel_m(energy_ev=meta["energy_ev"], distance_m=meta["distance_m"],
-                                      detector_pixel_m=meta["pixel_size_m"], size=size)
+        size = geometry.size
+        pixel = optics.object_pixel_m(energy_ev=geometry.energy_ev, distance_m=geometry.distance_m,
+                                      detector_pixel_m=geometry.pixel_size_m, size=size)
         support = optics.soft_support(size, size / 4)
         if state is not None and "initial_probe" in state[0]:
             probe = state[0]["initial_probe"]
         elif self.scan.probe_model is not None:
-            probe = optics.zone_plate_probe(self.scan.probe_model, energy_ev=meta["energy_ev"], size=size,
+            probe = optics.zone_plate_probe(self.scan.probe_model, energy_ev=geometry.energy_ev, size=size,
                                             pixel_m=pixel)
         else:
             probe = optics.probe_from_patterns(batches[0][1] if batches else first.array("data"))
@@ -388,15 +391,15 @@ class Service(Runtime):
             logger.info("scan %s: reconstruction done: %d frames, %d iterations (%d after the last frame), "
                         "change %.2e, %.1f s after the scan start", self.scan.scan_id, solver.frames, iterations,
                         engine.after_last, error, time.monotonic() - self._started)
+            result = Reconstruction(
+                pixel_size_m=self._pixel_m, iterations=iterations, iterations_after_last_frame=engine.after_last,
+                error=error, frames_used=solver.frames, beta=self.params.beta,
+                seconds_after_last_frame=round(after_last_s, 3),
+                seconds_per_iteration_after_last_frame=round(after_last_s / max(engine.after_last, 1), 4))
             self.emit(Frame.from_arrays(
                 scan_id=self.scan.scan_id, epoch=self.epoch, frame=self.scan.n_dark + self._total, origin=self.name,
                 arrays={"object": obj, "probe": probe, "initial_probe": self._initial_probe,
-                        "weights": solver.received.astype(np.uint8)},
-                meta={"kind": RESULT, "pixel_size_m": self._pixel_m, "iterations": iterations,
-                      "iterations_after_last_frame": engine.after_last, "error": error,
-                      "frames_used": solver.frames, "beta": self.params.beta,
-                      "seconds_after_last_frame": round(after_last_s, 3),
-                      "seconds_per_iteration_after_last_frame": round(after_last_s / max(engine.after_last, 1), 4)}),
+                        "weights": solver.received.astype(np.uint8)}, meta=result.to_meta()),
                 parent=self._newest, parents=[token for token, _, _, _ in self._unsaved])
         # Frames still unsaved (a failing disk) went with the result: acknowledged once it is written.
         unsaved, self._unsaved = self._unsaved, []
@@ -412,6 +415,7 @@ class Service(Runtime):
         self._remove_checkpoint()
 
     def on_abort(self) -> int:
+        self._geometry = None
         self._stop_engine()
         self._remove_checkpoint()
         self._newest = None
