@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
 
 import h5py
 import numpy as np
 from scipy.constants import electron_volt
 
-from libs.common.frames import Frame
+from libs.common.contracts import DetectorHeader, ScanHeader
+from libs.common.detector import DetectorInfo
 from libs.common.messages import ScanDescription
 
 TIME = h5py.string_dtype("ascii", 40)
@@ -52,19 +52,25 @@ class Geometry:
     beam_center_px: tuple[float, float] | None
 
     @classmethod
-    def of(cls, scan: ScanDescription | None, header: Frame | None) -> Geometry:
-        info: dict[str, Any] = header.header.meta.get("detector", {}) if header else {}
-        pixel = info.get("pixel_size_m") or ([scan.pixel_size_m] * 2 if scan and scan.pixel_size_m else None)
-        return cls(energy_ev=(scan.energy_ev if scan else None) or info.get("energy_ev"),
-                   distance_m=(scan.distance_m if scan else None) or info.get("distance_m"),
+    def of(cls, scan: ScanDescription | None, header: ScanHeader[DetectorHeader] | None) -> Geometry:
+        info = detector_info(header)
+        pixel = info.pixel_size_m or ((scan.pixel_size_m,) * 2 if scan and scan.pixel_size_m else None)
+        return cls(energy_ev=(scan.energy_ev if scan else None) or info.energy_ev,
+                   distance_m=(scan.distance_m if scan else None) or info.distance_m,
                    pixel_size_m=tuple(pixel) if pixel else None,
-                   beam_center_px=(scan.beam_center_px if scan else None) or info.get("beam_center_px"))
+                   beam_center_px=(scan.beam_center_px if scan else None) or info.beam_center_px)
 
 
-def detector_metadata(entry: h5py.Group, scan: ScanDescription | None, header: Frame | None) -> None:
+def detector_info(header: ScanHeader[DetectorHeader] | None) -> DetectorInfo:
+    """What the detector's header says of the detector (nothing, without one or for a synthetic series)."""
+    return header.meta.detector if header is not None and header.meta.detector is not None else DetectorInfo()
+
+
+def detector_metadata(entry: h5py.Group, scan: ScanDescription | None,
+                      header: ScanHeader[DetectorHeader] | None) -> None:
     """Scan and detector facts (geometry, energy, mask, flatfield) under `entry`, CXI names and SI units."""
     detector = entry["instrument_1/detector_1"]
-    info: dict[str, Any] = header.header.meta.get("detector", {}) if header else {}
+    info = detector_info(header)
     if scan is not None:
         entry["experiment_identifier"] = scan.scan_id
         entry["scan_description"] = scan.model_dump_json()
@@ -81,16 +87,16 @@ def detector_metadata(entry: h5py.Group, scan: ScanDescription | None, header: F
         put(detector, "beam_center_x", geometry.beam_center_px[1], "pixel")
     for key, name, unit in (("count_time_s", "count_time", "s"), ("frame_time_s", "frame_time", "s"),
                             ("sensor_thickness_m", "sensor_thickness", "m")):
-        if info.get(key):
-            put(detector, name, info[key], unit)
-    if info.get("threshold_energy_ev"):
-        put(detector, "threshold_energy", info["threshold_energy_ev"] * electron_volt, "J")
+        if getattr(info, key):
+            put(detector, name, getattr(info, key), unit)
+    if info.threshold_energy_ev:
+        put(detector, "threshold_energy", info.threshold_energy_ev * electron_volt, "J")
     for key in ("description", "serial_number", "sensor_material"):
-        if info.get(key):
-            detector[key] = info[key]
+        if getattr(info, key):
+            detector[key] = getattr(info, key)
     if header is not None:
-        detector["detector_config"] = json.dumps(header.header.meta.get("config", {}))
-        names = {spec.name for spec in header.header.arrays}
+        detector["detector_config"] = json.dumps(header.meta.config or {})
+        names = header.names
         if "pixel_mask" in names:
             detector.create_dataset("mask", data=cxi_mask(header.array("pixel_mask")), compression="gzip")
         if "flatfield" in names:

@@ -20,9 +20,11 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import h5py
 
+from libs.common.contracts import FrameMeta
 from libs.common.frames import Frame
 
 logger = logging.getLogger(__name__)
@@ -163,9 +165,11 @@ class ScanFile:
 
     earlier: set[int]
     committed: set[int]
+    takes: ClassVar[tuple[type, ...]]
+    """What frames it takes, by their meta as the writer parsed it (FrameMeta)."""
 
     @staticmethod
-    def creation_cost(frame: Frame) -> int:
+    def creation_cost(frame: Frame, meta: FrameMeta) -> int:
         """Bytes a new file takes before its first frame (its metadata), about."""
         return 1 << 20
 

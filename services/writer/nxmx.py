@@ -37,9 +37,10 @@ import h5py
 import numpy as np
 from scipy.constants import angstrom, electron_volt, h, speed_of_light
 
-from libs.common.frames import ArraySpec, Frame
+from libs.common.contracts import DetectorHeader, ScanHeader
+from libs.common.frames import ArraySpec
 from libs.common.messages import VERSION, ScanDescription
-from services.writer.cxi import Geometry
+from services.writer.cxi import Geometry, detector_info
 from services.writer.disk import LIBVER_PLAIN
 
 RAW_DATA = "/entry_1/data_1/data"
@@ -57,7 +58,7 @@ def master_path(raw: Path) -> Path:
     return raw.with_name(re.sub(r"_raw(\.part\d+)?\.cxi$", "", raw.name) + "_master.h5")
 
 
-def write(path: Path, *, scan: ScanDescription | None, header: Frame | None, spec: ArraySpec,
+def write(path: Path, *, scan: ScanDescription | None, header: ScanHeader[DetectorHeader] | None, spec: ArraySpec,
           parts: list[Part], start_time: str, end_time: str | None = None) -> None:
     """Write the master whole, replacing the one there; HDF5 1.10 formats, not SWMR (no
     "open for writing" flag is left behind)."""
@@ -135,13 +136,14 @@ def _runs(numbers: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def build(f: h5py.File, *, scan: ScanDescription | None, header: Frame | None, spec: ArraySpec,
+def build(f: h5py.File, *, scan: ScanDescription | None, header: ScanHeader[DetectorHeader] | None, spec: ArraySpec,
           parts: list[Part], start_time: str, end_time: str | None = None) -> None:
     """The NXmx tree of a raw scan in `f`: geometry from the scan description, else the header
     (cxi.Geometry), the other detector facts and the mask and flatfield from the header."""
-    info: dict[str, Any] = header.header.meta.get("detector", {}) if header else {}
-    config: dict[str, Any] = header.header.meta.get("config", {}) if header else {}
-    arrays = {s.name for s in header.header.arrays} if header else set()
+    info = detector_info(header)
+    config: dict[str, Any] = (header.meta.config if header else None) or {}
+    """What else the header said, in the detector's own names."""
+    arrays = header.names if header else set()
     geometry = Geometry.of(scan, header)
     numbers = frame_numbers(parts)
     rows, columns = spec.shape
@@ -189,12 +191,12 @@ def build(f: h5py.File, *, scan: ScanDescription | None, header: Frame | None, s
     for key, name, unit in (("count_time_s", "count_time", "s"), ("frame_time_s", "frame_time", "s"),
                             ("sensor_thickness_m", "sensor_thickness", "m"),
                             ("threshold_energy_ev", "threshold_energy", "eV")):
-        if info.get(key):
-            _put(detector, name, float(info[key]), unit)
+        if getattr(info, key):
+            _put(detector, name, float(getattr(info, key)), unit)
     for key, name in (("description", "description"), ("serial_number", "detector_number"),
                       ("sensor_material", "sensor_material")):
-        if info.get(key):
-            _put(detector, name, str(info[key]))
+        if getattr(info, key):
+            _put(detector, name, str(getattr(info, key)))
     _put(detector, "bit_depth_image", np.int32(np.dtype(spec.dtype).itemsize * 8))
     for key in ("bit_depth_readout", "saturation_value"):
         if isinstance(config.get(key), int) and not isinstance(config.get(key), bool):

@@ -14,22 +14,26 @@ flush. A continuation (`<scan_id>.partN.cxi`) leaves out the clean frames earlie
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import h5py
 import numpy as np
 from scipy.constants import electron_volt
 
-from libs.common.contracts import CALIBRATION, FRAMES_HEADER, RESULT
+from libs.common.contracts import CALIBRATION, FRAMES_HEADER, CleanFrame, Reconstruction, ScanHeader
 from libs.common.frames import Frame
 from libs.common.messages import VERSION, ScanDescription
 from services.writer.cxi import CXI_INVALID, TIME, now_iso, put
 from services.writer.disk import LIBVER_PLAIN, Parts, ScanFile, close_all, frames_in, mark, quiet_close
 
 
-
 class PtychoFile(ScanFile):
-    def __init__(self, path: Path, *, scan: ScanDescription, headers: dict[str, Frame], size: int,
+    takes: ClassVar[tuple[type, ...]] = (CleanFrame, Reconstruction)
+
+    def __init__(self, path: Path, *, scan: ScanDescription, headers: dict[str, ScanHeader], size: int,
                  epoch: int = 0, parts: Parts | None = None) -> None:
+        """`headers`: the scan headers by name, as the writer parsed them (the frames header's
+        geometry and mask, the calibration's dark go in the file)."""
         self.path = path
         self.earlier: set[int] = set()
         """Clean frames (frame numbers) the scan's earlier parts hold: not written again."""
@@ -40,7 +44,7 @@ class PtychoFile(ScanFile):
         """Slots (position indices) filled in this file."""
         self.committed: set[int] = set()
         """Clean frames (frame numbers) of this file on disk: written and flushed."""
-        self._pending: list[Frame] = []
+        self._pending: list[tuple[Frame, CleanFrame | Reconstruction]] = []
         """Frames written since the last flush that succeeded: written again by `recover`."""
         self.broken = False
         count = len(scan.positions_m or ())
@@ -83,53 +87,51 @@ class PtychoFile(ScanFile):
         self._numbers = self._file["entry_1/data_1/frame_number"]
 
     @staticmethod
-    def cost(frame: Frame) -> int:
+    def cost(frame: Frame, meta: CleanFrame | Reconstruction) -> int:
         return sum(spec.nbytes for spec in frame.header.arrays) + 64
 
-    def _geometry(self, entry: h5py.Group, scan: ScanDescription, headers: dict[str, Frame]) -> None:
+    def _geometry(self, entry: h5py.Group, scan: ScanDescription, headers: dict[str, ScanHeader]) -> None:
         detector = entry["instrument_1/detector_1"]
         if scan.energy_ev:
             put(entry, "instrument_1/source_1/energy", scan.energy_ev * electron_volt, "J")
         frames = headers.get(FRAMES_HEADER)
         if frames is not None:
-            meta = frames.header.meta
-            if meta.get("distance_m"):
-                put(detector, "distance", meta["distance_m"], "m")
-            if meta.get("pixel_size_m"):
-                pixel = meta["pixel_size_m"]
+            geometry = frames.meta
+            if geometry.distance_m:
+                put(detector, "distance", geometry.distance_m, "m")
+            if geometry.pixel_size_m:
+                pixel = geometry.pixel_size_m
                 put(detector, "x_pixel_size", pixel, "m")
                 put(detector, "y_pixel_size", pixel, "m")
-                if meta.get("distance_m"):
-                    half = meta["size"] / 2 * pixel
-                    put(detector, "corner_position", np.array([half, half, meta["distance_m"]]), "m")
+                if geometry.distance_m:
+                    half = geometry.size / 2 * pixel
+                    put(detector, "corner_position", np.array([half, half, geometry.distance_m]), "m")
             mask = np.where(frames.array("mask") != 0, 0, CXI_INVALID).astype(np.uint32)
             detector.create_dataset("mask", data=mask)
         calibration = headers.get(CALIBRATION)
-        if calibration is not None and "dark" in {spec.name for spec in calibration.header.arrays}:
+        if calibration is not None and "dark" in calibration.names:
             dark = detector.create_dataset("data_dark", data=calibration.array("dark"), compression="gzip")
-            dark.attrs["description"] = f"mean of {calibration.header.meta['darks']} dark frames, ADU"
+            dark.attrs["description"] = f"mean of {calibration.meta.darks} dark frames, ADU"
 
-    def write(self, frame: Frame) -> bool:
+    def write(self, frame: Frame, meta: CleanFrame | Reconstruction) -> bool:
         """A clean frame into its slot, or the reconstruction; False for a frame already written."""
-        if frame.header.meta.get("kind") == RESULT:
-            self._reconstruction(frame)
-            self._pending.append(frame)
+        if isinstance(meta, Reconstruction):
+            self._reconstruction(frame, meta)
+            self._pending.append((frame, meta))
             return True
-        index = frame.header.meta["index"]
-        if index in self.written or frame.header.frame in self.earlier:
+        if meta.index in self.written or frame.header.frame in self.earlier:
             return False
-        self._store(frame)
-        self.written.add(index)
-        self._pending.append(frame)
+        self._store(frame, meta)
+        self.written.add(meta.index)
+        self._pending.append((frame, meta))
         return True
 
-    def _store(self, frame: Frame) -> None:
-        index = frame.header.meta["index"]
-        self._data[index] = frame.array("data")
-        self._numbers[index] = frame.header.frame
+    def _store(self, frame: Frame, meta: CleanFrame) -> None:
+        self._data[meta.index] = frame.array("data")
+        self._numbers[meta.index] = frame.header.frame
 
-    def _reconstruction(self, frame: Frame) -> None:
-        entry, meta = self._file["entry_1"], frame.header.meta
+    def _reconstruction(self, frame: Frame, meta: Reconstruction) -> None:
+        entry = self._file["entry_1"]
         if "image_1" in entry:  # a second result of the same scan replaces the first
             del entry["image_1"]
         image = entry.create_group("image_1")
@@ -137,17 +139,17 @@ class PtychoFile(ScanFile):
         image.create_dataset("data", data=obj)
         image["data_type"] = "amplitude"  # CXI: the complex transmission of the sample
         image["data_space"] = "real"
-        pixel = meta["pixel_size_m"]
+        pixel = meta.pixel_size_m
         put(image, "image_size", np.array(obj.shape) * pixel, "m")
         put(image, "x_pixel_size", pixel, "m")
         put(image, "y_pixel_size", pixel, "m")
         process = image.create_group("process_1")
         process["final_illumination"] = frame.array("probe")
         process["weights"] = frame.array("weights")
-        process["algorithm"] = f"RAAR (beta {meta['beta']}) with probe refinement, streaming"
+        process["algorithm"] = f"RAAR (beta {meta.beta}) with probe refinement, streaming"
         for key in ("iterations", "iterations_after_last_frame", "error", "frames_used", "seconds_after_last_frame",
                     "seconds_per_iteration_after_last_frame"):
-            process[key] = meta[key]
+            process[key] = getattr(meta, key)
         source = entry["instrument_1"].require_group("source_1")
         if "probe" in source:
             del source["probe"]
@@ -155,7 +157,7 @@ class PtychoFile(ScanFile):
 
     def flush(self) -> None:
         self._file.flush()
-        self.committed.update(f.header.frame for f in self._pending if f.header.meta.get("kind") != RESULT)
+        self.committed.update(frame.header.frame for frame, meta in self._pending if isinstance(meta, CleanFrame))
         self._pending.clear()
 
     def recover(self) -> None:
@@ -163,16 +165,16 @@ class PtychoFile(ScanFile):
         quiet_close(self._file)
         self._file = h5py.File(self.path, "r+", libver=LIBVER_PLAIN)
         self._bind()
-        for frame in self._pending:
-            if frame.header.meta.get("kind") == RESULT:
-                self._reconstruction(frame)
+        for frame, meta in self._pending:
+            if isinstance(meta, Reconstruction):
+                self._reconstruction(frame, meta)
             else:
-                self._store(frame)
+                self._store(frame, meta)
         self.flush()
         self.broken = False
 
     def redo_cost(self) -> int:
-        return sum(self.cost(frame) for frame in self._pending)
+        return sum(self.cost(frame, meta) for frame, meta in self._pending)
 
     def close(self) -> None:
         if not self._file.id.valid:

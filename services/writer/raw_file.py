@@ -19,11 +19,13 @@ closes it, opens the file anew and writes again every frame since the last flush
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import h5py
 import numpy as np
 
 from libs.common import codecs
+from libs.common.contracts import DetectorHeader, FrameMeta, ScanHeader
 from libs.common.frames import ArraySpec, Frame
 from libs.common.messages import VERSION, ScanDescription
 from services.writer import nxmx
@@ -36,8 +38,11 @@ GROW = 256
 
 
 class RawFile(ScanFile):
+    takes: ClassVar[tuple[type, ...]] = (object,)
+    """Any frame of the arrays it was opened for: a record is written as it came too."""
+
     def __init__(self, path: Path, *, specs: tuple[ArraySpec, ...], scan: ScanDescription | None,
-                 header: Frame | None, epoch: int = 0, parts: Parts | None = None) -> None:
+                 header: ScanHeader[DetectorHeader] | None, epoch: int = 0, parts: Parts | None = None) -> None:
         self.path = path
         self.specs = specs
         self.master = nxmx.master_path(path)
@@ -68,7 +73,8 @@ class RawFile(ScanFile):
             self._file.close()
             raise
 
-    def _create(self, scan: ScanDescription | None, header: Frame | None, epoch: int, previous: list[str]) -> None:
+    def _create(self, scan: ScanDescription | None, header: ScanHeader[DetectorHeader] | None, epoch: int,
+                previous: list[str]) -> None:
         f = self._file
         mark(f, scan.scan_id if scan else "", epoch)
         f["cxi_version"] = 160
@@ -111,12 +117,13 @@ class RawFile(ScanFile):
         self._datasets = [entry[f"data_{i}/data"] for i in range(1, len(self.specs) + 1)]
         self._numbers = [entry[f"data_{i}/frame_number"] for i in range(1, len(self.specs) + 1)]
 
-    def cost(self, frame: Frame) -> int:
+    def cost(self, frame: Frame, meta: FrameMeta = None) -> int:
         """Bytes a frame takes on disk, about."""
         return sum(frame.raw(spec.name).nbytes for spec in self.specs) + 64
 
-    def write(self, frame: Frame) -> bool:
-        """Put one frame's blobs in their slots; False if that frame is already in the scan's files."""
+    def write(self, frame: Frame, meta: FrameMeta = None) -> bool:
+        """Put one frame's blobs in their slots; False if that frame is already in the scan's files.
+        Its meta (None for a detector frame) is not written."""
         number = frame.header.frame
         if number in self.written or number in self.earlier:
             return False

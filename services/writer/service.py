@@ -43,7 +43,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from libs.common.contracts import PEAKS, raw_path
+from libs.common.contracts import (DETECTOR_HEADER, CleanFrame, FrameMeta, Peaks, ScanHeader, header_name, parse_record,
+                                   raw_path)
 from libs.common.errors import FrameError, SurveyorError
 from libs.common.frames import ArraySpec, Frame
 from libs.common.messages import ScanDescription, ServiceStats
@@ -86,10 +87,13 @@ class Service(Runtime):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self._queue: deque[tuple[Frame, Token | None]] = deque()
-        """Frames held and not yet written (a write failed): written in order once it works."""
-        self._unflushed: list[tuple[Frame, Token | None]] = []
+        self._queue: deque[tuple[Frame, FrameMeta, Token | None]] = deque()
+        """Frames held and not yet written (a write failed): written in order once it works, each
+        with its meta as parsed when it came."""
+        self._unflushed: list[tuple[Frame, FrameMeta, Token | None]] = []
         """Frames written since the last flush that succeeded, with their holds."""
+        self._headers: dict[str, ScanHeader] = {}
+        """The scan headers of the scan by name, their meta parsed as they came."""
         self._next_preview = 0.0
         self._parts: Parts | None = None
         """This process's file for the current scan and the scan's earlier parts: chosen once."""
@@ -182,6 +186,7 @@ class Service(Runtime):
         dropped = len(self._queue)
         self._queue.clear()
         self._unflushed.clear()
+        self._headers = {}
         if self._file is not None:
             file, self._file = self._file, None
             try:
@@ -201,24 +206,56 @@ class Service(Runtime):
 
     # --- frames -----------------------------------------------------------------------------
 
+    def on_header(self, header: Frame) -> None:
+        super().on_header(header)
+        self._headers[header_name(header)] = ScanHeader.of(header)
+
     def on_frame(self, frame: Frame) -> None:
-        # Acknowledged once flushed: a frame this process dies holding is re-sent, never lost.
-        self._queue.append((frame, self.hold()))
-        if self._failure is None:
-            self._drain()
+        try:
+            meta = self._meta(frame)
+        except FrameError as exc:
+            self._reject(exc)
+            return
+        self._take(frame, meta)
 
     def on_duplicate(self, frame: Frame) -> None:
         """A record already taken, come again: only the class sums riding on it are new (SxFile.write
         offers them and writes nothing else); it goes the way of any frame, held until flushed."""
-        if "sum_frames" in frame.header.meta:
-            self.on_frame(frame)
+        try:
+            meta = self._meta(frame)
+        except FrameError as exc:
+            self._reject(exc)
+            return
+        if isinstance(meta, Peaks) and meta.sum_frames is not None:
+            self._take(frame, meta)
+
+    def _meta(self, frame: Frame) -> FrameMeta:
+        """A frame's meta, parsed once as it comes: a record's by its kind, a clean frame's in a
+        ptychography scan; None for a detector frame, whose meta is the detector's own and is not
+        looked at (thousands come a second). FrameError if it does not parse."""
+        meta = frame.header.meta
+        if "kind" in meta:
+            return parse_record(frame)
+        if "index" in meta and self.scan is not None and self.scan.technique == "ptychography":
+            return CleanFrame.of(frame)
+        return None
+
+    def _reject(self, error: FrameError) -> None:
+        self.count("rejected")
+        logger.warning("rejected the %s", error)
+
+    def _take(self, frame: Frame, meta: FrameMeta) -> None:
+        # Acknowledged once flushed: a frame this process dies holding is re-sent, never lost.
+        self._queue.append((frame, meta, self.hold()))
+        if self._failure is None:
+            self._drain()
 
     def _drain(self) -> None:
         """Write the frames held, in order, until one fails."""
         while self._queue and self._failure is None:
-            frame, token = self._queue[0]
+            frame, meta, token = self._queue[0]
             try:
-                self._write(frame)
+                self._write(frame, meta)
             except _Held:
                 return
             except Exception as exc:  # noqa: BLE001 - a frame that cannot be written is rejected, as before
@@ -232,7 +269,7 @@ class Service(Runtime):
                 self._release([token])
                 continue
             self._queue.popleft()
-            self._unflushed.append((frame, token))
+            self._unflushed.append((frame, meta, token))
         if self._failure is not None:
             return
         if isinstance(self._file, SxFile) and time.monotonic() >= self._next_preview:
@@ -242,31 +279,34 @@ class Service(Runtime):
         elif self._unflushed:
             self.after(self.params.flush_interval_s, self._on_timer)
 
-    def _write(self, frame: Frame) -> None:
+    def _write(self, frame: Frame, meta: FrameMeta) -> None:
         if self._file is None:
-            self._open(frame)
+            self._open(frame, meta)
         elif isinstance(self._file, RawFile) and frame.header.arrays != self._file.specs:
             raise FrameError(f"frame {frame.header.frame} ({_describe(frame.header.arrays)}) does not fit "
                              f"{self._file.path} ({_describe(self._file.specs)})")
+        elif not isinstance(meta, self._file.takes):
+            raise FrameError(f"frame {frame.header.frame} from {frame.header.origin} (a {_kind(meta)}) does not go "
+                             f"in {self._file.path}, which takes {'s and '.join(map(_kind, self._file.takes))}s")
         try:
-            self._space.take(self._file.cost(frame))
+            self._space.take(self._file.cost(frame, meta))
         except OSError as exc:
             self._fail(exc, f"frame {frame.header.frame}", self._space.directory)
             if self._unflushed and not self._file.broken:
                 self._flush()  # what is written goes to disk, in the reserve: those frames are safe
             raise _Held from exc
         try:
-            self._file.write(frame)
+            self._file.write(frame, meta)
         except IO_ERRORS as exc:
             self._file.broken = True
             self._fail(exc, f"frame {frame.header.frame}", self._file.path)
             raise _Held from exc
 
-    def _open(self, frame: Frame) -> None:
+    def _open(self, frame: Frame, meta: FrameMeta) -> None:
         scan_id, directory = frame.header.scan_id, Path(self.params.output_dir)
-        if frame.header.meta.get("kind") == PEAKS:
+        if isinstance(meta, Peaks):
             kind, stem = SxFile, scan_id
-        elif "index" in frame.header.meta and self.scan is not None and self.scan.technique == "ptychography":
+        elif isinstance(meta, CleanFrame):
             kind, stem = PtychoFile, scan_id
         else:
             kind, stem = RawFile, Path(raw_path(self.params.output_dir, scan_id)).stem
@@ -274,20 +314,21 @@ class Service(Runtime):
             directory.mkdir(parents=True, exist_ok=True)
             if self._parts is None:
                 self._parts = Parts.find(directory, stem, scan_id, self.epoch)
-            self._space.take(kind.creation_cost(frame))
+            self._space.take(kind.creation_cost(frame, meta))
         except IO_ERRORS as exc:
             self._fail(exc, "the output directory", directory)
             raise _Held from exc
         path = self._parts.path
         try:
+            detector = self._headers.get(DETECTOR_HEADER)
             if kind is SxFile:
-                file = SxFile(path, scan=self.scan, header=self.header, record=frame,
+                file = SxFile(path, scan=self.scan, header=detector, record=frame, peaks=meta,
                               window=self.params.hit_rate_window, epoch=self.epoch, parts=self._parts)
             elif kind is PtychoFile:
-                file = PtychoFile(path, scan=self.scan, headers=self.headers, size=frame.header.arrays[0].shape[-1],
+                file = PtychoFile(path, scan=self.scan, headers=self._headers, size=frame.header.arrays[0].shape[-1],
                                   epoch=self.epoch, parts=self._parts)
             else:
-                file = RawFile(path, specs=frame.header.arrays, scan=self.scan, header=self.header,
+                file = RawFile(path, specs=frame.header.arrays, scan=self.scan, header=detector,
                                epoch=self.epoch, parts=self._parts)
         except IO_ERRORS as exc:
             self._fail(exc, "a new file", path)
@@ -325,12 +366,12 @@ class Service(Runtime):
                 return
             self._count_on_disk()
         flushed, self._unflushed = self._unflushed, []
-        self._release(token for _, token in flushed)
+        self._release(token for _, _, token in flushed)
 
     def _release(self, tokens: Iterable[Token | None]) -> None:
         """Release holds, except one that a frame still waiting to be written has too (a record and
         its duplicate share the token): it is acknowledged once that frame is flushed as well."""
-        waiting = {token for _, token in self._queue} | {token for _, token in self._unflushed}
+        waiting = {token for _, _, token in self._queue} | {token for _, _, token in self._unflushed}
         for token in tokens:
             if token is not None and token not in waiting:
                 self.release(token)
@@ -452,3 +493,9 @@ def _size(path: Path) -> int:
 
 def _describe(specs: tuple[ArraySpec, ...]) -> str:
     return ", ".join(f"{s.name} {s.dtype}{list(s.shape)} {s.compression}" for s in specs)
+
+
+def _kind(meta: FrameMeta | type) -> str:
+    """What a frame is, by its parsed meta (or the model of one), in messages."""
+    model = meta if isinstance(meta, type) else type(meta)
+    return getattr(model, "label", "detector frame")

@@ -43,12 +43,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import h5py
 import numpy as np
 
 from libs.common import codecs
+from libs.common.contracts import DetectorHeader, Peaks, PixelFormat, ScanHeader
 from libs.common.frames import Frame
 from libs.common.messages import VERSION, ScanDescription
 from libs.crystallography.hits import CLASSES, ClassSums, HitRate, SumsDelta, add_to_powder
@@ -76,13 +77,17 @@ ARRAYS = ("hits", "misses", "powder", "n_frames", "history")
 
 
 class SxFile(ScanFile):
-    def __init__(self, path: Path, *, scan: ScanDescription | None, header: Frame | None, record: Frame,
-                 window: int, epoch: int = 0, parts: Parts | None = None) -> None:
+    takes: ClassVar[tuple[type, ...]] = (Peaks,)
+
+    def __init__(self, path: Path, *, scan: ScanDescription | None, header: ScanHeader[DetectorHeader] | None,
+                 record: Frame, peaks: Peaks, window: int, epoch: int = 0, parts: Parts | None = None) -> None:
+        """`record`, `peaks`: the first record and its meta, which say the frames' format and the
+        peak list's width."""
         self.path = path
         self.scan_id = record.header.scan_id
-        frame = record.header.meta["frame"]
-        self.shape = tuple(frame["shape"])
-        self.width = int(record.header.meta["max_num_peaks"])
+        frame = peaks.frame
+        self.shape = frame.shape
+        self.width = peaks.max_num_peaks
         self.sums = ClassSums(self.shape)
         self.powder = np.zeros(self.shape, np.float64)
         self._factor = -(-max(self.shape) // PREVIEW_SIDE)
@@ -124,8 +129,8 @@ class SxFile(ScanFile):
             self._file.close()
             raise
 
-    def _create(self, scan: ScanDescription | None, header: Frame | None, frame: dict[str, Any], epoch: int,
-                parts: Parts | None, summed: list[int]) -> None:
+    def _create(self, scan: ScanDescription | None, header: ScanHeader[DetectorHeader] | None, frame: PixelFormat,
+                epoch: int, parts: Parts | None, summed: list[int]) -> None:
         f = self._file
         mark(f, scan.scan_id if scan else "", epoch)
         f["cxi_version"] = 160
@@ -140,7 +145,7 @@ class SxFile(ScanFile):
                 "the frames they hold are not in this file, the aggregates here include them")
         data = entry.create_dataset(
             "data_1/data", shape=(0, *self.shape), maxshape=(None, *self.shape), chunks=(1, *self.shape),
-            dtype=np.dtype(frame["dtype"]), **codecs.hdf5_filter(frame["compression"]))
+            dtype=np.dtype(frame.dtype), **codecs.hdf5_filter(frame.compression))
         data.attrs["axes"] = "experiment_identifier:y:x"
         identifiers = _growing(entry["data_1"], "experiment_identifier", IDENTIFIER)
         identifiers.attrs["description"] = "the hit's event: <scan_id>//<frame number>"
@@ -312,24 +317,25 @@ class SxFile(ScanFile):
             add_to_powder(self.powder, fs, ss, intensity)
 
     @staticmethod
-    def cost(record: Frame) -> int:
-        return (record.raw("data").nbytes if record.header.meta.get("hit") else 0) + 4096
+    def cost(record: Frame, peaks: Peaks) -> int:
+        return (record.raw("data").nbytes if peaks.hit else 0) + 4096
 
     @staticmethod
-    def creation_cost(record: Frame) -> int:
+    def creation_cost(record: Frame, peaks: Peaks) -> int:
         """The aggregates, twice, and the rest."""
-        return 7 * int(np.prod(record.header.meta["frame"]["shape"])) * 8 + (1 << 20)
+        return 7 * int(np.prod(peaks.frame.shape)) * 8 + (1 << 20)
 
-    def write(self, record: Frame) -> bool:
-        """Take one frame's record: its row, its peaks and frame if a hit, its class sums if any.
-        False for a record already written (here or in an earlier part): only its sums are offered."""
-        number, meta = record.header.frame, record.header.meta
-        delta = _delta(record)
+    def write(self, record: Frame, peaks: Peaks) -> bool:
+        """Take one frame's record (`peaks` its meta): its row, its peaks and frame if a hit, its class
+        sums if any. False for a record already written (here or in an earlier part): only its sums
+        are offered."""
+        number = record.header.frame
+        delta = _delta(record, peaks)
         if number in self.written:
             if delta is not None:
                 self._offer(delta, record.header.scan_id, again=True)
             return False
-        hit, n_peaks = bool(meta["hit"]), int(meta["n_peaks"])
+        hit, n_peaks = peaks.hit, peaks.n_peaks
         if hit:  # the disk first: a write that fails leaves nothing of the record here
             row = self.hits
             self._data.resize(row + 1, axis=0)
@@ -461,14 +467,13 @@ class SxFile(ScanFile):
         quiet_close(self._file)
 
 
-def _delta(record: Frame) -> SumsDelta | None:
+def _delta(record: Frame, peaks: Peaks) -> SumsDelta | None:
     """The class sums a record carries (what a peak process added, and which frames), if any."""
-    meta = record.header.meta
-    if "sum_frames" not in meta:
+    if peaks.sum_frames is None:
         return None
     names = {spec.name for spec in record.header.arrays}
     sums = {cls: record.array(f"{name}_sum") for cls, name in enumerate(CLASSES) if f"{name}_sum" in names}
-    return SumsDelta(np.asarray(meta["sum_frames"], np.int64), sums, meta["summed"])
+    return SumsDelta(np.asarray(peaks.sum_frames, np.int64), sums, peaks.summed)
 
 
 def _binned(image: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
@@ -499,7 +504,7 @@ def _append(dataset: h5py.Dataset, rows: np.ndarray) -> None:
     dataset[start:] = rows
 
 
-def crystfel_geometry(cxi: Path, scan: ScanDescription | None, header: Frame | None,
+def crystfel_geometry(cxi: Path, scan: ScanDescription | None, header: ScanHeader[DetectorHeader] | None,
                       shape: tuple[int, int], live: bool = False) -> str:
     """A CrystFEL geometry for the file (one panel, the mask and the peak list in the file), or,
     `live`, for the hit server's maps (the facts the map carries where the scan did not say them)."""
@@ -519,7 +524,7 @@ def crystfel_geometry(cxi: Path, scan: ScanDescription | None, header: Frame | N
     else:
         lines += ["data = /entry_1/data_1/data", "dim0 = %", "dim1 = ss", "dim2 = fs",
                   "peak_list = /entry_1/result_1", "peak_list_type = cxi"]
-        if header is not None and "pixel_mask" in {spec.name for spec in header.header.arrays}:
+        if header is not None and "pixel_mask" in header.names:
             lines += ["mask = /entry_1/instrument_1/detector_1/mask", "mask_good = 0x0",
                       f"mask_bad = {CXI_INVALID:#x}"]
     lines += ["", "p0/min_fs = 0", f"p0/max_fs = {shape[1] - 1}", "p0/min_ss = 0", f"p0/max_ss = {shape[0] - 1}",

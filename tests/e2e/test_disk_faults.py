@@ -259,6 +259,13 @@ def _sx_record(n: int, frames: dict[int, np.ndarray]):
     return Frame.from_blobs(scan_id="sx", epoch=1, frame=n, origin="peak_worker.1", blobs=blobs, meta=meta)
 
 
+def _meta(record):
+    """A record's meta as the writer parses it when it comes."""
+    from libs.common.contracts import CleanFrame, parse_record
+
+    return parse_record(record) if "kind" in record.header.meta else CleanFrame.of(record)
+
+
 def _feed(file, records, flush_every: int, filler_dir: Path) -> int:
     """Write records as the writer does; on the first OSError free the disk and `recover`, then go
     on. Returns how many times HDF5 failed."""
@@ -266,7 +273,7 @@ def _feed(file, records, flush_every: int, filler_dir: Path) -> int:
     for i, record in enumerate(records):
         for attempt in range(2):
             try:
-                file.write(record)
+                file.write(record, _meta(record))
                 if (i + 1) % flush_every == 0:
                     file.flush()
                 break
@@ -292,8 +299,9 @@ def test_the_crystallography_file_opened_anew_after_enospc_has_every_record_and_
     records = [_sx_record(n, frames) for n in range(count)]
     with tmpfs(tmp_path / "disk", "8m") as disk:
         parts = Parts.find(disk, "sx", "sx", 1)
-        file = SxFile(parts.path, scan=None, header=None, record=records[0], window=20, epoch=1, parts=parts)
-        file.write(records[0])
+        file = SxFile(parts.path, scan=None, header=None, record=records[0], peaks=_meta(records[0]), window=20,
+                      epoch=1, parts=parts)
+        file.write(records[0], _meta(records[0]))
         file.flush()
         fill(disk, leave_mb=0)
         assert _feed(file, records[1:], flush_every=4, filler_dir=disk) >= 1, "HDF5 never met a full disk"
@@ -330,7 +338,7 @@ def test_the_ptychography_file_opened_anew_after_enospc_has_every_frame_once(tmp
              for i in range(count)]
     with tmpfs(tmp_path / "disk", "4m") as disk:
         file = PtychoFile(disk / "p.cxi", scan=scan, headers={}, size=size, epoch=1)
-        file.write(clean[0])
+        file.write(clean[0], _meta(clean[0]))
         file.flush()
         fill(disk, leave_mb=0)
         assert _feed(file, clean[1:], flush_every=5, filler_dir=disk) >= 1, "HDF5 never met a full disk"
