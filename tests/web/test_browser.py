@@ -1,0 +1,317 @@
+"""The page in a real browser: Debian's Chromium, headless, driven by Playwright (never a browser
+download: the system's `chromium` binary), against `surveyor run` with its web front-end and a
+virtual detector streaming a scan to it. The page is opened as `surveyor run` prints it
+(`http://ADDR:PORT/#token=TOKEN`); what it draws is read back from its pixels and compared with
+what the HTTP API serves. A screenshot of each page is kept in the test's temp dir.
+
+The detector is started apart from the run (`surveyor simulate ... --handler`, as the operator's
+scan would come), so the run outlives its scan and the page can be read after it. Skipped when
+Playwright or Chromium is missing (`.ci/run` installs Chromium where apt-get is at hand)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from libs.common import client
+from tests.conftest import REPO, free_endpoints, free_port, wait_for
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: apt-get install chromium")
+
+PTYCHO = REPO / "pipelines" / "ptychography.toml"
+SX = REPO / "pipelines" / "crystallography.toml"
+PTYCHO_SMALL = ("stages.frame_worker.params.crop=256", "stages.frame_worker.params.size=64",
+                "stages.image_worker.params.preview_interval_s=1",
+                "stages.reconstruction_worker.params.preview_interval_s=1")
+PTYCHO_PARAMS = ("n_dark=10", "size=64", "raw_shape=[320, 320]")
+"""tests/ptychography/test_chain.py's SMALL scan (10 x 10 positions, 64 x 64 clean frames), with
+previews each second."""
+
+# What the page is asked, in its own JavaScript: an image's pixels as drawn, and whether they are
+# the PNG the API serves now for the preview the image says it shows.
+IMAGE_PIXELS = """(id) => {
+  const img = document.getElementById(id);
+  if (!img || !img.complete || !img.naturalWidth) return null;
+  const canvas = document.createElement("canvas");
+  [canvas.width, canvas.height] = [img.naturalWidth, img.naturalHeight];
+  const context = canvas.getContext("2d");
+  context.drawImage(img, 0, 0);
+  const data = context.getImageData(0, 0, canvas.width, canvas.height).data;
+  const colours = new Set();
+  let opaque = 0;
+  for (let i = 0; i < data.length; i += 4) {
+    if (data[i + 3]) { opaque++; colours.add((data[i] << 16) | (data[i + 1] << 8) | data[i + 2]); }
+  }
+  return {width: canvas.width, height: canvas.height, opaque, colours: colours.size, time: img.dataset.time};
+}"""
+
+SAME_AS_API = """async ([id, stage, name, array]) => {
+  const img = document.getElementById(id);
+  const {previews} = await (await fetch("/api/previews")).json();
+  const preview = previews.find((p) => p.stage === stage && p.name === name);
+  if (!img.src.includes(`/api/previews/${stage}/${name}/${array}.png?`)) return `another image: ${img.src}`;
+  if (!preview || String(preview.time) !== img.dataset.time) return "the page shows an older preview";
+  const response = await fetch(img.src);  // with the page's own rendering options
+  if (response.headers.get("X-Preview-Seq") !== String(preview.seq)) return "a newer preview came meanwhile";
+  const served = new Image();  // decoded as the page's own <img> is
+  served.src = URL.createObjectURL(await response.blob());
+  await served.decode();
+  const pixels = (source) => {
+    const canvas = document.createElement("canvas");
+    [canvas.width, canvas.height] = [source.naturalWidth, source.naturalHeight];
+    const context = canvas.getContext("2d");
+    context.drawImage(source, 0, 0);
+    return context.getImageData(0, 0, canvas.width, canvas.height).data;
+  };
+  const [shown, api] = [pixels(img), pixels(served)];
+  const [height, width] = preview.arrays.find((a) => a.name === array).shape;
+  if (img.naturalWidth !== width || img.naturalHeight !== height) return `shape ${img.naturalWidth} x ${img.naturalHeight}`;
+  const differ = shown.filter((v, i) => v !== api[i]).length;
+  return shown.length === api.length && !differ ? "same" : `${differ} of ${shown.length} values differ`;
+}"""
+
+BOX_FRAMES_IN = """() => Object.fromEntries([...document.querySelectorAll('#graph .stage')]
+  .map((box) => [box.dataset.stage, box.querySelector('.totals b').textContent]))"""
+
+PLOT_PIXELS = """([id, rgb]) => {
+  const canvas = document.querySelector(`#${id} canvas`);
+  if (!canvas) return 0;
+  const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+  let count = 0;
+  for (let i = 0; i < data.length; i += 4) {
+    if (Math.abs(data[i] - rgb[0]) < 8 && Math.abs(data[i + 1] - rgb[1]) < 8 && Math.abs(data[i + 2] - rgb[2]) < 8
+        && data[i + 3] > 200) count++;
+  }
+  return count;
+}"""
+"""Pixels of a plot's canvas in its series' colour (the axes and grid are grey)."""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM)
+        yield chromium
+        chromium.close()
+
+
+class Page:
+    """One browser tab on a run's page; page errors are collected, and fail the test at the end."""
+
+    def __init__(self, browser, run) -> None:
+        self.run = run
+        token_file = Path(run.token_file)
+        self.token = wait_for(lambda: token_file.exists() and token_file.read_text().strip(), 60, "the web token")
+        self.url = run.web_url
+        wait_for(lambda: self.get("/api/status", quiet=True), 60, "the web front-end")
+        self.context = browser.new_context(viewport={"width": 1440, "height": 1000})
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        self.page.on("pageerror", lambda error: self.errors.append(str(error)))
+        self.page.goto(f"{self.url}/#token={self.token}")  # as `surveyor run` prints it
+
+    def get(self, path: str, quiet: bool = False) -> Any:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=5) as response:
+                return json.loads(response.read())
+        except OSError:
+            if quiet:
+                return None
+            raise
+
+    def js(self, script: str, arg: Any = None) -> Any:
+        return self.page.evaluate(script, arg)
+
+    def drawn(self, image_id: str) -> dict[str, Any] | None:
+        """The image's pixels once it shows a preview: most of them opaque, in many colours."""
+        found = self.js(IMAGE_PIXELS, image_id)
+        if found and found["time"] and found["opaque"] > found["width"] * found["height"] / 2 and found["colours"] > 8:
+            return found
+        return None
+
+    def text(self, selector: str) -> str:
+        return self.page.locator(selector).inner_text()
+
+    def close(self, screenshot: Path) -> None:
+        self.page.screenshot(path=str(screenshot), full_page=True)
+        self.context.close()
+        assert not self.errors, f"errors in the page: {self.errors}"
+
+
+def stream(run, kind: str, *, frames: int, rate: float, scan_id: str, params: tuple[str, ...] = ()) -> subprocess.Popen:
+    """A virtual detector bound where the run's receiver connects, announcing its scan to the handler."""
+    source = run.pipeline.stages["receiver"].params["source"]
+    return subprocess.Popen(
+        [sys.executable, "-m", "libs.cli.main", "simulate", kind, "--bind", source, "--frames", str(frames),
+         "--rate", str(rate), "--scan-id", scan_id, "--handler", run.endpoint,
+         *(arg for param in params for arg in ("--param", param))],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def child_pid(run, command: str) -> int:
+    """The pid of `surveyor run`'s child `surveyor COMMAND ...` (the handler, the web front-end)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == run.process.pid and argv[1:4] == [b"-m", b"libs.cli.main", command.encode()]:
+            return int(stat.parent.name)
+    raise AssertionError(f"surveyor run has no child `surveyor {command}`")
+
+
+@pytest.fixture
+def detectors():
+    started: list[subprocess.Popen] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.terminate()
+        process.wait(10)
+
+
+def test_ptychography_page_shows_the_live_reconstruction_and_keeps_it_over_a_reload(start_run, browser, detectors,
+                                                                                    tmp_path):
+    run = start_run(PTYCHO, overrides=(*free_endpoints(), *PTYCHO_SMALL), web=True)
+    page = Page(browser, run)
+    run.wait_ready(services=7)
+    detectors.append(stream(run, "ptycho", frames=100, rate=25, scan_id="web_ptycho", params=PTYCHO_PARAMS))
+
+    for image in ("img-object_phase", "img-object_amplitude", "img-probe_amplitude", "img-transmission",
+                  "img-dpc_phase", "img-stxm_probe"):
+        wait_for(lambda: page.drawn(image), 90, f"{image} drawn")
+    # The graph: a box per stage, each process in it, and the edges the pipeline file names.
+    stages = page.js("() => [...document.querySelectorAll('#graph .stage')].map((box) => box.dataset.stage)")
+    assert sorted(stages) == sorted(run.pipeline.stages)
+    assert page.js("() => document.querySelectorAll('#edges path[marker-end]').length") == \
+        sum(len(stage.inputs) for stage in run.pipeline.stages.values())
+    assert page.js("""() => [...document.querySelectorAll('#graph .stage[data-stage="frame_worker"] tr[data-process]')]
+                            .map((row) => row.dataset.process)""") == ["frame_worker.1", "frame_worker.2"]
+
+    run.wait_scan("web_ptycho", timeout_s=90)
+    # Each box's frames in are the API's, once they stop changing.
+    totals = page.get("/api/status")["stages"]
+    wait_for(lambda: page.js(BOX_FRAMES_IN) == {name: f"{int(t['frames_in']):,}" for name, t in totals.items()}, 10,
+             f"the boxes' frames in as the API's {totals}")
+    # Once no newer preview comes, the images are the API's PNGs, pixel for pixel.
+    for image, stage, array in (("img-object_phase", "reconstruction_worker", "object_phase"),
+                                ("img-transmission", "image_worker", "transmission")):
+        name = "reconstruction" if stage == "reconstruction_worker" else "stxm"
+        answers = []
+        try:
+            wait_for(lambda: answers.append(page.js(SAME_AS_API, [image, stage, name, array])) or answers[-1] == "same",
+                     30, f"{image} as the API serves it")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {answers[-1]}") from None
+    # The solver's error against iterations: the points the previews carried, the last the API's.
+    meta = next(p["meta"] for p in page.get("/api/previews")["previews"] if p["name"] == "reconstruction")
+    wait_for(lambda: page.js("() => surveyor.state.errors.web_ptycho?.at(-1)") == [meta["iterations"], meta["error"]],
+             10, "the newest error point")
+    assert page.js(PLOT_PIXELS, ["plot-error", [192, 57, 43]]) > 50
+    points = page.js("() => surveyor.state.errors.web_ptycho.length")
+    wait_for(lambda: "finished" in page.text("#scans-body"), 10, "the finished scan in the scans table")
+    wait_for(lambda: "scan_finished" in page.text("#events-body"), 10, "scan_finished in the event log")
+    page.page.screenshot(path=str(tmp_path / "ptychography.png"), full_page=True)
+
+    # A reload: the series kept by the page, the rest from the API again.
+    page.page.reload()
+    wait_for(lambda: page.drawn("img-object_phase"), 20, "the reconstruction after a reload")
+    wait_for(lambda: page.js(PLOT_PIXELS, ["plot-error", [192, 57, 43]]) > 50, 10, "the error plot redrawn")
+    assert page.js("() => surveyor.state.errors.web_ptycho.length") >= points
+    wait_for(lambda: "scan_started" in page.text("#events-body"), 10, "the event log after a reload")
+    page.close(tmp_path / "ptychography_reloaded.png")
+
+
+def test_crystallography_page_plots_the_hit_rate_reconfigures_the_peak_finder_and_aborts(start_run, browser,
+                                                                                        detectors, tmp_path):
+    overrides = (*free_endpoints(), f'stages.hit_server.params.endpoint="tcp://127.0.0.1:{free_port()}"')
+    run = start_run(SX, overrides=overrides, web=True)
+    page = Page(browser, run)
+    run.wait_ready(services=6)
+    detectors.append(stream(run, "sx", frames=2000, rate=20, scan_id="web_sx",
+                            params=("layout='1m'", "hit_fraction=0.5")))
+
+    # The hit rate against time, as the writer's previews give it.
+    wait_for(lambda: page.js("() => surveyor.state.hitRate.y.length") >= 2, 60, "two hit-rate samples")
+    wait_for(lambda: page.js(PLOT_PIXELS, ["plot-hitrate", [30, 132, 73]]) > 50, 10, "the hit-rate line drawn")
+    wait_for(lambda: page.drawn("img-virtual_powder"), 10, "the virtual powder drawn")
+    assert page.js("() => surveyor.state.hitRate.y.every((v) => v >= 0 && v <= 100)")
+
+    # A new minimum_snr from the panel is what the peak finder's processes run with.
+    def in_force() -> set[float]:
+        status = run.ctl("status").result
+        return {client.call(s["command_endpoint"], "status").result["params"]["minimum_snr"]
+                for s in status["services"] if s["stage"] == "peak_worker" and s["state"] == "up"}
+
+    assert page.page.locator("#params-stage").input_value() == "peak_worker"
+    wait_for(lambda: page.page.locator('#params-fields input[name="minimum_snr"]').input_value() == "6", 10,
+             "the value in force shown")
+    page.page.fill('#params-fields input[name="minimum_snr"]', "7")
+    page.page.click("#params-form button[type=submit]")
+    wait_for(lambda: "minimum_snr = 7" in page.text("#params-reply"), 10, "the handler's answer shown")
+    assert in_force() == {7}
+    wait_for(lambda: page.text('[data-for="minimum_snr"]') == "in force: 7", 10, "the process's value shown")
+    assert page.get("/api/stages/peak_worker/params")["params"]["minimum_snr"] == 7
+
+    # A value the peak finder cannot take: the handler's refusal shown, nothing changed.
+    page.page.fill('#params-fields input[name="minimum_snr"]', "-1")
+    page.page.click("#params-form button[type=submit]")
+    wait_for(lambda: "refused" in page.text("#params-reply"), 10, "the refusal shown")
+    refusal = page.text("#params-reply")
+    assert "minimum_snr" in refusal and "did not change" in refusal, refusal
+    assert page.page.locator("#params-reply").get_attribute("class") == "reply bad"
+    assert in_force() == {7}
+
+    # The handler killed and restarted by `surveyor run`, then the web process: the page follows
+    # both by itself (its websockets reopen, the event log goes on from the new process's events).
+    os.kill(child_pid(run, "handler"), signal.SIGKILL)
+    wait_for(lambda: "handler_recovered" in page.text("#events-body"), 30, "handler_recovered in the event log")
+    stream_id = page.js("() => surveyor.state.stream")
+    os.kill(child_pid(run, "web"), signal.SIGKILL)
+    wait_for(lambda: page.text("#page-state").startswith("reconnecting"), 10, "the page reconnecting")
+    wait_for(lambda: page.text("#page-state") == "live" and page.js("() => surveyor.state.stream") != stream_id, 30,
+             "the page on the new web process")
+    wait_for(lambda: page.text("#handler-state") == "handler live", 10, "the handler's status again")
+
+    # Abort: the scan aborted, in the reply, the scans table, the event log and the API.
+    page.page.click("#abort")
+    wait_for(lambda: "aborted" in page.text("#command-reply"), 20, "the abort's reply")
+    wait_for(lambda: "scan_aborted" in page.text("#events-body"), 10, "scan_aborted in the event log")
+    wait_for(lambda: any(s["scan_id"] == "web_sx" and s["state"] == "aborted" for s in page.get("/api/scans")["scans"]),
+             10, "the scan aborted in the API")
+    wait_for(lambda: "aborted" in page.text('#scans-body tr[data-scan="web_sx"]'), 10, "aborted in the scans table")
+    # Once the previews stop, the plotted hit rate is the writer's history as the API serves it.
+    preview = next(p for p in page.get("/api/previews")["previews"] if p["name"] == "crystallography")
+    with urllib.request.urlopen(f"{page.url}/api/previews/{preview['stage']}/crystallography/hit_rate.npy") as body:
+        history = np.load(io.BytesIO(body.read()))
+    wait_for(lambda: page.js("() => surveyor.state.previews.get('writer/crystallography').seq") == preview["seq"], 10,
+             "the page on the newest preview")
+    assert page.js("() => surveyor.state.hitRate.y") == pytest.approx(list(100 * history.astype(float)), abs=1e-3)
+    assert page.js("() => surveyor.state.hitRate.y.at(-1)") == pytest.approx(100 * preview["meta"]["hit_rate"], abs=0.01)
+    page.page.screenshot(path=str(tmp_path / "crystallography.png"), full_page=True)
+
+    # Start from the form (no detector streams to it) and abort that one too.
+    detectors[0].terminate()
+    page.page.fill('#start-form input[name="scan_id"]', "from_page")
+    page.page.select_option('#start-form select[name="technique"]', "crystallography")
+    page.page.fill('#start-form input[name="n_frames"]', "10")
+    page.page.click("#start")
+    wait_for(lambda: "from_page started" in page.text("#command-reply"), 20, "the start's reply")
+    wait_for(lambda: "from_page" in page.text("#scan-now"), 10, "the new scan in the scan panel")
+    page.page.click("#abort")
+    wait_for(lambda: "scan from_page aborted" in page.text("#command-reply"), 20, "the second abort's reply")
+    page.close(tmp_path / "crystallography_end.png")
