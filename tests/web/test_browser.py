@@ -109,7 +109,8 @@ def browser():
 
 
 class Page:
-    """One browser tab on a run's page; page errors are collected, and fail the test at the end."""
+    """One browser tab on a run's page. A script error in the page, or a request to anywhere but
+    the web process, fails the test at the end."""
 
     def __init__(self, browser, run) -> None:
         self.run = run
@@ -121,6 +122,9 @@ class Page:
         self.page = self.context.new_page()
         self.errors: list[str] = []
         self.page.on("pageerror", lambda error: self.errors.append(str(error)))
+        self.outside: list[str] = []  # the page works offline: nothing but its own server is asked
+        self.page.on("request", lambda request: None if request.url.startswith((self.url, "data:", "blob:"))
+                     else self.outside.append(request.url))
         self.page.goto(f"{self.url}/#token={self.token}")  # as `surveyor run` prints it
 
     def get(self, path: str, quiet: bool = False) -> Any:
@@ -149,6 +153,7 @@ class Page:
         self.page.screenshot(path=str(screenshot), full_page=True)
         self.context.close()
         assert not self.errors, f"errors in the page: {self.errors}"
+        assert not self.outside, f"the page asked beyond its server: {self.outside}"
 
 
 def stream(run, kind: str, *, frames: int, rate: float, scan_id: str, params: tuple[str, ...] = ()) -> subprocess.Popen:
@@ -232,6 +237,7 @@ def test_ptychography_page_shows_the_live_reconstruction_and_keeps_it_over_a_rel
     wait_for(lambda: page.drawn("img-object_phase"), 20, "the reconstruction after a reload")
     wait_for(lambda: page.js(PLOT_PIXELS, ["plot-error", [192, 57, 43]]) > 50, 10, "the error plot redrawn")
     assert page.js("() => surveyor.state.errors.web_ptycho.length") >= points
+    assert "token" not in page.page.url and page.page.locator("#token").get_attribute("placeholder") == "token set"
     wait_for(lambda: "scan_started" in page.text("#events-body"), 10, "the event log after a reload")
     page.close(tmp_path / "ptychography_reloaded.png")
 
