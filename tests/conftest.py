@@ -109,10 +109,17 @@ class Feed(client.StatusFeed):
 
 
 class Run:
-    """`surveyor run` as a child process, with its handler endpoints."""
+    """`surveyor run` as a child process, with its handler endpoints. No web front-end unless
+    `web`: then on a free port (`web_url`), its token in `token_file`."""
 
-    def __init__(self, pipeline: Path, *args: str, cwd: Path, overrides: tuple[str, ...] = ()) -> None:
+    def __init__(self, pipeline: Path, *args: str, cwd: Path, overrides: tuple[str, ...] = (),
+                 web: bool = False) -> None:
         from libs.common.pipeline import load
+
+        self.token_file = cwd / "web.token"
+        self.web_url = f"http://127.0.0.1:{free_port()}" if web else None
+        args = (*args, "--web", self.web_url.removeprefix("http://"), "--web-token-file", str(self.token_file)) \
+            if web else (*args, "--no-web")
 
         self.pipeline = load(pipeline, overrides)
         self.endpoint = self.pipeline.handler.command
@@ -188,8 +195,8 @@ class Run:
 def start_run(tmp_path: Path):
     runs: list[Run] = []
 
-    def start(pipeline: Path, *args: str, overrides: tuple[str, ...] = ()) -> Run:
-        run = Run(pipeline, *args, cwd=tmp_path, overrides=overrides)
+    def start(pipeline: Path, *args: str, overrides: tuple[str, ...] = (), web: bool = False) -> Run:
+        run = Run(pipeline, *args, cwd=tmp_path, overrides=overrides, web=web)
         runs.append(run)
         return run
 

@@ -11,6 +11,12 @@ the run ends the same way. Children run in their own session, so a Ctrl-C at the
 only the launcher, which then stops them in order. Each run logs into a directory of its own
 (libs/common/logs.py). The exit code is 1 exactly when something was lost (or the run failed), and
 the run says what and why.
+
+The web front-end (`surveyor web`) is one more child, unless `--no-web`: started once the handler
+answers, on the address asked for (refused at start when taken), else 127.0.0.1:8080 or a free
+port when that is taken; its URL and token are printed. It is restarted when it crashes like any
+child, but it is no part of the pipeline: when it cannot listen, the run goes on without it, and it
+is stopped first (SIGTERM) on the way out, since a handler's `shutdown` does not reach it.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from libs.common import client, logs
 from libs.common.detector import PROTOCOLS
 from libs.common.logs import log_path
 from libs.common.pipeline import Pipeline
+from libs.web import access
 
 logger = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -112,6 +119,8 @@ class Launcher:
     handler_is_ours: bool = False
     """Our handler answered at the endpoint: only then may `shutdown` go there (never to another
     pipeline's handler)."""
+    web: Child | None = None
+    """The web front-end (`surveyor web`), when the run has one: not a pipeline process."""
 
     def __post_init__(self) -> None:
         cli = [sys.executable, "-m", "libs.cli.main"]
@@ -135,6 +144,8 @@ class Launcher:
         # restarted handler (supervise) carries the scan on.
         self.children["handler"].start("--fresh")
         self._wait(self._own_handler_answers, timeout_s, "the handler did not answer ping")
+        if self.web is not None:
+            self.web.start()
         for child in self.children.values():
             if child.process is None:
                 child.start()
@@ -184,6 +195,14 @@ class Launcher:
             time.sleep(0.1)
         raise RuntimeError(f"{what} within {timeout_s:.0f} s; see the logs in {log_path('handler').parent}")
 
+    def add_web(self, address: tuple[str, int], token_file: Path) -> str:
+        """Have `start` start the web front-end at `address`; its URL."""
+        host, port = address
+        sets = [arg for override in self.overrides for arg in ("--set", override)]
+        self.web = Child("web", [sys.executable, "-m", "libs.cli.main", "web", "--pipeline", self.pipeline_file,
+                                 *sets, "--bind", f"{host}:{port}", "--token-file", str(token_file)])
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+
     def start_detector(self, argv: list[str]) -> None:
         self.detector = Child("simulator", [sys.executable, "-m", "libs.cli.main", *argv])
         self.detector.start()
@@ -195,7 +214,7 @@ class Launcher:
             raise RuntimeError(f"the virtual detector failed (exit code {self.detector.process.returncode}): "
                                f"{self.detector.reason()}; see {log_path('simulator')}")
         now = time.monotonic()
-        for child in self.children.values():
+        for child in [*self.children.values(), *([self.web] if self.web is not None else [])]:
             if self.stopping or child.stopped or child.process is None or child.process.poll() is None:
                 continue
             if child.process.returncode == 0:
@@ -209,6 +228,11 @@ class Launcher:
                 code = child.process.returncode
                 quick = now - child.started < QUICK_EXIT_S
                 reason = child.reason()
+                if quick and BIND_FAILED.search(reason) and child is self.web:
+                    child.stopped = True
+                    console.log(f"[red]the web front-end could not listen: {reason}; the pipeline runs on "
+                                f"without it (log: {log_path(child.name)})")
+                    continue
                 if quick and BIND_FAILED.search(reason):
                     hint = ("choose other endpoints with --set handler.command=... handler.status=..."
                             if child.name == "handler" else "another pipeline or program holds its endpoint")
@@ -226,6 +250,13 @@ class Launcher:
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         self.stopping = True
+        if self.web is not None and self.web.process is not None and self.web.process.poll() is None:
+            self.web.process.terminate()
+            try:
+                self.web.process.wait(5.0)
+            except subprocess.TimeoutExpired:
+                self.web.process.kill()
+                self.web.process.wait()
         if self.detector is not None and self.detector.process.poll() is None:
             self.detector.process.terminate()
         handler = self.children["handler"].process
@@ -262,12 +293,25 @@ def unique_scan_id(prefix: str, out: Path) -> str:
 
 
 def run(*, pipeline_file: str, pipeline: Pipeline, overrides: list[str], simulate: bool, scans: int | None,
-        out: Path, summary_path: Path) -> int:
+        out: Path, summary_path: Path, web: bool = True, web_address: str | None = None,
+        web_token_file: Path | None = None) -> int:
+    """`web_address` None: 127.0.0.1:8080, or a free port when that is taken; `web_token_file`
+    None: a new token in the run's log directory."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     # The children inherit the run's own log directory; the launcher's log_path() follows it too.
     os.environ["SURVEYOR_LOG_DIR"] = str(logs.run_dir(pipeline.name))
     console.log(f"logs in {logs.log_dir()}")
     launcher = Launcher(pipeline_file, pipeline, overrides)
+    if web:
+        try:
+            token_file = web_token_file or logs.log_dir() / "web.token"
+            token = access.read_or_create_token(token_file)
+            url = launcher.add_web(access.choose(web_address), token_file)
+        except access.AccessError as exc:
+            console.log(f"[red]{exc}")
+            return 1
+        console.log(f"web front-end at {url} (API {url}api, OpenAPI {url}docs); commands need the token "
+                    f"{token} (kept in {token_file})")
     watcher = client.StatusFeed(pipeline.handler.status)
     finished: list[dict[str, Any]] = []
     code = 0

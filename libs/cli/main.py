@@ -50,7 +50,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         pipeline = _pipeline(args.pipeline, overrides)
     return launcher.run(pipeline_file=args.pipeline, pipeline=pipeline, overrides=overrides,
                         simulate=args.simulate, scans=args.scans, out=out,
-                        summary_path=Path(args.summary) if args.summary else out / "summary.json")
+                        summary_path=Path(args.summary) if args.summary else out / "summary.json",
+                        web=not args.no_web, web_address=args.web,
+                        web_token_file=Path(args.web_token_file) if args.web_token_file else None)
 
 
 def cmd_handler(args: argparse.Namespace) -> int:
@@ -184,10 +186,39 @@ def cmd_process(args: argparse.Namespace) -> int:
                        stage=args.stage, protocol=args.protocol, dataset=args.dataset)
 
 
+def cmd_web(args: argparse.Namespace) -> int:
+    from libs.web import access, server
+
+    pipeline_file = args.pipeline or args.pipeline_file
+    pipeline = _pipeline(pipeline_file, args.set) if pipeline_file else None
+    handler = args.handler or (pipeline.handler.command if pipeline else HandlerConfig().command)
+    if args.status:
+        status = args.status
+    elif args.handler:
+        status = _status_endpoint(args)  # what that handler reports, else its port + 1
+    else:
+        status = pipeline.handler.status if pipeline else HandlerConfig().status
+    logs.configure("web")
+    try:
+        return server.serve(status=status, handler=handler, address=args.bind, pipeline=pipeline,
+                            token_file=Path(args.token_file) if args.token_file else None)
+    except access.AccessError as exc:
+        logging.getLogger("libs.web").error("%s", exc)
+        sys.exit(f"surveyor web: {exc}")
+
+
 def cmd_supervisor_conf(args: argparse.Namespace) -> int:
     from libs.cli.supervisor_conf import render
 
-    print(render(args.pipeline, _pipeline(args.pipeline, args.set), log_dir=Path(args.log_dir).resolve()))
+    if args.web is not None:
+        from libs.web.access import AccessError, parse_address
+
+        try:
+            parse_address(args.web)
+        except AccessError as exc:
+            sys.exit(f"surveyor supervisor-conf: {exc}")
+    print(render(args.pipeline, _pipeline(args.pipeline, args.set), log_dir=Path(args.log_dir).resolve(),
+                 web=args.web))
     return 0
 
 
@@ -212,6 +243,12 @@ def parser() -> argparse.ArgumentParser:
                    help="exit after this many finished scans; aborted ones do not count (default: until interrupted)")
     p.add_argument("--out", default="out", help="output directory of every writer stage (default ./out)")
     p.add_argument("--summary", help="summary JSON path (default OUT/summary.json)")
+    p.add_argument("--web", metavar="ADDR:PORT",
+                   help="where the web front-end listens (default 127.0.0.1:8080, or a free port when taken)")
+    p.add_argument("--no-web", action="store_true", help="no web front-end")
+    p.add_argument("--web-token-file", metavar="FILE",
+                   help="the web front-end's command token, kept in FILE (made if missing; default: a new one in "
+                        "the run's log directory)")
     overrides(p)
     p.set_defaults(func=cmd_run)
 
@@ -291,9 +328,26 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="", help="the frame stack's path in an HDF5 file (default: look for it)")
     p.set_defaults(func=cmd_process)
 
+    p = commands.add_parser("web", help="the web front-end: the HTTP API and the live page",
+                            description="The web front-end: follows the handler's status port, serves the page "
+                                        "at / and the HTTP API under /api (OpenAPI at /docs), and sends commands "
+                                        "(start_scan, abort, configure; they need the token) to the handler. "
+                                        "Endpoints from the pipeline file, or --handler/--status.")
+    p.add_argument("pipeline_file", nargs="?", metavar="PIPELINE", help="the pipeline file (or --pipeline)")
+    p.add_argument("--pipeline", help="take the handler's endpoints and the stages from this pipeline file")
+    p.add_argument("--handler", help="handler command endpoint (default: the pipeline's)")
+    p.add_argument("--status", help="handler status endpoint (default: the pipeline's, else what --handler reports)")
+    p.add_argument("--bind", "--listen", dest="bind", default="127.0.0.1:8080", metavar="ADDR:PORT",
+                   help="where to listen (default 127.0.0.1:8080: this host only)")
+    p.add_argument("--token-file", help="read the command token from this file (created with a new token if "
+                                        "missing); default: a new token, printed at start")
+    p.set_defaults(func=cmd_web, timeout=2.0)
+    overrides(p)
+
     p = commands.add_parser("supervisor-conf", help="a supervisord configuration for a pipeline")
     p.add_argument("pipeline")
     p.add_argument("--log-dir", default="logs")
+    p.add_argument("--web", metavar="ADDR:PORT", help="add the web front-end as a program, listening there")
     overrides(p)
     p.set_defaults(func=cmd_supervisor_conf)
     return top

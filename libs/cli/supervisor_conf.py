@@ -5,6 +5,10 @@ workers of its own, so scaling a stage (`numprocs`, `supervisorctl update`) neve
 handler (reference/zmq_patterns.md, section 5). Our processes exit 0 exactly when asked to stop,
 so only that exit code is expected: after `surveyor ctl shutdown` every program stays EXITED, while
 a crash (another code, a signal) is restarted.
+
+With `--web ADDR:PORT` the web front-end is one more program (`surveyor web`, its token kept in
+LOG_DIR/web.token). It is asked for, not there by default: where it listens is a choice about who
+may reach the machine, and a handler's `shutdown` does not stop it (`supervisorctl stop web` does).
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ serverurl=unix://{log_dir}/supervisor.sock
 """
 
 
-def render(pipeline_file: str, pipeline: Pipeline, *, log_dir: Path) -> str:
+def render(pipeline_file: str, pipeline: Pipeline, *, log_dir: Path, web: str | None = None) -> str:
     surveyor = shutil.which("surveyor") or f"{sys.executable} -m libs.cli.main"
     path = Path(pipeline_file).resolve()
     text = [HEADER.format(pipeline=pipeline.name, log_dir=log_dir)]
@@ -66,4 +70,9 @@ def render(pipeline_file: str, pipeline: Pipeline, *, log_dir: Path) -> str:
             name=name, numprocs=stage.processes, priority=priority, log_dir=log_dir,
             command=f"{surveyor} service {name} --pipeline {path} --name {name}.%(process_num)d",
             process_name="%(program_name)s_%(process_num)02d"))
+    if web is not None:
+        text.append(PROGRAM.format(
+            name="web", numprocs=1, process_name="%(program_name)s", priority=90, log_dir=log_dir,
+            command=f"{surveyor} web --pipeline {path} --bind {web} --token-file {log_dir}/web.token")
+            .replace("%(process_num)02d", ""))
     return "".join(text)
