@@ -28,6 +28,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 
 from libs.common import client
 from libs.common.pipeline import Pipeline
@@ -176,7 +177,8 @@ def create_app(feed: Feed, *, token: str, handler: str | None = None, pipeline: 
         finally:
             feed.close()
 
-    app = FastAPI(title="Surveyor", lifespan=lifespan, version="1",
+    # The OpenAPI page's scripts and styles from the package, not a CDN: beamlines run offline.
+    app = FastAPIOffline(title="Surveyor", lifespan=lifespan, version="1",
                   description="Live status, events, previews and commands of a Surveyor pipeline. GETs need "
                               "nothing; commands need `Authorization: Bearer TOKEN`. See README, 'Web front-end "
                               "and HTTP API'.")

@@ -80,6 +80,22 @@ def test_events_resume_by_seq_and_the_ring_says_what_a_late_client_missed():
     assert feed.rejected == 2 and feed.last_seq() == 9
 
 
+def test_the_address_is_loopback_by_default_and_a_taken_one_is_refused_or_avoided():
+    import socket
+
+    assert access.parse_address("8081") == ("127.0.0.1", 8081) and access.parse_address("[::1]:9") == ("::1", 9)
+    with pytest.raises(access.AccessError, match="ADDR:PORT"):
+        access.parse_address("localhost")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(access.AccessError, match="--no-web"):
+            access.choose(f"127.0.0.1:{port}")
+        host, chosen = access.choose(None)
+    assert host == "127.0.0.1" and chosen != port
+
+
 def test_a_handler_that_does_not_answer_is_a_504_and_arrays_render(tmp_path):
     context = zmq.Context.instance()
     pub = context.socket(zmq.PUB)
@@ -116,7 +132,10 @@ def test_a_handler_that_does_not_answer_is_a_504_and_arrays_render(tmp_path):
             silent = http.post("/api/commands/abort", headers={"Authorization": f"Bearer {token}"})
             assert silent.status_code == 504 and silent.json()["error"]["type"] == "NoReply"
             assert http.post("/api/commands/abort").status_code == 401
-            assert http.get("/docs").status_code == 200
+            docs = http.get("/docs")
+            assert docs.status_code == 200 and "cdn" not in docs.text.lower()  # offline, as beamlines are
+            assert all(http.get(asset).status_code == 200
+                       for asset in ("/static-offline-docs/swagger-ui-bundle.js", "/static-offline-docs/swagger-ui.css"))
             assert "/api/commands/{cmd}" in http.get("/openapi.json").json()["paths"]
     finally:
         pub.close(linger=0)
