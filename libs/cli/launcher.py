@@ -138,17 +138,18 @@ class Launcher:
         return self.pipeline.handler.command
 
     def start(self, timeout_s: float = 60.0) -> None:
-        """Start the handler, wait for it, start the services, wait until all have registered."""
+        """Start the handler and the services together (a service registers once the handler is
+        up: its requests wait in its socket), wait for the handler, then for every registration."""
         self._refuse_taken_endpoint()
         # A new run: a scan the handler's journal has as running belongs to an earlier run. A
         # restarted handler (supervise) carries the scan on.
         self.children["handler"].start("--fresh")
-        self._wait(self._own_handler_answers, timeout_s, "the handler did not answer ping")
-        if self.web is not None:
-            self.web.start()
         for child in self.children.values():
             if child.process is None:
                 child.start()
+        self._wait(self._own_handler_answers, timeout_s, "the handler did not answer ping")
+        if self.web is not None:
+            self.web.start()
         expected = sum(stage.processes for stage in self.pipeline.stages.values())
         self._wait(lambda: self.services_up() >= expected, timeout_s,
                    f"not all {expected} service processes registered with the handler")

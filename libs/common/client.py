@@ -12,7 +12,7 @@ from typing import Any
 
 import zmq
 
-from libs.common import feeds, messages
+from libs.common import messages
 
 _ids = itertools.count(1)
 
@@ -63,6 +63,8 @@ class StatusFeed:
         if self._socket.poll(timeout_s * 1000):
             while self._socket.poll(0):
                 topic, body = self._socket.recv_multipart()[:2]
+                from libs.common import feeds  # only subscribers pay for building the models
+
                 feeds.parse(topic, body)  # each message meets its model, as a front-end parses it
                 message = json.loads(body)
                 if topic == b"status":

@@ -243,7 +243,7 @@ def test_a_peak_process_that_stalls_past_its_heartbeats_rejoins_and_no_frame_is_
     """SIGSTOP for longer than the handler's liveness: the process is declared dead, its frames go
     to the other one; after SIGCONT it registers again, takes frames again, and the file holds
     every frame once, with sums that never count one twice."""
-    frames = 300
+    frames = 200
     run = start_run(PIPELINE, "--simulate", "--frames", str(frames), "--rate", "20", overrides=overrides(free_port()))
     run.wait_ready(services=5)
     victim = wait_for(lambda: next((s for s in run.ctl("status").result["services"]

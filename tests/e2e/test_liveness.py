@@ -16,7 +16,7 @@ from libs.common import client
 from tests.conftest import FALSE_DOWN, REPO, free_endpoints, free_port, synthetic_pipeline, wait_for
 
 DEMOS = {
-    "crystallography": ("--frames", "150", f'stages.hit_server.params.endpoint="tcp://127.0.0.1:{free_port()}"'),
+    "crystallography": ("--frames", "80", f'stages.hit_server.params.endpoint="tcp://127.0.0.1:{free_port()}"'),
     "ptychography": ("--frames", "100", "simulation.params={n_dark=10, size=64, raw_shape=[320, 320]}",
                      "stages.frame_worker.params.crop=256", "stages.frame_worker.params.size=64"),
 }

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 CLIENTS = 20
 FRAMES = 1000
 """Under a second a scan on two cores, with 64 x 64 frames."""
-ROUNDS = 5
+ROUNDS = 3
 WEB_CPU_MAX = 0.2
 """Cores the web process may take while it serves the clients (it takes a few hundredths)."""
 
