@@ -14,7 +14,8 @@ the run says what and why.
 
 The web front-end (`surveyor web`) is one more child, unless `--no-web`: started once the handler
 answers, on the address asked for (refused at start when taken), else 127.0.0.1:8080 or a free
-port when that is taken; its URL and token are printed. It is restarted when it crashes like any
+port when that is taken; the page's URL is printed with the token as its fragment
+(`http://127.0.0.1:8080/#token=TOKEN`: one click, and the page can send commands). It is restarted when it crashes like any
 child, but it is no part of the pipeline: when it cannot listen, the run goes on without it, and it
 is stopped first (SIGTERM) on the way out, since a handler's `shutdown` does not reach it.
 """
@@ -311,8 +312,10 @@ def run(*, pipeline_file: str, pipeline: Pipeline, overrides: list[str], simulat
         except access.AccessError as exc:
             console.log(f"[red]{exc}")
             return 1
-        console.log(f"web front-end at {url} (API {url}api, OpenAPI {url}docs); commands need the token "
-                    f"{token} (kept in {token_file})")
+        console.log(f"web front-end at {url} (API {url}api, OpenAPI {url}docs); commands need the token, "
+                    f"kept in {token_file}; the page, with the token:", markup=False, highlight=False)
+        # On a line of its own and never wrapped, so that it is one click in a terminal.
+        console.print(f"  {access.page_url(url, token)}", soft_wrap=True, markup=False, highlight=False)
     watcher = client.StatusFeed(pipeline.handler.status)
     finished: list[dict[str, Any]] = []
     code = 0

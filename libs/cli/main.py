@@ -210,15 +210,21 @@ def cmd_web(args: argparse.Namespace) -> int:
 def cmd_supervisor_conf(args: argparse.Namespace) -> int:
     from libs.cli.supervisor_conf import render
 
-    if args.web is not None:
-        from libs.web.access import AccessError, parse_address
+    web = None
+    if not args.no_web:
+        from libs.web.access import AccessError, choose, parse_address
 
         try:
-            parse_address(args.web)
+            if args.web is not None:
+                parse_address(args.web)  # taken now or not: supervisord may start it later
+                web = args.web
+            else:
+                host, port = choose(None)  # 127.0.0.1:8080, or a port free now when that is taken
+                web = f"{host}:{port}"
         except AccessError as exc:
             sys.exit(f"surveyor supervisor-conf: {exc}")
     print(render(args.pipeline, _pipeline(args.pipeline, args.set), log_dir=Path(args.log_dir).resolve(),
-                 web=args.web))
+                 web=web))
     return 0
 
 
@@ -347,7 +353,11 @@ def parser() -> argparse.ArgumentParser:
     p = commands.add_parser("supervisor-conf", help="a supervisord configuration for a pipeline")
     p.add_argument("pipeline")
     p.add_argument("--log-dir", default="logs")
-    p.add_argument("--web", metavar="ADDR:PORT", help="add the web front-end as a program, listening there")
+    web = p.add_mutually_exclusive_group()
+    web.add_argument("--web", metavar="ADDR:PORT",
+                     help="where the web front-end program listens (default 127.0.0.1:8080, or a port free now "
+                          "when that is taken)")
+    web.add_argument("--no-web", action="store_true", help="no web front-end program")
     overrides(p)
     p.set_defaults(func=cmd_supervisor_conf)
     return top

@@ -2,8 +2,18 @@
 
     part 0   msgpack header, e.g. {"scan_id": "s1", "epoch": 3, "frame": 17, "origin": "receiver.1",
              "arrays": [{"name": "data", "dtype": "<u2", "shape": [512, 512], "compression": "none"}],
-             "meta": {}}
+             "meta": {}, "received": 1764590000.123456}
     part 1+  one buffer per entry of `arrays`, in order
+
+`received` is when the receiver took the frame in (`time.time()`, seconds since the epoch, on the
+receiver's host); every frame and record made from it carries it on (`Frame.replace`, and the
+`received` of `from_arrays`/`from_blobs`), so the output stage can tell how long a frame took from
+its arrival to its result on disk (the writer's `latency` preview). Across hosts that difference
+relies on their clocks being synchronized (NTP or PTP): a skew shows as latency, or below zero.
+A frame without it (a header, a record not made from one frame, a stage of an earlier version)
+travels exactly as before: the key is left out when it is None, and a frame without it reads as
+None. A reader of a version before it refuses a frame that carries it (the header, like every
+contract here, forbids keys it does not know): the processes of one pipeline run one version.
 
 Buffers are never pickled or copied into the header: they go out with `copy=False` and come back as
 `zmq.Frame`s whose memory numpy views directly. Compressed blobs (`bslz4`, `lz4`) travel as they
@@ -58,6 +68,8 @@ class FrameHeader(Strict):
     origin: str
     arrays: tuple[ArraySpec, ...] = ()
     meta: dict[str, Any] = Field(default_factory=dict)
+    received: float | None = Field(None, exclude_if=lambda value: value is None)
+    """When the receiver took the frame in (time.time() on its host); None: not known."""
 
 
 def view(part: Any) -> memoryview:
@@ -80,20 +92,25 @@ class Frame:
 
     @classmethod
     def from_arrays(cls, *, scan_id: str, epoch: int, frame: int, origin: str,
-                    arrays: dict[str, np.ndarray], meta: dict[str, Any] | None = None) -> Frame:
+                    arrays: dict[str, np.ndarray], meta: dict[str, Any] | None = None,
+                    received: float | None = None) -> Frame:
         contiguous = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
         specs = [ArraySpec(name=name, dtype=a.dtype.str, shape=a.shape) for name, a in contiguous.items()]
         return cls.from_blobs(scan_id=scan_id, epoch=epoch, frame=frame, origin=origin,
-                              blobs=list(zip(specs, contiguous.values(), strict=True)), meta=meta)
+                              blobs=list(zip(specs, contiguous.values(), strict=True)), meta=meta,
+                              received=received)
 
     @classmethod
     def from_blobs(cls, *, scan_id: str, epoch: int, frame: int, origin: str,
-                   blobs: Sequence[tuple[ArraySpec, Any]], meta: dict[str, Any] | None = None) -> Frame:
+                   blobs: Sequence[tuple[ArraySpec, Any]], meta: dict[str, Any] | None = None,
+                   received: float | None = None) -> Frame:
         """A frame of buffers that travel as they are (compressed blobs from a detector). The specs
         are validated already: the header is put together without validating it again (per frame,
-        pydantic would cost as much as the rest of the receiver's work)."""
+        pydantic would cost as much as the rest of the receiver's work). `received`: when the
+        receiver took in the frame this one is made from (the module's docstring)."""
         header = FrameHeader.model_construct(scan_id=scan_id, epoch=epoch, frame=frame, origin=origin,
-                                             arrays=tuple(spec for spec, _ in blobs), meta=meta or {})
+                                             arrays=tuple(spec for spec, _ in blobs), meta=meta or {},
+                                             received=received)
         return cls(header, [buffer for _, buffer in blobs])
 
     def spec(self, name: str = "data") -> ArraySpec:
@@ -121,14 +138,16 @@ class Frame:
 
     def replace(self, *, origin: str | None = None, arrays: dict[str, np.ndarray] | None = None,
                 meta: dict[str, Any] | None = None) -> Frame:
-        """The same frame identity with new content: what a worker emits for the frame it got."""
+        """The same frame identity with new content: what a worker emits for the frame it got (its
+        `received` kept)."""
         if arrays is None:
             header = self.header.model_copy(update={"origin": origin or self.header.origin,
                                                     "meta": meta if meta is not None else self.header.meta})
             return Frame(header, self.buffers)
         return Frame.from_arrays(scan_id=self.header.scan_id, epoch=self.header.epoch,
                                  frame=self.header.frame, origin=origin or self.header.origin,
-                                 arrays=arrays, meta=meta if meta is not None else self.header.meta)
+                                 arrays=arrays, meta=meta if meta is not None else self.header.meta,
+                                 received=self.header.received)
 
     def encode(self) -> list[Any]:
         return [msgpack.packb(self.header.model_dump(mode="json")), *self.buffers]

@@ -12,6 +12,7 @@ import os
 import secrets
 import socket
 from pathlib import Path
+from urllib.parse import quote
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -87,3 +88,10 @@ def read_or_create_token(path: Path) -> str:
         raise AccessError(f"token file {path} holds no token of at least 8 characters on its first line; "
                           f"write one there, or delete the file to have one made")
     return token
+
+
+def page_url(url: str, token: str) -> str:
+    """The page's address with the token as its fragment (`URL#token=TOKEN`): one click opens the
+    page able to send commands. A fragment never leaves the browser (no server log or proxy sees
+    it), and the page takes it out of the address bar once read."""
+    return f"{url}#token={quote(token, safe='')}"

@@ -147,7 +147,8 @@ class Service(Runtime):
         number = frame.header.frame
         self.emit(Frame.from_arrays(scan_id=frame.header.scan_id, epoch=self.epoch, frame=number, origin=self.name,
                                     arrays={"data": clean, "mask": mask},
-                                    meta=CleanFrame(index=number - self.scan.n_dark).to_meta()), parent)
+                                    meta=CleanFrame(index=number - self.scan.n_dark).to_meta(),
+                                    received=frame.header.received), parent)
 
     def _send_geometry(self, calibration: ScanHeader[Calibration]) -> None:
         scan, p = self.scan, self.params

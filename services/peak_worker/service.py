@@ -137,7 +137,7 @@ class Service(Runtime):
         meta = Peaks(n_peaks=len(peaks), found=peaks.found, hit=hit, max_num_peaks=self.params.max_num_peaks,
                      frame=PixelFormat(shape=spec.shape, dtype=spec.dtype, compression=spec.compression))
         record = Frame.from_blobs(scan_id=frame.header.scan_id, epoch=self.epoch, frame=frame.header.frame,
-                                  origin=self.name, blobs=blobs, meta=meta.to_meta())
+                                  origin=self.name, blobs=blobs, meta=meta.to_meta(), received=frame.header.received)
         self._tally += (1, hit, len(peaks))
         if redelivered:
             # Its sum may be in the writer already: alone in its delta, refused or taken exactly.
@@ -201,7 +201,8 @@ def _with_delta(record: Frame, meta: Peaks, delta: SumsDelta) -> Frame:
     blobs += [(ArraySpec(name=f"{CLASSES[cls]}_sum", dtype="<f8", shape=s.shape), s) for cls, s in delta.sums.items()]
     meta = meta.model_copy(update={"sum_frames": tuple(delta.frames.tolist()), "summed": delta.numbers})
     return Frame.from_blobs(scan_id=record.header.scan_id, epoch=record.header.epoch, frame=record.header.frame,
-                            origin=record.header.origin, blobs=blobs, meta=meta.to_meta())
+                            origin=record.header.origin, blobs=blobs, meta=meta.to_meta(),
+                            received=record.header.received)
 
 
 def _compile() -> None:

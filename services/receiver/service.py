@@ -38,6 +38,10 @@ Front-ends see the last frame received: a preview named `last_frame` (`preview.<
 frame binned to at most LAST_FRAME_PX pixels per side, at most once every LAST_FRAME_PERIOD_S (the
 frame that is newest when one is due), and the last frame of each series when it ends. It costs a
 reference per frame and one decode and binning a period, on the loop: never a copy per frame.
+
+Each frame is stamped when it is taken in (`received`, time.time() on this host; libs/common/frames.py):
+the stages carry the stamp on to their results, and the writer tells front-ends how long a frame
+took from here to disk (its `latency` preview).
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from libs.common.errors import FrameError
 from libs.common.detector import PROTOCOLS, Event, Image, SeriesEnd, SeriesStart, StreamError, header_from_image
 from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
+from libs.common.previews import downsampled
 from libs.common.runtime import Service as Runtime
 from libs.simulation.synthetic import synthetic_frame
 from services.receiver.params import MIB, Params
@@ -74,21 +79,6 @@ LINK_RETRY_S = 0.5
 """A detector link that went down and was not retried within this long was closed for good."""
 LAST_FRAME_PX = 256
 LAST_FRAME_PERIOD_S = 1.0
-
-
-def downsampled(image: np.ndarray, max_side: int = LAST_FRAME_PX) -> tuple[np.ndarray, int]:
-    """`image` (its first 2-D plane) binned by one whole factor to at most `max_side` pixels per
-    side, as float32 block means, and that factor. Rows and columns past the last whole block are
-    left out (fewer than the factor): a preview, not a measurement."""
-    plane = np.atleast_2d(image)
-    while plane.ndim > 2:
-        plane = plane[0]
-    factor = max(1, -(-max(plane.shape) // max_side))
-    rows, columns = (max(1, n // factor) for n in plane.shape)
-    if factor == 1 or min(plane.shape) < factor:
-        return np.ascontiguousarray(plane[::factor, ::factor][:max_side, :max_side], dtype=np.float32), factor
-    blocks = plane[:rows * factor, :columns * factor].reshape(rows, factor, columns, factor)
-    return blocks.mean(axis=(1, 3), dtype=np.float32), factor
 
 
 def queue_length(params: Params) -> int:
@@ -290,7 +280,7 @@ class Service(Runtime):
         self._frames.add(event.frame)
         self._republish(event)
         frame = Frame.from_blobs(scan_id=self.scan.scan_id, epoch=self.epoch, frame=event.frame,
-                                 origin=self.stage, blobs=event.blobs, meta=event.meta)
+                                 origin=self.stage, blobs=event.blobs, meta=event.meta, received=time.time())
         self.emit(frame)
         self._keep_last_frame(frame)
 
@@ -310,7 +300,7 @@ class Service(Runtime):
         self._next_frame_preview = time.monotonic() + LAST_FRAME_PERIOD_S
         spec = frame.spec()
         try:
-            image, factor = downsampled(frame.array())
+            image, factor = downsampled(frame.array(), LAST_FRAME_PX)
         except (FrameError, ValueError) as exc:
             logger.debug("scan %s: frame %d not shown as last_frame: %s", frame.header.scan_id, frame.header.frame, exc)
             return
@@ -517,7 +507,8 @@ class Service(Runtime):
         simulation = self.pipeline.simulation
         self._frames.add(number)
         frame = Frame.from_arrays(scan_id=self.scan.scan_id, epoch=self.epoch, frame=number, origin=self.stage,
-                                  arrays={"data": synthetic_frame(number, simulation.shape, simulation.dtype)})
+                                  arrays={"data": synthetic_frame(number, simulation.shape, simulation.dtype)},
+                                  received=time.time())
         self.emit(frame)
         self._keep_last_frame(frame)
 

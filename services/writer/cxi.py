@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 
 import h5py
 import numpy as np
-from scipy.constants import electron_volt
+from scipy.constants import electron_volt, physical_constants, speed_of_light
 
 from libs.common.contracts import DetectorHeader, ScanHeader
 from libs.common.detector import DetectorInfo
@@ -31,6 +31,11 @@ def cxi_mask(pixel_mask: np.ndarray) -> np.ndarray:
         known |= 1 << bit
     mask |= np.where(pixel_mask & ~np.uint32(known), CXI_BAD, 0).astype(np.uint32)
     return mask
+
+
+def wavelength_a(energy_ev: float) -> float:
+    """The X-ray wavelength in ångström of a photon energy in eV (hc = 12398.42 eV Å)."""
+    return round(1e10 * physical_constants["Planck constant in eV/Hz"][0] * speed_of_light / energy_ev, 6)
 
 
 def now_iso() -> str:

@@ -12,7 +12,8 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     output_dir: str = WRITER_OUTPUT_DIR
     flush_interval_s: float = Field(0.25, gt=0, le=60, description="longest time written frames stay unflushed")
-    preview_interval_s: float = Field(1.0, gt=0, description="crystallography: aggregates to front-ends this often")
+    preview_interval_s: float = Field(1.0, gt=0, description="previews to front-ends this often: the latency "
+                                      "histogram; crystallography: the aggregates and the latest hit")
     hit_rate_window: int = Field(100, ge=1, description="crystallography: the hit rate is over this many frames")
     reserve_mb: float = Field(64, ge=0, description="free space left on the output file system: below it the "
                               "writer holds frames and waits (HDF5 then seldom meets a full disk mid-write)")

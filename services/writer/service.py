@@ -3,8 +3,9 @@
 What file depends on what comes: detector frames go to `<scan_id>_raw.cxi` as they arrived
 (raw_file.py); a ptychography scan's clean frames and its reconstruction go to `<scan_id>.cxi`
 (ptycho_file.py); the peak stage's records go to `<scan_id>.cxi` in Cheetah's layout
-(sx_file.py), and the writer publishes their aggregates (virtual powder, hit rate) as previews
-every `preview_interval_s`. The file opens with the first frame (its arrays' shapes, types
+(sx_file.py), and the writer publishes their aggregates (virtual powder, hit rate, peaks per
+frame, the geometry for resolution rings) and the latest hit with its peaks as previews every
+`preview_interval_s`. The file opens with the first frame (its arrays' shapes, types
 and compression come with it, the geometry with the scan header and the scan description) and
 closes when the scan ends or is aborted. It is flushed at least every `flush_interval_s` while
 frames come, so a live SWMR reader follows it and a crash loses at most that much. A writer
@@ -29,6 +30,13 @@ A peak record that comes again (its frame re-sent to another peak process after 
 not written again, but the class sums riding on it may be what its first copy lacked: they are
 merged unless one of their frames is summed already (sx_file.py), and the record is held until a
 flush covers it, like any frame.
+
+Every writer tells front-ends how long its frames took: at each flush that succeeds, the frames it
+makes safe (each once, not a record that came again) add the time from their receiver's stamp
+(`FrameHeader.received`) to now into the scan's histogram (libs/common/previews.py `Latency`),
+published as the preview `latency` (`counts`, `edges_s`; meta p50_s, p95_s, max_s) every
+`preview_interval_s` and once more at the end of the scan. time.time() on both sides: exact on one
+host, and across hosts only as good as the clocks' synchronization.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ from libs.common.contracts import (DETECTOR_HEADER, CleanFrame, FrameMeta, Peaks
 from libs.common.errors import FrameError, SurveyorError
 from libs.common.frames import ArraySpec, Frame
 from libs.common.messages import ScanDescription, ServiceStats
+from libs.common.previews import Latency
 from libs.common.runtime import Service as Runtime, Token
 from services.writer.disk import (EPOCH_ATTR, IO_ERRORS, MB, RETRYABLE, SCAN_ATTR, Parts, Space, advice,
                                   error_number, free_bytes, open_part)
@@ -106,6 +115,11 @@ class Service(Runtime):
         self._created_size = 0
         self._estimate: tuple[int, float] | None = None
         """(fixed bytes, bytes per frame) of the last scan's file: the next scan's room."""
+        self._latency = Latency()
+        """The scan's frames' times from arrival to disk."""
+        self._stamps: list[float] = []
+        """The arrival stamps of the frames written since the last flush that succeeded (each
+        frame once: not a record that came again), added to `_latency` when a flush covers them."""
 
     @property
     def _reserve(self) -> int:
@@ -116,6 +130,7 @@ class Service(Runtime):
     def on_scan_start(self, scan: ScanDescription) -> None:
         self._parts, self._failure, self._reported, self._failing_since = None, None, None, None
         self.counters.written = self.counters.delivered = 0  # an output stage
+        self._latency, self._stamps, self._next_preview = Latency(), [], 0.0
         directory = Path(self.params.output_dir)
         self._space = Space(directory, self._reserve)
         try:
@@ -181,11 +196,13 @@ class Service(Runtime):
         if isinstance(self._file, SxFile):
             self._preview()
         self._close()
+        self._preview_latency()  # with the last flush's frames
 
     def on_abort(self) -> int:
         dropped = len(self._queue)
         self._queue.clear()
         self._unflushed.clear()
+        self._stamps.clear()
         self._headers = {}
         if self._file is not None:
             file, self._file = self._file, None
@@ -255,7 +272,7 @@ class Service(Runtime):
         while self._queue and self._failure is None:
             frame, meta, token = self._queue[0]
             try:
-                self._write(frame, meta)
+                fresh = self._write(frame, meta)
             except _Held:
                 return
             except Exception as exc:  # noqa: BLE001 - a frame that cannot be written is rejected, as before
@@ -270,16 +287,19 @@ class Service(Runtime):
                 continue
             self._queue.popleft()
             self._unflushed.append((frame, meta, token))
+            if fresh and frame.header.received is not None:
+                self._stamps.append(frame.header.received)
         if self._failure is not None:
             return
-        if isinstance(self._file, SxFile) and time.monotonic() >= self._next_preview:
+        if time.monotonic() >= self._next_preview:
             self._preview()
         if len(self._unflushed) >= FLUSH_FRAMES:
             self._flush()
         elif self._unflushed:
             self.after(self.params.flush_interval_s, self._on_timer)
 
-    def _write(self, frame: Frame, meta: FrameMeta) -> None:
+    def _write(self, frame: Frame, meta: FrameMeta) -> bool:
+        """Write one frame (_Held when it cannot be now); False for a record already written."""
         if self._file is None:
             self._open(frame, meta)
         elif isinstance(self._file, RawFile) and frame.header.arrays != self._file.specs:
@@ -296,7 +316,7 @@ class Service(Runtime):
                 self._flush()  # what is written goes to disk, in the reserve: those frames are safe
             raise _Held from exc
         try:
-            self._file.write(frame, meta)
+            return self._file.write(frame, meta) is not False
         except IO_ERRORS as exc:
             self._file.broken = True
             self._fail(exc, f"frame {frame.header.frame}", self._file.path)
@@ -366,6 +386,8 @@ class Service(Runtime):
                 return
             self._count_on_disk()
         flushed, self._unflushed = self._unflushed, []
+        stamps, self._stamps = self._stamps, []
+        self._latency.add(stamps, time.time())
         self._release(token for _, _, token in flushed)
 
     def _release(self, tokens: Iterable[Token | None]) -> None:
@@ -445,6 +467,7 @@ class Service(Runtime):
         self._file, self._parts = None, None
         self._queue.extendleft(reversed(self._unflushed))
         self._unflushed.clear()
+        self._stamps.clear()  # stamped again as they are written again
 
     def stats(self) -> ServiceStats:
         stats = super().stats()
@@ -453,9 +476,21 @@ class Service(Runtime):
     # --- the end ----------------------------------------------------------------------------
 
     def _preview(self) -> None:
+        """The previews due: a crystallography file's aggregates and its latest hit (when a new one
+        came), and the latency histogram (when frames were added to it)."""
         self._next_preview = time.monotonic() + self.params.preview_interval_s
-        arrays, meta = self._file.preview()
-        self.preview("crystallography", arrays, **meta)
+        if isinstance(self._file, SxFile):
+            arrays, meta = self._file.preview()
+            self.preview("crystallography", arrays, **meta, preview_interval_s=self.params.preview_interval_s)
+            hit = self._file.latest_hit()
+            if hit is not None:
+                self.preview("latest_hit", hit[0], **hit[1])
+        self._preview_latency()
+
+    def _preview_latency(self) -> None:
+        if self._latency.changed:
+            arrays, meta = self._latency.preview()
+            self.preview("latency", arrays, **meta)
 
     def _close(self) -> None:
         if self._file is not None and self._failure is None and not self._queue:

@@ -15,7 +15,9 @@ CrystFEL's indexamajig reads with `peak_list_type = cxi` (INTERFACES.md; referen
 
 The writer is the one process that sees every frame's record, so it also keeps the aggregates
 the front-ends watch: the class sums (merged from the peak processes' partial sums), the virtual
-powder and the hit rate over the last `window` frames (`preview`).
+powder and the hit rate over the last `window` frames, the peak counts of the last PEAKS_KEPT
+frames, with the geometry a front-end needs to draw resolution rings on the powder (`preview`),
+and the latest hit binned for display with its peaks (`latest_hit`).
 
 The aggregates are in the file from the start and rewritten at every flush, so a writer killed
 mid-scan leaves them as they were at its last flush, and its successor (`<scan_id>.partN.cxi`)
@@ -42,6 +44,7 @@ The file is in SWMR mode from the start, like the raw file (format bounds v110, 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -50,10 +53,12 @@ import numpy as np
 
 from libs.common import codecs
 from libs.common.contracts import DetectorHeader, Peaks, PixelFormat, ScanHeader
+from libs.common.errors import FrameError
 from libs.common.frames import Frame
 from libs.common.messages import VERSION, ScanDescription
+from libs.common.previews import downsampled
 from libs.crystallography.hits import CLASSES, ClassSums, HitRate, SumsDelta, add_to_powder
-from services.writer.cxi import CXI_INVALID, TIME, Geometry, detector_metadata, now_iso
+from services.writer.cxi import CXI_INVALID, TIME, Geometry, detector_metadata, now_iso, wavelength_a
 from services.writer.disk import LIBVER, Parts, ScanFile, close_all, mark, quiet_close
 
 logger = logging.getLogger(__name__)
@@ -63,7 +68,11 @@ PEAK_COLUMNS = {"peakXPosRaw": "fs", "peakYPosRaw": "ss", "peakTotalIntensity": 
                 "peakBackgroundSigma": "sigma"}
 """Cheetah's names for the peak list's fields."""
 PREVIEW_SIDE = 256
-"""Largest side of the virtual powder sent as a preview (binned down to it)."""
+"""Largest side of the virtual powder and the latest hit sent as previews (binned down to it)."""
+PEAKS_KEPT = 500
+"""Frames whose peak counts the preview carries (`n_peaks`, the newest last)."""
+HIT_PEAKS_SHOWN = 1000
+"""Peaks of the latest hit its preview carries at most."""
 
 
 STATE_FIELDS = ("generation", "slot", "rows", "summed", "history", "hit_rows")
@@ -95,6 +104,12 @@ class SxFile(ScanFile):
         """The virtual powder binned for display, kept up to date peak by peak."""
         self.hit_rate = HitRate(window, HISTORY_LENGTH)
         self._window = window
+        self._recent: deque[tuple[int, int]] = deque(maxlen=PEAKS_KEPT)
+        """(frame number, peaks) of the newest records written."""
+        self._latest_hit: tuple[int, Frame, np.ndarray, np.ndarray] | None = None
+        """The newest hit written, not yet previewed: its number, record, and peaks' ss and fs."""
+        self._bad = _bad_pixels(header, self.shape)
+        self.geometry = _display_geometry(scan, header, self.shape, self._factor)
         self.written: set[int] = set()
         """Records of the scan written: in earlier parts or in this file."""
         self.earlier: set[int] = set()
@@ -344,6 +359,7 @@ class SxFile(ScanFile):
             self._chunks.append((row, record.raw("data")))
         self.written.add(number)
         self._rows.append((number, n_peaks, hit))
+        self._recent.append((number, n_peaks))
         self.hit_rate.add(hit)
         if delta is not None:
             self._offer(delta, record.header.scan_id)
@@ -353,6 +369,7 @@ class SxFile(ScanFile):
             add_to_powder(self._powder_preview, peaks["fs"], peaks["ss"], peaks["intensity"], binning=self._factor)
             self._stale["powder"] = {0, 1}
             self._peaks.append((number, n_peaks, peaks))
+            self._latest_hit = (number, record, peaks["ss"], peaks["fs"])
         return True
 
     def _offer(self, delta: SumsDelta, scan_id: str, again: bool = False) -> None:
@@ -443,13 +460,41 @@ class SxFile(ScanFile):
         return sum(memoryview(blob).nbytes for _, blob in self._chunks) + (1 << 20)
 
     def preview(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """What front-ends show: the virtual powder, the hit-rate history, the counts."""
+        """What front-ends show: the virtual powder, the hit-rate history, the peak counts of the
+        newest frames (`n_peaks`, their numbers in `n_peaks_frames`), the counts, and the geometry
+        (`geometry`: beam centre and pixel size in raw pixels and metres, distance, energy and
+        wavelength, the powder's binning) that places resolution rings on the powder."""
         rate = self.hit_rate.sample()
         self._stale["history"] = {0, 1}
+        recent = np.array(self._recent, np.int64).reshape(-1, 2)
         arrays = {"virtual_powder": self._powder_preview.astype(np.float32),
-                  "hit_rate": np.array(self.hit_rate.history, np.float32)}
+                  "hit_rate": np.array(self.hit_rate.history, np.float32),
+                  "n_peaks": recent[:, 1].astype(np.int32), "n_peaks_frames": recent[:, 0].astype(np.int32)}
         return arrays, {"frames": len(self.written), "hits": self.earlier_hits + self.hits,
-                        "hit_rate": round(rate, 4)}
+                        "hit_rate": round(rate, 4),
+                        "peaks_per_frame": round(float(recent[:, 1].mean()), 2) if len(recent) else None,
+                        "geometry": self.geometry}
+
+    def latest_hit(self) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+        """The newest hit since the last call, for display: `image`, its frame binned to at most
+        PREVIEW_SIDE pixels a side (block means, float32; NaN where the detector's pixel mask flags
+        a pixel), and `peaks`, its first HIT_PEAKS_SHOWN peaks as [ss, fs] rows in raw pixels (the
+        centre of pixel (0, 0) at (0, 0)); meta: the frame's number and shape, the binning, the
+        number of peaks. None without a new hit (or when its frame does not decode)."""
+        if self._latest_hit is None:
+            return None
+        (number, record, ss, fs), self._latest_hit = self._latest_hit, None
+        try:
+            frame = record.array("data").astype(np.float32)
+        except (FrameError, ValueError) as exc:  # a blob that does not decode: not shown, never fatal
+            logger.debug("%s: hit %d not previewed: %s", self.path.name, number, exc)
+            return None
+        if self._bad is not None and self._bad.shape == frame.shape:
+            frame[self._bad] = np.nan
+        image, factor = downsampled(frame, PREVIEW_SIDE)
+        peaks = np.stack([np.asarray(ss, np.float32), np.asarray(fs, np.float32)], axis=1)[:HIT_PEAKS_SHOWN]
+        return ({"image": image, "peaks": np.ascontiguousarray(peaks)},
+                {"frame": number, "shape": list(frame.shape), "binning": factor, "n_peaks": int(len(ss))})
 
     def close(self) -> None:
         if not self._file.id.valid:
@@ -484,6 +529,30 @@ def _binned(image: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarra
     out = np.zeros(shape)
     np.add.at(out, (rows[:, None], cols[None, :]), image)
     return out
+
+
+def _bad_pixels(header: ScanHeader[DetectorHeader] | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """Pixels the detector's pixel mask flags (gaps, dead, hot), where the header carries one of the frames' shape."""
+    if header is None or "pixel_mask" not in header.names:
+        return None
+    mask = header.array("pixel_mask")
+    return mask != 0 if mask.shape == tuple(shape) else None
+
+
+def _display_geometry(scan: ScanDescription | None, header: ScanHeader[DetectorHeader] | None,
+                      shape: tuple[int, ...], binning: int) -> dict[str, Any]:
+    """What a front-end needs to draw resolution rings on the powder preview: the beam centre
+    [y, x] in raw pixels (the frame's centre when neither the scan nor the detector says, as in
+    the geometry file), the pixel size [y, x] and the distance in metres, the energy (eV) and
+    wavelength (Å), and the preview's binning (raw pixel i is in preview pixel i // binning).
+    None for what is not known."""
+    geometry = Geometry.of(scan, header)
+    centre = geometry.beam_center_px or ((shape[0] - 1) / 2, (shape[1] - 1) / 2)
+    return {"beam_center_px": [float(v) for v in centre], "beam_center_known": geometry.beam_center_px is not None,
+            "pixel_size_m": list(geometry.pixel_size_m) if geometry.pixel_size_m else None,
+            "distance_m": geometry.distance_m, "energy_ev": geometry.energy_ev,
+            "wavelength_a": wavelength_a(geometry.energy_ev) if geometry.energy_ev else None,
+            "binning": binning, "shape": list(shape)}
 
 
 def _span(numbers: list[int]) -> str:

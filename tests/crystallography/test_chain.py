@@ -153,18 +153,43 @@ def test_simulated_run_writes_cheetah_layout_that_agrees_with_the_workers(start_
                  "mask = /entry_1/instrument_1/detector_1/mask"):
         assert line in geometry
 
-    last = None
+    last: dict[str, tuple[dict, dict[str, np.ndarray]]] = {}  # the writer's newest preview of each name
     while previews.poll(0):
-        last = previews.recv_multipart()
+        message = previews.recv_multipart()
+        body, buffers = json.loads(message[1]), message[2:]
+        last[body["name"]] = (body, {spec["name"]: np.frombuffer(b, spec["dtype"]).reshape(spec["shape"])
+                                     for spec, b in zip(body["arrays"], buffers, strict=True)})
     previews.close(linger=0)
-    assert last is not None, "no preview.writer published"
-    body, buffers = json.loads(last[1]), last[2:]
-    arrays = {spec["name"]: np.frombuffer(b, spec["dtype"]).reshape(spec["shape"])
-              for spec, b in zip(body["arrays"], buffers, strict=True)}
+    assert {"crystallography", "latency", "latest_hit"} <= last.keys(), f"previews of the writer: {sorted(last)}"
+    body, arrays = last["crystallography"]
     assert body["meta"]["frames"] == FRAMES and body["meta"]["hits"] == len(hit_numbers)
     assert arrays["virtual_powder"].shape == (256, 256)
     assert arrays["virtual_powder"].sum() == pytest.approx(powder.sum(), rel=1e-5)
     assert 0 < arrays["hit_rate"][-1] < 1
+    # Peaks per frame: every frame's count (fewer than PEAKS_KEPT), in the order written.
+    assert sorted(zip(arrays["n_peaks_frames"].tolist(), arrays["n_peaks"].tolist())) == \
+        [(n, len(expected[n][0])) for n in range(FRAMES)]
+    assert body["meta"]["peaks_per_frame"] == pytest.approx(np.mean([len(expected[n][0]) for n in range(FRAMES)]),
+                                                            abs=0.01)
+    # The geometry the rings are drawn with: the scan's, and the powder's binning.
+    geometry = body["meta"]["geometry"]
+    assert geometry["beam_center_px"] == pytest.approx(list(sim.beam_center_px)) and geometry["binning"] == 4
+    assert geometry["pixel_size_m"] == pytest.approx([75e-6, 75e-6]) and geometry["distance_m"] == pytest.approx(0.1)
+    assert geometry["wavelength_a"] == pytest.approx(1.0332, abs=1e-4) and geometry["shape"] == [1024, 1024]
+    # The latest hit: one of the hits, binned, with the peaks the stage found in it (raw [ss, fs]).
+    hit, hit_arrays = last["latest_hit"]
+    number = hit["meta"]["frame"]
+    assert number in hit_numbers and hit["meta"]["binning"] == 4 and hit["meta"]["n_peaks"] == len(expected[number][0])
+    np.testing.assert_array_equal(hit_arrays["peaks"], np.stack([expected[number][0].ss, expected[number][0].fs], 1))
+    frame = sim.frame(number).astype(np.float32)
+    frame[sim.pixel_mask != 0] = np.nan
+    # block means, NaN where a block holds a masked pixel
+    np.testing.assert_allclose(hit_arrays["image"], frame.reshape(256, 4, 256, 4).mean(axis=(1, 3)), rtol=1e-5)
+    # Latency: each frame's record once, from the receiver's stamp to the flush that made it safe.
+    latency, histogram = last["latency"]
+    assert histogram["counts"].sum() == FRAMES == latency["meta"]["frames"]
+    assert len(histogram["edges_s"]) == len(histogram["counts"]) + 1 and latency["meta"]["negative"] == 0
+    assert 0 < latency["meta"]["p50_s"] <= latency["meta"]["p95_s"] < 60 and latency["meta"]["max_s"] < 60
 
 
 def request(socket: zmq.Socket, body: bytes) -> bytes:

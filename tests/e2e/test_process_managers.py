@@ -1,19 +1,22 @@
 """The same pipeline under supervisord (generated configuration) and the CLI around it: a crash is
-restarted, `surveyor ctl shutdown` leaves every program EXITED."""
+restarted, `surveyor ctl shutdown` leaves every pipeline program EXITED, and the web front-end, a
+program of the configuration by default but no pipeline process, serves the page until stopped."""
 
 from __future__ import annotations
 
 import os
 import signal
+import re
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
 from libs.common import client
 from libs.common.pipeline import load
-from tests.conftest import synthetic_pipeline, wait_for
+from tests.conftest import free_port, synthetic_pipeline, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -34,9 +37,14 @@ def test_supervisord_runs_restarts_logs_and_shuts_down_the_pipeline(tmp_path):
     pipeline_path = synthetic_pipeline(tmp_path, frames=300)
     endpoint = load(pipeline_path).handler.command
     conf = tmp_path / "surveyor.conf"
-    generated = surveyor("supervisor-conf", str(pipeline_path), "--log-dir", str(tmp_path / "logs"))
+    without = surveyor("supervisor-conf", str(pipeline_path), "--no-web")
+    assert without.returncode == 0 and "[program:web]" not in without.stdout, without.stderr
+    generated = surveyor("supervisor-conf", str(pipeline_path), "--log-dir", str(tmp_path / "logs"),
+                         "--web", f"127.0.0.1:{free_port()}")
     assert generated.returncode == 0, generated.stderr
+    assert "[program:web]" in surveyor("supervisor-conf", str(pipeline_path)).stdout, "the web program by default"
     conf.write_text(generated.stdout)
+    page = re.search(r"The live page .*: (http://127\.0\.0\.1:\d+/)#token=", generated.stdout).group(1)
     (tmp_path / "logs").mkdir()
     daemon = subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -65,13 +73,20 @@ def test_supervisord_runs_restarts_logs_and_shuts_down_the_pipeline(tmp_path):
         assert wrong.returncode == 1 and "UnknownCommand" in wrong.stdout
         status = surveyor("status", "--handler", endpoint)
         assert status.returncode == 0 and "worker.2" in status.stdout
+        with urllib.request.urlopen(f"{page}api/status", timeout=5) as response:  # the web program's API
+            assert "worker.2" in response.read().decode()
         shutdown = surveyor("ctl", "--handler", endpoint, "shutdown")
         assert shutdown.returncode == 0, shutdown.stdout + shutdown.stderr
         programs = ["handler", "receiver:receiver_01", "worker:worker_01", "worker:worker_02", "writer:writer_01"]
-        everything_exited = dict.fromkeys(programs, "EXITED")
-        wait_for(lambda: program_states(conf) == everything_exited, 30, "every program EXITED after the shutdown")
+        everything_exited = {**dict.fromkeys(programs, "EXITED"), "web": "RUNNING"}
+        wait_for(lambda: program_states(conf) == everything_exited, 30,
+                 "every pipeline program EXITED after the shutdown, the web front-end still up")
         time.sleep(1.5)  # past startsecs: a program restarted after its exit would be STARTING or RUNNING now
         assert program_states(conf) == everything_exited
+        # The web front-end is no pipeline process: the shutdown does not reach it, supervisorctl stops it.
+        stopped = subprocess.run([sys.executable, "-m", "supervisor.supervisorctl", "-c", str(conf), "stop", "web"],
+                                 capture_output=True, text=True, timeout=30)
+        assert stopped.returncode == 0 and program_states(conf)["web"] == "STOPPED", stopped.stdout + stopped.stderr
         log = (tmp_path / "logs" / "supervisord.log").read_text()
         assert "exited: worker_02 (terminated by SIGKILL; not expected)" in log, log
         for program in programs:

@@ -25,6 +25,7 @@ import uvicorn
 from websockets.sync.client import connect
 
 from libs.common import client, feeds
+from libs.common.previews import Latency
 from libs.web import access, images
 from libs.web.app import create_app
 from libs.web.feed import Feed
@@ -78,6 +79,21 @@ def test_events_resume_by_seq_and_the_ring_says_what_a_late_client_missed():
     feed.take([b"event", b"{not json"])
     feed.take([b"preview.x", b"{}"])
     assert feed.rejected == 2 and feed.last_seq() == 9
+
+
+def test_the_latency_histogram_and_the_page_url_with_its_token():
+    latency = Latency()
+    now = time.time()
+    latency.add([now - 0.010] * 90 + [now - 0.5] * 9 + [now + 0.002], now)  # one from a clock ahead
+    arrays, meta = latency.preview()
+    counts, edges = arrays["counts"], arrays["edges_s"]
+    assert counts.sum() == 100 == meta["frames"] and meta["negative"] == 1 and counts[0] == 1
+    assert edges[0] == pytest.approx(1e-4) and edges[-1] == pytest.approx(1e3) and len(edges) == len(counts) + 1
+    assert meta["p50_s"] == pytest.approx(0.010, rel=0.13) and meta["p95_s"] == pytest.approx(0.5, rel=0.13)
+    assert meta["max_s"] == pytest.approx(0.5) and not latency.changed
+    latency.add([now - 5000.0], now)  # slower than the last edge: in the last bin
+    assert latency.counts[-1] == 1 and latency.changed and latency.preview()[1]["p95_s"] <= 5000
+    assert access.page_url("http://127.0.0.1:8080/", "a/b+c") == "http://127.0.0.1:8080/#token=a%2Fb%2Bc"
 
 
 def test_the_address_is_loopback_by_default_and_a_taken_one_is_refused_or_avoided():
@@ -255,6 +271,23 @@ def test_commands_need_the_token_and_the_scan_shows_in_scans_events_and_previews
     frame_png = Image.open(io.BytesIO(live.http.get("/api/frames/last.png").content))
     assert frame_png.size == (100, 150) and frame_png.mode == "RGBA"
     assert live.http.get("/api/frames/last").json()["meta"]["frame"] == 199
+
+    # latency: the writer's histogram of the scan (every frame once, from the receiver's stamp to
+    # the flush that made it safe), its quantiles in the bins the counts put them in
+    def latency():
+        found = next((p for p in live.http.get("/api/previews").json()["previews"]
+                      if (p["stage"], p["name"]) == ("writer", "latency")), None)
+        return found if found and found["scan_id"] == "webscan" and found["meta"]["frames"] == 200 else None
+    preview = wait_for(latency, 5, "the writer's latency preview of the whole scan")
+    counts, edges = (np.load(io.BytesIO(live.http.get(f"/api/previews/writer/latency/{name}.npy").content))
+                     for name in ("counts", "edges_s"))
+    assert counts.sum() == 200 and len(edges) == len(counts) + 1 and np.all(np.diff(edges) > 0)
+    meta = preview["meta"]
+    cumulative = np.cumsum(counts)
+    for q, key in ((0.5, "p50_s"), (0.95, "p95_s")):
+        index = int(np.searchsorted(cumulative, q * 200))
+        assert edges[index] <= meta[key] <= edges[index + 1], (key, meta, counts.nonzero())
+    assert meta["negative"] == 0 and 0 < meta["p50_s"] <= meta["p95_s"] and edges[counts.nonzero()[0][-1]] <= meta["max_s"] < 30
 
 
 @pytest.mark.slow

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -99,6 +102,31 @@ PLOT_PIXELS = """([id, rgb]) => {
 }"""
 """Pixels of a plot's canvas in its series' colour (the axes and grid are grey)."""
 
+OVERLAY_AT = """([id, points]) => {
+  const canvas = document.getElementById(id);
+  if (!canvas || !canvas.width) return [];
+  const context = canvas.getContext("2d");
+  const ratio = canvas.width / canvas.clientWidth;
+  const size = Math.max(1, Math.round(4 * ratio));
+  return points.map(([x, y]) => {
+    const data = context.getImageData(Math.round(x * ratio) - size, Math.round(y * ratio) - size, 2 * size + 1,
+                                      2 * size + 1).data;
+    let opaque = 0;
+    for (let i = 3; i < data.length; i += 4) if (data[i] > 128) opaque++;
+    return opaque;
+  });
+}"""
+"""Per point (CSS px of an overlay canvas), the opaque pixels of the canvas within 4 px of it."""
+
+OVERLAY_OPAQUE = """(id) => {
+  const canvas = document.getElementById(id);
+  if (!canvas || !canvas.width) return 0;
+  const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+  let opaque = 0;
+  for (let i = 3; i < data.length; i += 4) if (data[i] > 128) opaque++;
+  return opaque;
+}"""
+
 
 @pytest.fixture(scope="module")
 def browser():
@@ -118,6 +146,8 @@ class Page:
         self.token = wait_for(lambda: token_file.exists() and token_file.read_text().strip(), 60, "the web token")
         self.url = run.web_url
         wait_for(lambda: self.get("/api/status", quiet=True), 60, "the web front-end")
+        self.printed = printed_page_url(run)
+        assert self.printed == f"{self.url}/#token={self.token}", self.printed
         self.context = browser.new_context(viewport={"width": 1440, "height": 1000})
         self.page = self.context.new_page()
         self.errors: list[str] = []
@@ -125,7 +155,15 @@ class Page:
         self.outside: list[str] = []  # the page works offline: nothing but its own server is asked
         self.page.on("request", lambda request: None if request.url.startswith((self.url, "data:", "blob:"))
                      else self.outside.append(request.url))
-        self.page.goto(f"{self.url}/#token={self.token}")  # as `surveyor run` prints it
+        self.page.goto(self.printed)  # the line `surveyor run` prints
+
+    def npy(self, path: str) -> np.ndarray:
+        with urllib.request.urlopen(self.url + path, timeout=5) as response:
+            return np.load(io.BytesIO(response.read()))
+
+    def preview(self, stage: str, name: str) -> dict[str, Any] | None:
+        return next((p for p in self.get("/api/previews")["previews"] if (p["stage"], p["name"]) == (stage, name)),
+                    None)
 
     def get(self, path: str, quiet: bool = False) -> Any:
         try:
@@ -154,6 +192,22 @@ class Page:
         self.context.close()
         assert not self.errors, f"errors in the page: {self.errors}"
         assert not self.outside, f"the page asked beyond its server: {self.outside}"
+
+
+def printed_page_url(run, timeout_s: float = 60) -> str:
+    """The page's URL with its token as `surveyor run` prints it (a line of its own, never wrapped)."""
+    deadline = time.monotonic() + timeout_s
+    seen = []
+    while time.monotonic() < deadline:
+        if not select.select([run.process.stdout], [], [], 0.5)[0]:
+            continue
+        line = run.process.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if "#token=" in line:
+            return line.strip()
+    raise AssertionError(f"surveyor run printed no page URL with its token: {''.join(seen)[-2000:]}")
 
 
 def stream(run, kind: str, *, frames: int, rate: float, scan_id: str, params: tuple[str, ...] = ()) -> subprocess.Popen:
@@ -228,6 +282,19 @@ def test_ptychography_page_shows_the_live_reconstruction_and_keeps_it_over_a_rel
              10, "the newest error point")
     assert page.js(PLOT_PIXELS, ["plot-error", [192, 57, 43]]) > 50
     points = page.js("() => surveyor.state.errors.web_ptycho.length")
+    # The latency histogram: the writer's counts as the API serves them, drawn, with its p50 and p95.
+    latency = wait_for(lambda: (found := page.preview("writer", "latency")) and found["scan_id"] == "web_ptycho"
+                       and found["meta"]["frames"] == 100 and found, 10, "the writer's latency of the whole scan")
+    counts = page.npy("/api/previews/writer/latency/counts.npy")
+    assert counts.sum() == 100  # every clean frame once (the darks make none)
+    wait_for(lambda: page.js("() => surveyor.state.latency.get('writer')?.seq") == latency["seq"], 10,
+             "the page on the newest latency preview")
+    assert page.js("() => surveyor.state.latency.get('writer').counts") == counts.tolist()
+    assert page.js(PLOT_PIXELS, ["plot-latency", [35, 100, 170]]) > 50
+    marks = page.js("() => surveyor.state.latencyMarks")
+    assert [m["stage"] for m in marks] == ["writer"] and {"p50", "p95"} <= marks[0].keys(), marks
+    assert marks[0]["p50"] <= marks[0]["p95"]
+    assert "p50" in page.text("#latency-meta") and "100 frames" in page.text("#latency-meta")
     wait_for(lambda: "finished" in page.text("#scans-body"), 10, "the finished scan in the scans table")
     wait_for(lambda: "scan_finished" in page.text("#events-body"), 10, "scan_finished in the event log")
     page.page.screenshot(path=str(tmp_path / "ptychography.png"), full_page=True)
@@ -256,6 +323,24 @@ def test_crystallography_page_plots_the_hit_rate_reconfigures_the_peak_finder_an
     wait_for(lambda: page.js(PLOT_PIXELS, ["plot-hitrate", [30, 132, 73]]) > 50, 10, "the hit-rate line drawn")
     wait_for(lambda: page.drawn("img-virtual_powder"), 10, "the virtual powder drawn")
     assert page.js("() => surveyor.state.hitRate.y.every((v) => v >= 0 && v <= 100)")
+    # Resolution rings on the powder, where the writer's geometry puts them.
+    rings = wait_for(lambda: page.js("() => surveyor.state.rings"), 10, "resolution rings drawn")
+    geometry = page.preview("writer", "crystallography")["meta"]["geometry"]
+    scale = page.js("() => { const i = document.getElementById('img-virtual_powder'); "
+                    "return Math.min(i.clientWidth / i.naturalWidth, i.clientHeight / i.naturalHeight); }")
+    for ring in rings:
+        metres = geometry["distance_m"] * math.tan(2 * math.asin(geometry["wavelength_a"] / (2 * ring["d"])))
+        assert ring["rx"] == pytest.approx(metres / geometry["pixel_size_m"][1] / geometry["binning"] * scale, rel=1e-6)
+    assert {10, 4} <= {ring["d"] for ring in rings}, rings
+    assert page.js(OVERLAY_OPAQUE, "overlay-virtual_powder") > 200
+    # The latest hit, its peaks circled on the overlay.
+    wait_for(lambda: page.drawn("img-latest_hit"), 10, "the latest hit drawn")
+    wait_for(lambda: page.js("() => surveyor.state.latestHit?.circles.length"), 10, "the latest hit's peaks circled")
+    # Peaks per frame, and a latency series per writer (the hits' writer first, then the raw one).
+    wait_for(lambda: page.js(PLOT_PIXELS, ["plot-peaks", [142, 68, 173]]) > 20, 10, "peaks per frame drawn")
+    wait_for(lambda: page.js("() => surveyor.state.latencyMarks.map((m) => m.stage)") == ["writer", "raw_writer"], 10,
+             "the two writers' latencies")
+    assert page.js(PLOT_PIXELS, ["plot-latency", [35, 100, 170]]) > 50
 
     # A new minimum_snr from the panel is what the peak finder's processes run with.
     def in_force() -> set[float]:
@@ -308,6 +393,25 @@ def test_crystallography_page_plots_the_hit_rate_reconfigures_the_peak_finder_an
              "the page on the newest preview")
     assert page.js("() => surveyor.state.hitRate.y") == pytest.approx(list(100 * history.astype(float)), abs=1e-3)
     assert page.js("() => surveyor.state.hitRate.y.at(-1)") == pytest.approx(100 * preview["meta"]["hit_rate"], abs=0.01)
+    # Peaks per frame: the writer's, by frame number.
+    frames, peaks = (page.npy(f"/api/previews/writer/crystallography/{name}.npy") for name in ("n_peaks_frames", "n_peaks"))
+    assert page.js("() => [surveyor.state.peaks.x, surveyor.state.peaks.y]") == \
+        [list(pair) for pair in zip(*sorted(zip(frames.tolist(), peaks.tolist())))]
+    # The latest hit's circles: one per peak the API serves, where the peak is, drawn on the overlay.
+    hit = page.preview("writer", "latest_hit")
+    wait_for(lambda: page.js("() => surveyor.state.latestHit.seq") == hit["seq"]
+             and page.js("() => surveyor.state.latestHit.rect") is not None, 10, "the page on the newest hit")
+    shown = page.js("() => surveyor.state.latestHit")
+    positions = page.npy("/api/previews/writer/latest_hit/peaks.npy")
+    assert len(shown["circles"]) == len(positions) == hit["meta"]["n_peaks"] > 0
+    rect, binning = shown["rect"], hit["meta"]["binning"]
+    for (x, y, _), (ss, fs) in zip(shown["circles"], positions.tolist(), strict=True):
+        assert x == pytest.approx(rect["left"] + (fs + 0.5) / binning * rect["scale"], abs=1e-3)
+        assert y == pytest.approx(rect["top"] + (ss + 0.5) / binning * rect["scale"], abs=1e-3)
+    middle = rect["left"] + rect["width"] / 2  # a point of each circle on the side towards the middle
+    on_circles = page.js(OVERLAY_AT, ["overlay-latest_hit", [[x + r if x < middle else x - r, y]
+                                                            for x, y, r in shown["circles"]]])
+    assert all(n > 0 for n in on_circles), on_circles
     page.page.screenshot(path=str(tmp_path / "crystallography.png"), full_page=True)
 
     # Start from the form (no detector streams to it) and abort that one too.

@@ -10,7 +10,14 @@
  *                                  stand in the pipeline file's order
  *   images and plots               GET /api/previews each second; a preview whose seq changed
  *                                  reloads its PNGs (/api/previews/STAGE/NAME/ARRAY.png) and, for
- *                                  the hit rate, its history (.npy)
+ *                                  the plots, their arrays (.npy): the hit rate's history and the
+ *                                  peaks per frame (the writer's `crystallography`), each writer's
+ *                                  `latency` histogram (counts on edges_s, meta p50_s/p95_s/max_s)
+ *   overlays                       canvases over two images: the latest hit's peaks circled
+ *                                  (`latest_hit`: `peaks` [ss, fs] in raw pixels, meta binning),
+ *                                  resolution rings on the virtual powder (the crystallography
+ *                                  preview's meta `geometry`: beam centre, pixel size, distance,
+ *                                  wavelength, binning) at D_SPACINGS_A
  *   last frame                     /api/frames/last.png, when the receiver's last_frame preview
  *                                  changes (else every 2 s while a scan runs)
  *   parameter panel                GET /api/stages/STAGE/params (what a process runs with)
@@ -77,6 +84,12 @@ const state = {
   scanRate: {scanId: null, points: []},
   errors: store.get("errors", {}),  // scan_id -> [[iterations, error], ...]
   hitRate: {x: [], y: [], times: [], scanId: null},  // times: when each of its previews came
+  latency: new Map(),      // stage -> {scanId, time, seq, counts, edges, meta}: each writer's histogram
+  latencyMarks: [],        // [{stage, p50, p95}]: where the quantile lines were drawn (canvas x)
+  peaks: {x: [], y: [], seq: null},   // peaks per frame: frame numbers, peak counts
+  latestHit: null,         // {time, seq, meta, peaks: [[ss, fs]], circles: [[x, y, r]], rect}
+  geometry: null,          // the crystallography preview's meta.geometry
+  rings: [],               // [{d, rx, ry}] drawn on the powder, in CSS px
 };
 const plots = {};
 window.surveyor = {state, plots};  // for the browser tests and the curious
@@ -534,6 +547,8 @@ const VIEWS = {
   stxm: {images: {transmission: ["img-transmission", ""], dpc_phase: ["img-dpc_phase", ""],
                   probe_amplitude: ["img-stxm_probe", ""]}, update: onStxm},
   crystallography: {images: {virtual_powder: ["img-virtual_powder", ROBUST]}, update: onCrystallography},
+  latest_hit: {images: {image: ["img-latest_hit", ROBUST]}, update: onLatestHit},
+  latency: {images: {}, update: onLatency},
 };
 
 const previewURL = (p, array, ext) =>
@@ -547,8 +562,20 @@ function showImage(img, url, preview, query = "") {
     img.dataset.time = String(preview.time);
     img.dataset.scan = preview.scan_id;
     img.classList.remove("missing");
+    OVERLAYS[img.id]?.();
   };
   next.src = `${url}?${query ? `${query}&` : ""}t=${preview.time}`;  // t: a new URL for each preview
+}
+
+/** A preview array's numbers (its .npy), or null when it cannot be had. */
+async function fetchArray(p, array) {
+  try {
+    const response = await fetch(previewURL(p, array, "npy"), {cache: "no-store"});
+    if (!response.ok) return null;
+    return parseNpy(await response.arrayBuffer());
+  } catch {
+    return null;
+  }
 }
 
 let previewsBusy = false;
@@ -634,6 +661,228 @@ async function onCrystallography(p) {
   hr.x = hr.y.map((_, i) => p.time - (hr.y.length - 1 - i) * step);
   plotSeries("hitRate", $("plot-hitrate"), [hr.x, hr.y],
              {label: "hit rate (%)", stroke: "#1e8449", time: true, yRange: [0, 100]});
+  state.geometry = m.geometry || null;
+  drawRings();
+  await showPeaksPerFrame(p);
+}
+
+/** The peak counts of the newest frames (`n_peaks`, their numbers `n_peaks_frames`), by frame number. */
+async function showPeaksPerFrame(p) {
+  const names = new Set((p.arrays || []).map((a) => a.name));
+  if (!names.has("n_peaks") || !names.has("n_peaks_frames")) return;
+  const [counts, frames] = await Promise.all([fetchArray(p, "n_peaks"), fetchArray(p, "n_peaks_frames")]);
+  if (!counts || !frames || counts.data.length !== frames.data.length) return;
+  const pairs = Array.from(frames.data, (frame, i) => [frame, counts.data[i]]).sort((a, b) => a[0] - b[0]);
+  Object.assign(state.peaks, {x: pairs.map((q) => q[0]), y: pairs.map((q) => q[1]), seq: p.seq});
+  plotSeries("peaks", $("plot-peaks"), [state.peaks.x, state.peaks.y],
+             {label: "peaks", stroke: "#8e44ad", xLabel: "frame", points: true, line: false, height: 160});
+}
+
+// --- overlays: the latest hit's peaks, resolution rings on the powder --------------------------
+
+const D_SPACINGS_A = [20, 10, 6, 4, 3, 2.5, 2, 1.5];
+const PEAK_COLOUR = "#ff2d55";
+const RING_COLOUR = "#ff9f1c";
+const OVERLAYS = {"img-latest_hit": () => drawHitOverlay(), "img-virtual_powder": () => drawRings()};
+
+/** Where an <img> (object-fit: contain) draws its picture, in CSS px of its box, and the scale. */
+function pictureRect(img) {
+  const [w, h] = [img.naturalWidth, img.naturalHeight];
+  const [W, H] = [img.clientWidth, img.clientHeight];
+  const scale = Math.min(W / w, H / h);
+  return {left: (W - w * scale) / 2, top: (H - h * scale) / 2, width: w * scale, height: h * scale, scale};
+}
+
+/** The overlay canvas laid over its image and cleared; its 2-D context in CSS px. */
+function overlayContext(img, canvas) {
+  const ratio = window.devicePixelRatio || 1;
+  Object.assign(canvas.style, {left: `${img.offsetLeft}px`, top: `${img.offsetTop}px`,
+                               width: `${img.clientWidth}px`, height: `${img.clientHeight}px`});
+  canvas.width = Math.round(img.clientWidth * ratio);
+  canvas.height = Math.round(img.clientHeight * ratio);
+  const context = canvas.getContext("2d");
+  context.setTransform(ratio, 0, 0, ratio, 0, 0);
+  context.clearRect(0, 0, img.clientWidth, img.clientHeight);
+  return context;
+}
+
+async function onLatestHit(p) {
+  const peaks = await fetchArray(p, "peaks");
+  if (!peaks) return;
+  const rows = [];
+  for (let i = 0; i + 1 < peaks.data.length; i += 2) rows.push([peaks.data[i], peaks.data[i + 1]]);
+  state.latestHit = {time: p.time, seq: p.seq, meta: p.meta || {}, peaks: rows, circles: [], rect: null};
+  const m = p.meta || {};
+  $("latest-hit-caption").textContent = `latest hit: frame ${fmt(m.frame)}, ${fmt(m.n_peaks)} peaks circled`;
+  drawHitOverlay();
+}
+
+/** Circles round the latest hit's peaks, once its image is the one shown (a raw pixel centre
+ * (ss, fs) is at ((fs + 0.5) / binning, (ss + 0.5) / binning) of the binned image's corners). */
+function drawHitOverlay() {
+  const img = $("img-latest_hit");
+  const hit = state.latestHit;
+  if (!hit || !img.naturalWidth || img.dataset.time !== String(hit.time)) return;
+  const context = overlayContext(img, $("overlay-latest_hit"));
+  const rect = pictureRect(img);
+  const binning = hit.meta.binning || 1;
+  const radius = Math.max(5, 3 * rect.scale);
+  context.strokeStyle = PEAK_COLOUR;
+  context.lineWidth = 1.5;
+  hit.circles = hit.peaks.map(([ss, fs]) => [rect.left + ((fs + 0.5) / binning) * rect.scale,
+                                             rect.top + ((ss + 0.5) / binning) * rect.scale, radius]);
+  for (const [x, y, r] of hit.circles) {
+    context.beginPath();
+    context.arc(x, y, r, 0, 2 * Math.PI);
+    context.stroke();
+  }
+  hit.rect = rect;
+}
+
+/** Resolution rings on the virtual powder: at d (Å), 2θ = 2 asin(λ / 2d) and the ring's radius is
+ * distance · tan 2θ, over the pixel size (an ellipse where pixels are not square); only rings
+ * that fall on the image. None without energy, distance and pixel size. */
+function drawRings() {
+  const img = $("img-virtual_powder");
+  const g = state.geometry;
+  if (!img.naturalWidth) return;
+  const context = overlayContext(img, $("overlay-virtual_powder"));
+  state.rings = [];
+  if (!g || !g.wavelength_a || !g.distance_m || !g.pixel_size_m) {
+    $("powder-caption").textContent = "virtual powder (sum of hits); no rings: energy, distance or pixel size unknown";
+    return;
+  }
+  const rect = pictureRect(img);
+  const binning = g.binning || 1;
+  const [cy, cx] = g.beam_center_px;
+  const x0 = rect.left + ((cx + 0.5) / binning) * rect.scale;
+  const y0 = rect.top + ((cy + 0.5) / binning) * rect.scale;
+  const [py, px] = g.pixel_size_m;
+  const farthest = Math.max(...[[rect.left, rect.top], [rect.left + rect.width, rect.top], [rect.left, rect.top + rect.height],
+                                [rect.left + rect.width, rect.top + rect.height]].map(([x, y]) => Math.hypot(x - x0, y - y0)));
+  context.save();
+  context.beginPath();
+  context.rect(rect.left, rect.top, rect.width, rect.height);
+  context.clip();
+  context.strokeStyle = context.fillStyle = RING_COLOUR;
+  context.lineWidth = 1.5;
+  context.font = "11px system-ui, sans-serif";
+  for (const d of D_SPACINGS_A) {
+    const sine = g.wavelength_a / (2 * d);
+    if (sine >= 1) continue;
+    const radius = g.distance_m * Math.tan(2 * Math.asin(sine));  // metres on the detector
+    const rx = (radius / px / binning) * rect.scale;
+    const ry = (radius / py / binning) * rect.scale;
+    if (Math.min(rx, ry) < 4 || Math.min(rx, ry) > farthest) continue;
+    context.beginPath();
+    context.ellipse(x0, y0, rx, ry, 0, 0, 2 * Math.PI);
+    context.stroke();
+    context.fillText(`${d} Å`, x0 + rx * Math.SQRT1_2 + 2, y0 - ry * Math.SQRT1_2 - 2);
+    state.rings.push({d, rx, ry});
+  }
+  context.restore();
+  $("powder-caption").textContent = state.rings.length
+    ? `virtual powder (sum of hits), rings at ${state.rings.map((r) => r.d).join(", ")} Å`
+    : "virtual powder (sum of hits); no ring of these d-spacings falls on it";
+}
+
+// --- latency: a frame's arrival to its result on disk, per writer -----------------------------
+
+const LATENCY_COLOURS = ["#2364aa", "#b9770e", "#7d3c98", "#117a65"];
+let latencyQuantiles = [];  // what the plot's draw hook marks: [{stage, colour, p50, p95}]
+
+/** Whether a positive number is a power of ten (where the log axis is labelled). */
+const decade = (v) => typeof v === "number" && v > 0 && Math.abs(Math.log10(v) - Math.round(Math.log10(v))) < 1e-6;
+
+function seconds(value) {
+  if (typeof value !== "number") return "—";
+  if (value < 1e-3) return `${fmt(value * 1e6, 0)} µs`;
+  if (value < 1) return `${fmt(value * 1e3, value < 0.01 ? 1 : 0)} ms`;
+  return `${fmt(value, 2)} s`;
+}
+
+async function onLatency(p) {
+  const [counts, edges] = await Promise.all([fetchArray(p, "counts"), fetchArray(p, "edges_s")]);
+  if (!counts || !edges || edges.data.length !== counts.data.length + 1) return;
+  state.latency.set(p.stage, {scanId: p.scan_id, time: p.time, seq: p.seq, counts: Array.from(counts.data),
+                              edges: Array.from(edges.data), meta: p.meta || {}});
+  renderLatency();
+}
+
+/** The newest scan's histograms, one series per writer (the one furthest down the graph first):
+ * steps over the bins that hold frames, with lines at each one's p50 (solid) and p95 (dashed). */
+function renderLatency() {
+  const all = [...state.latency.entries()];
+  if (!all.length) return;
+  const newest = all.reduce((a, b) => (b[1].time > a[1].time ? b : a))[1].scanId;
+  const depth = state.graph ? layers(Object.keys(state.graph), state.graph) : {};
+  const shown = all.filter(([, h]) => h.scanId === newest && h.counts.some((c) => c > 0))
+    .sort((a, b) => (depth[b[0]] ?? 0) - (depth[a[0]] ?? 0) || a[0].localeCompare(b[0]));
+  if (!shown.length) return;
+  const edges = shown[0][1].edges;
+  let lo = edges.length, hi = 0;
+  for (const [, h] of shown) {
+    const first = h.counts.findIndex((c) => c > 0);
+    const last = h.counts.length - 1 - [...h.counts].reverse().findIndex((c) => c > 0);
+    lo = Math.min(lo, first);
+    hi = Math.max(hi, last);
+  }
+  lo = Math.max(0, lo - 1);
+  hi = Math.min(edges.length - 2, hi + 1);
+  const x = edges.slice(lo, hi + 2);
+  const ys = shown.map(([, h]) => [...h.counts.slice(lo, hi + 1), 0]);
+  $("latency-meta").innerHTML = shown.map(([stage, h], i) => `<span data-stage="${esc(stage)}"><i class="swatch"
+    style="background:${LATENCY_COLOURS[i % LATENCY_COLOURS.length]}"></i>${esc(stage)}: p50 ${seconds(h.meta.p50_s)} ·
+    p95 ${seconds(h.meta.p95_s)} · max ${seconds(h.meta.max_s)} · ${fmt(h.meta.frames)} frames</span>`).join("");
+  const key = `${shown.map(([stage]) => stage).join(",")}`;
+  const container = $("plot-latency");
+  latencyQuantiles = shown.map(([stage, h], i) => ({stage, colour: LATENCY_COLOURS[i % LATENCY_COLOURS.length],
+                                                    p50: h.meta.p50_s, p95: h.meta.p95_s}));
+  let plot = plots.latency;
+  if (!plot || plot.key !== key) {
+    plot?.destroy();
+    container.innerHTML = "";
+    plot = new uPlot({
+      width: Math.max(200, container.clientWidth), height: 170,
+      scales: {x: {time: false, distr: 3}, y: {range: (u, min, max) => [0, Math.max(1, max) * 1.08]}},
+      series: [{label: "latency (s)"}, ...shown.map(([stage], i) => {
+        const colour = LATENCY_COLOURS[i % LATENCY_COLOURS.length];
+        return {label: stage, stroke: colour, fill: `${colour}33`, width: 1.5, points: {show: false},
+                paths: uPlot.paths.stepped({align: 1})};
+      })],
+      axes: [{label: "from arrival to disk", stroke: "#555", grid: {stroke: "#f3f3f3"},
+              values: (u, splits) => splits.map((v) => (decade(v) ? seconds(v) : ""))},
+             {label: "frames", stroke: "#555", grid: {stroke: "#eee"}, size: 60}],
+      legend: {show: false},
+      hooks: {draw: [(u) => {
+        const context = u.ctx;
+        state.latencyMarks = [];
+        for (const mark of latencyQuantiles) {
+          const drawn = {stage: mark.stage};
+          for (const [q, dash] of [["p50", []], ["p95", [5, 4]]]) {
+            if (typeof mark[q] !== "number") continue;
+            const at = Math.round(u.valToPos(mark[q], "x", true));
+            if (at < u.bbox.left || at > u.bbox.left + u.bbox.width) continue;
+            context.save();
+            context.strokeStyle = mark.colour;
+            context.lineWidth = 2 * (window.devicePixelRatio || 1);
+            context.setLineDash(dash.map((v) => v * (window.devicePixelRatio || 1)));
+            context.beginPath();
+            context.moveTo(at, u.bbox.top);
+            context.lineTo(at, u.bbox.top + u.bbox.height);
+            context.stroke();
+            context.restore();
+            drawn[q] = at;
+          }
+          state.latencyMarks.push(drawn);
+        }
+      }]},
+    }, [x, ...ys], container);
+    plot.key = key;
+    plots.latency = plot;
+    new ResizeObserver(() => plot.setSize({width: Math.max(200, container.clientWidth), height: 170})).observe(container);
+  }
+  plot.setData([x, ...ys]);
 }
 
 function showOther(p) {
@@ -674,7 +923,7 @@ function parseNpy(buffer) {
 
 /** Draw [xs, ys] in `container`, making the plot on first data (the placeholder shows before). */
 function plotSeries(name, container, data, {label, stroke, time = false, xLabel, yRange, logY = false, points = false,
-                                            height = 200}) {
+                                            line = true, height = 200}) {
   if (!data[0].length) return;
   let plot = plots[name];
   if (!plot || plot.logY !== logY) {
@@ -684,7 +933,8 @@ function plotSeries(name, container, data, {label, stroke, time = false, xLabel,
     plot = new uPlot({
       width: Math.max(200, container.clientWidth), height,
       scales: {x: {time}, y},
-      series: [{label: xLabel || "time"}, {label, stroke, width: 2, points: {show: points, size: 5, fill: stroke}}],
+      series: [{label: xLabel || "time"}, {label, stroke, width: 2, points: {show: points, size: 5, fill: stroke},
+                                           ...(line ? {} : {paths: () => null})}],
       axes: [{label: xLabel, stroke: "#555", grid: {stroke: "#eee"}},
              {label, stroke: "#555", grid: {stroke: "#eee"}, size: 60}],
       legend: {show: false},
@@ -877,6 +1127,7 @@ function start() {
   setupParams();
   $("events-filter").addEventListener("input", renderEvents);
   window.addEventListener("resize", drawEdges);
+  for (const [id, draw] of Object.entries(OVERLAYS)) new ResizeObserver(() => draw()).observe($(id));
   pollStatus();
   new LiveSocket("/api/status/ws", {
     onMessage: onSnapshot,
