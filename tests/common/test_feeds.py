@@ -12,7 +12,7 @@ from tests.conftest import synthetic_pipeline
 
 
 def test_every_message_of_a_run_parses_into_its_model(tmp_path, start_run):
-    run = start_run(synthetic_pipeline(tmp_path, frames=50), "--simulate")
+    run = start_run(synthetic_pipeline(tmp_path, frames=50, rate_hz=25), "--simulate")  # a snapshot a second
     socket = zmq.Context.instance().socket(zmq.SUB)
     socket.setsockopt(zmq.SUBSCRIBE, b"")
     socket.setsockopt(zmq.LINGER, 0)

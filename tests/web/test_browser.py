@@ -195,19 +195,21 @@ class Page:
 
 
 def printed_page_url(run, timeout_s: float = 60) -> str:
-    """The page's URL with its token as `surveyor run` prints it (a line of its own, never wrapped)."""
+    """The page's URL with its token as `surveyor run` prints it (a line of its own, never wrapped).
+    Read from the pipe's descriptor: lines that come together must not wait in a reader's buffer."""
     deadline = time.monotonic() + timeout_s
-    seen = []
+    fd, seen = run.process.stdout.fileno(), ""
     while time.monotonic() < deadline:
-        if not select.select([run.process.stdout], [], [], 0.5)[0]:
+        if not select.select([fd], [], [], 0.5)[0]:
             continue
-        line = run.process.stdout.readline()
-        if not line:
+        chunk = os.read(fd, 65536)
+        if not chunk:
             break
-        seen.append(line)
-        if "#token=" in line:
-            return line.strip()
-    raise AssertionError(f"surveyor run printed no page URL with its token: {''.join(seen)[-2000:]}")
+        seen += chunk.decode(errors="replace")
+        found = next((line.strip() for line in seen.splitlines() if "#token=" in line), None)
+        if found:
+            return found
+    raise AssertionError(f"surveyor run printed no page URL with its token: {seen[-2000:]}")
 
 
 def stream(run, kind: str, *, frames: int, rate: float, scan_id: str, params: tuple[str, ...] = ()) -> subprocess.Popen:
