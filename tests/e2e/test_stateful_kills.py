@@ -150,8 +150,8 @@ def test_peak_worker_killed_mid_scan_the_class_sums_count_every_frame_once(start
     one-frame deltas (refused exactly when the writer merged them already, before the
     acknowledgement died with the process), and a delta riding on the record of a re-sent frame
     that the writer already has is merged all the same (the writer's `on_duplicate`)."""
-    frames = 200
-    kill_at = random.randint(5, 70)  # frames taken by the process (it gets about half the scan)
+    frames = 120
+    kill_at = random.randint(5, 40)  # frames taken by the process (it gets about half the scan)
     run = start_run(SX, "--simulate", "--frames", str(frames), "--rate", "20", overrides=(
         *free_endpoints(), f'stages.hit_server.params.endpoint="tcp://127.0.0.1:{free_port()}"',
         "simulation.params={layout='1m', hit_fraction=0.5}", "stages.peak_worker.params.sums_interval_s=0.5"))
