@@ -120,12 +120,12 @@ def test_ptychography_scan_survives_kills_and_stops_of_every_stage(start_run):
 @pytest.mark.slow
 @pytest.mark.stalls
 def test_crystallography_scan_survives_kills_and_stops_of_every_stage(start_run):
-    frames = 300
+    frames = 220
     run = start_run(SX, "--simulate", "--frames", str(frames), "--rate", "20", overrides=(
         *free_endpoints(), f'stages.hit_server.params.endpoint="tcp://127.0.0.1:{free_port()}"',
         "simulation.params={layout='1m', hit_fraction=0.5}", "stages.peak_worker.params.sums_interval_s=1"))
     targets = ["handler", "peak_worker.1", "peak_worker.2", "writer.1", "hit_server.1"]
-    done = run_with_faults(run, targets, faults=len(targets), window_s=(0.5, 12.0))
+    done = run_with_faults(run, targets, faults=len(targets), window_s=(0.5, 9.0))
     check_schedule_hit(done, targets)
     [scan] = run.summary()["scans"]
     assert scan["frames_lost"] == 0 and scan["losses"] == [] and scan["frames_written"] == frames, scan
