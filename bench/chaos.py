@@ -54,7 +54,7 @@ def scenario(kind: str, directory: Path, minutes: float) -> tuple[Path, tuple[st
                 ["handler", "peak_worker.1", "peak_worker.2", "writer.1", "hit_server.1"], frames, "sx_0001")
     side = int(frames ** 0.5)
     return (REPO / "pipelines" / "ptychography.toml",
-            (*free_endpoints(), *PTYCHO_SMALL, f"simulation.rate_hz=20", f"simulation.frames={side * side}"),
+            (*free_endpoints(), *PTYCHO_SMALL, "simulation.rate_hz=20", f"simulation.frames={side * side}"),
             ["handler", "dark_worker.1", "frame_worker.1", "frame_worker.2", "image_worker.1",
              "reconstruction_worker.1", "writer.1"], side * side, "ptycho_0001")
 

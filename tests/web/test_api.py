@@ -11,20 +11,19 @@ import io
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+import uvicorn
 import zmq
 from PIL import Image
-import threading
-
-import uvicorn
 from websockets.sync.client import connect
 
-from libs.common import client, feeds
+from libs.common import feeds
 from libs.common.previews import Latency
 from libs.web import access, images
 from libs.web.app import create_app
