@@ -380,6 +380,9 @@ def test_crystallography_page_plots_the_hit_rate_reconfigures_the_peak_finder_an
              "the page on the new web process")
     wait_for(lambda: page.text("#handler-state") == "handler live", 10, "the handler's status again")
 
+    # The new web process has heard the writer's preview again before the scan is aborted.
+    wait_for(lambda: any(p["name"] == "crystallography" for p in page.get("/api/previews")["previews"]), 15,
+             "the writer's preview on the new web process")
     # Abort: the scan aborted, in the reply, the scans table, the event log and the API.
     page.page.click("#abort")
     wait_for(lambda: "aborted" in page.text("#command-reply"), 20, "the abort's reply")
