@@ -123,7 +123,7 @@ class Run:
 
         self.pipeline = load(pipeline, overrides)
         self.endpoint = self.pipeline.handler.command
-        self.feed = Feed(self.pipeline.handler.status)
+        self.feed = Feed(self.pipeline.handler.status, command=self.endpoint)
         self.out = cwd / "out"
         self.log_root = cwd / "logs"
         env = {**os.environ, "SURVEYOR_LOG_DIR": str(self.log_root)}
@@ -185,6 +185,8 @@ class Run:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.communicate()  # reaps it and closes its pipe
+        if self.process.stdout is not None:
+            self.process.stdout.close()  # a run that ended by itself and was never finished
         self.feed.close()
 
     def summary(self) -> dict[str, Any]:

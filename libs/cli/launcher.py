@@ -316,7 +316,7 @@ def run(*, pipeline_file: str, pipeline: Pipeline, overrides: list[str], simulat
                     f"kept in {token_file}; the page, with the token:", markup=False, highlight=False)
         # On a line of its own and never wrapped, so that it is one click in a terminal.
         console.print(f"  {access.page_url(url, token)}", soft_wrap=True, markup=False, highlight=False)
-    watcher = client.StatusFeed(pipeline.handler.status)
+    watcher = client.StatusFeed(pipeline.handler.status, command=pipeline.handler.command)
     finished: list[dict[str, Any]] = []
     code = 0
     try:

@@ -44,11 +44,32 @@ def send_raw(endpoint: str, payload: bytes | list[bytes], *, timeout_s: float = 
         socket.close(linger=0)
 
 
+def missed_events(command: str, missing: tuple[float, int, int], timeout_s: float = 2.0) -> list[dict[str, Any]]:
+    """The events a subscriber missed, (handler run, after, upto) as an EventCursor names them,
+    asked of the handler at `command`; oldest first. None when the handler does not answer, has
+    restarted again, or keeps them no longer."""
+    run, after, upto = missing
+    try:
+        reply = call(command, "events", {"since": after}, timeout_s=timeout_s)
+    except NoReply:
+        return []
+    if not reply.ok or reply.result.get("handler_run") != run:
+        return []
+    return [e for e in reply.result["events"] if after < e["handler_seq"] <= upto]
+
+
 class StatusFeed:
-    """A subscriber to the handler's status PUB: keeps the newest snapshot and every event seen."""
+    """A subscriber to the handler's status PUB: keeps the newest snapshot and every event seen.
+    Given the handler's `command` endpoint, it also asks for the events its link missed."""
 
     def __init__(self, endpoint: str, topics: tuple[bytes, ...] = (b"event", b"status"),
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, command: str | None = None) -> None:
+        from libs.common import feeds  # only subscribers pay for building the models
+
+        self._feeds = feeds
+        self._cursor = feeds.EventCursor() if command else None
+        self._command = command
+        self._events_wanted = b"event" in topics
         self._socket = (context or zmq.Context.instance()).socket(zmq.SUB)
         self._socket.setsockopt(zmq.LINGER, 0)
         for topic in topics:
@@ -63,16 +84,19 @@ class StatusFeed:
         if self._socket.poll(timeout_s * 1000):
             while self._socket.poll(0):
                 topic, body = self._socket.recv_multipart()[:2]
-                from libs.common import feeds  # only subscribers pay for building the models
-
-                feeds.parse(topic, body)  # each message meets its model, as a front-end parses it
+                self._feeds.parse(topic, body)  # each message meets its model, as a front-end parses it
                 message = json.loads(body)
                 if topic == b"status":
                     self.status = message
+                    new.extend(self._catch_up(self._cursor and self._cursor.after_snapshot(message)))
                 else:
+                    new.extend(self._catch_up(self._cursor and self._cursor.after_event(message)))
                     new.append(message)
         self.events.extend(new)
         return new
+
+    def _catch_up(self, missing: tuple[float, int, int] | None) -> list[dict[str, Any]]:
+        return missed_events(self._command, missing) if missing and self._events_wanted else []
 
     def find(self, kind: str, **match: Any) -> dict[str, Any] | None:
         self.pump()

@@ -6,7 +6,8 @@ from these models; a front-end parses each one once, with `parse(topic, body)`.
 An event as it goes out (`kind`, `service`, `message` always; what else depends on the kind):
 
     {"time": 1764590000.1, "kind": "service_down", "service": "peak_worker.2",
-     "message": "missed heartbeats for 3.1 s", "instance": "peak_worker.2-1a2b3c4d"}
+     "message": "missed heartbeats for 3.1 s", "instance": "peak_worker.2-1a2b3c4d",
+     "handler_run": 1764589000.5, "handler_seq": 42}
 """
 
 from __future__ import annotations
@@ -99,6 +100,10 @@ class StatusSnapshot(Strict):
     stages: dict[str, StageTotals]
     scan: ScanProgress | None
     scans: list[ScanSummary]
+    handler_run: float | None = None
+    """When the handler process started: tells one handler's numbered events from another's."""
+    events_published: int = 0
+    """The number of this handler's newest event (`handler_seq`)."""
 
 
 class Event(BaseModel):
@@ -110,6 +115,36 @@ class Event(BaseModel):
     kind: str = Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")
     service: str
     message: str
+    handler_run: float | None = None
+    handler_seq: int | None = None
+    """Counting from 1 in each handler process (`handler_run`); absent from older handlers."""
+
+
+class EventCursor:
+    """How far a subscriber has seen a handler's numbered events. A PUB sends nothing to a
+    subscriber until it has connected again, so the first events of a restarted handler can pass
+    it by; the gap shows in the next event's or snapshot's number, and the handler's `events`
+    command fills it (`client.missed_events`)."""
+
+    def __init__(self) -> None:
+        self.run: float | None = None
+        self.seen = 0
+
+    def after_event(self, event: dict[str, Any]) -> tuple[float, int, int] | None:
+        """An event arrived: (handler run, after, upto) of the events before it not seen, if any."""
+        run, seq = event.get("handler_run"), event.get("handler_seq")
+        return None if run is None or seq is None else self._missing(run, seq - 1, seq)
+
+    def after_snapshot(self, snapshot: dict[str, Any]) -> tuple[float, int, int] | None:
+        """A snapshot arrived: (handler run, after, upto) of the events it counts and that were not seen."""
+        run, upto = snapshot.get("handler_run"), snapshot.get("events_published", 0)
+        return None if run is None else self._missing(run, upto, upto)
+
+    def _missing(self, run: float, upto: int, seen: int) -> tuple[float, int, int] | None:
+        if run != self.run:
+            self.run, self.seen = run, 0
+        after, self.seen = self.seen, max(self.seen, seen)
+        return (run, after, upto) if upto > after else None
 
 
 class PreviewArraySpec(Strict):

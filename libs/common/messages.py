@@ -256,6 +256,10 @@ class EpochArgs(Strict):
     epoch: Epoch
 
 
+class EventsArgs(Strict):
+    since: int = Field(0, ge=0, description="the handler_seq after which events are wanted")
+
+
 class _Request(Strict):
     id: Any = None
 
@@ -326,6 +330,13 @@ class Preview(_Request):
     args: PreviewArgs
 
 
+class Events(_Request):
+    """The handler's newest events after `since` (those a subscriber's PUB link missed)."""
+
+    cmd: Literal["events"]
+    args: EventsArgs = EventsArgs()
+
+
 class Tell(_Request):
     cmd: Literal["tell"]
     args: TellArgs
@@ -353,7 +364,7 @@ class ScanEnd(_Request):
 
 HandlerRequest = Annotated[
     Union[Ping, Status, StartScan, Abort, Configure, Shutdown, Register, Heartbeat, Unregister,
-          SourceDone, Event, Preview, Tell],
+          SourceDone, Event, Preview, Tell, Events],
     Field(discriminator="cmd"),
 ]
 ServiceRequest = Annotated[

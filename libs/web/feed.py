@@ -29,7 +29,7 @@ from typing import Any, Callable, Literal
 import numpy as np
 import zmq
 
-from libs.common import feeds
+from libs.common import client, feeds
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +72,12 @@ class Feed:
     """Start it, read it from any thread, close it. `on_change` callbacks run on the feed's thread
     after each message (keep them short: hand the news to another loop)."""
 
-    def __init__(self, endpoint: str, *, events_kept: int = EVENTS_KEPT, previews_kept: int = PREVIEWS_KEPT,
-                 context: zmq.Context | None = None) -> None:
+    def __init__(self, endpoint: str, *, command: str | None = None, events_kept: int = EVENTS_KEPT,
+                 previews_kept: int = PREVIEWS_KEPT, context: zmq.Context | None = None) -> None:
+        """`command`: the handler's command endpoint, to ask for the events the link missed."""
         self.endpoint = endpoint
+        self._command = command
+        self._cursor = feeds.EventCursor()
         self.stream = secrets.token_hex(4)
         self._context = context or zmq.Context.instance()
         self._lock = threading.Lock()
@@ -144,13 +147,32 @@ class Feed:
         except ValueError as exc:  # pydantic's ValidationError is one
             return self._reject(f"topic {topic[:40]!r}: {exc}")
         if isinstance(message, feeds.StatusSnapshot):
-            change = self._take_snapshot(json.loads(body))
+            snapshot = json.loads(body)
+            self._catch_up(self._cursor.after_snapshot(snapshot))
+            change = self._take_snapshot(snapshot)
         elif isinstance(message, feeds.Event):
-            change = self._take_event(json.loads(body))
+            event = json.loads(body)
+            self._catch_up(self._cursor.after_event(event))
+            change = self._take_event(event)
         else:
             change = self._take_preview(message, buffers)
-        if change is None:
+        if change is not None:
+            self._tell(change)
+
+    def _catch_up(self, missing: tuple[float, int, int] | None) -> None:
+        """Events the link missed (a restarted handler's first ones), asked of the handler."""
+        if missing is None or self._command is None:
             return
+        found = client.missed_events(self._command, missing)
+        _, after, upto = missing
+        if len(found) < upto - after:
+            logger.warning("status feed %s: %d of the handler's events %d-%d missed, not to be had again",
+                           self.endpoint, upto - after - len(found), after + 1, upto)
+        for event in found:
+            self._take_event(event)
+            self._tell("event")
+
+    def _tell(self, change: Change) -> None:
         for listener in self._listeners:
             try:
                 listener(change)

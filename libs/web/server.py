@@ -27,7 +27,7 @@ def serve(*, status: str, handler: str | None, address: str, token_file: Path | 
     """Serve until stopped; the exit code. Raises access.AccessError for a bad address or token file."""
     host, port = access.parse_address(address)
     token = access.read_or_create_token(token_file) if token_file else access.new_token()
-    app = create_app(Feed(status), token=token, handler=handler, pipeline=pipeline)
+    app = create_app(Feed(status, command=handler), token=token, handler=handler, pipeline=pipeline)
     shown = f"[{host}]" if ":" in host else host
     logger.info("web front-end at http://%s:%d/ (API under /api, OpenAPI at /docs): status from %s, commands to %s",
                 shown, port, status, handler)

@@ -30,9 +30,9 @@ from pydantic import BaseModel, ValidationError
 from libs.common import feeds, messages
 from libs.common.errors import MessageError, ParameterError, PipelineError
 from libs.common.loop import drain, stop_on_signals
-from libs.common.messages import (Abort, Configure, Event, Heartbeat, Ping, Preview, Register, RegisterReply,
-                                  ScanCounters, ScanDescription, ServiceIdentity, Shutdown, SourceDone, StartScan,
-                                  Status, Tell, Unregister)
+from libs.common.messages import (Abort, Configure, Event, Events, Heartbeat, Ping, Preview, Register,
+                                  RegisterReply, ScanCounters, ScanDescription, ServiceIdentity, Shutdown, SourceDone,
+                                  StartScan, Status, Tell, Unregister)
 from libs.common.pipeline import Pipeline
 from libs.common.ports import DEFERRED, CommandPort, Envelope
 from libs.common.stages import params_model
@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 STATUS_PERIOD_S = 1.0
 SERVICE_TIMEOUT_S = 10.0
 JOURNAL_PERIOD_S = 1.0
+EVENTS_KEPT = 1000
 
 
 @dataclass
@@ -67,6 +68,10 @@ class Handler:
         """Processes that were up when the previous handler stopped, not heard from again yet."""
         self._recovering_until = 0.0
         self._journal_due: float | None = None
+        self._run_stamp = time.time()
+        self._events: deque[feeds.Event] = deque(maxlen=EVENTS_KEPT)
+        """The newest events published, numbered: what a subscriber that was not yet connected
+        asks for (`events`)."""
         self._restore(fresh)
         self._context = context or zmq.Context()
         self._stopping = False
@@ -101,7 +106,8 @@ class Handler:
                           Abort: self.on_abort, Configure: self.on_configure, Shutdown: self.on_shutdown,
                           Register: self.on_register, Heartbeat: self.on_heartbeat,
                           Unregister: self.on_unregister, SourceDone: self.on_source_done,
-                          Event: self.on_event, Preview: self.on_preview, Tell: self.on_tell}
+                          Event: self.on_event, Preview: self.on_preview, Tell: self.on_tell,
+                          Events: self.on_events}
 
     # --- journal -----------------------------------------------------------------------------------
 
@@ -384,9 +390,14 @@ class Handler:
         member = self.registry.members.get(args.instance)
         if member is None:
             raise MessageError(f"unknown instance {args.instance!r}: register first")
-        details = {k: v for k, v in args.details.items() if k not in ("time", "kind", "service", "message")}
+        details = {k: v for k, v in args.details.items() if k not in feeds.Event.model_fields}
         self._event(args.kind, service=member.identity.name, message=args.message, **details)
         return {}
+
+    def on_events(self, request: Events, envelope: Envelope) -> dict[str, Any]:
+        since = request.args.since
+        return {"handler_run": self._run_stamp, "kept": len(self._events),
+                "events": [e.model_dump(mode="json") for e in self._events if e.handler_seq > since]}
 
     def on_preview(self, request: Preview, envelope: Envelope) -> Any:
         """Published as `preview.<stage>`: [topic, JSON (what and whose), one buffer per array].
@@ -628,7 +639,8 @@ class Handler:
         return feeds.StatusSnapshot(
             time=time.time(), version=messages.VERSION, pipeline=self.pipeline.name, epoch=self.scans.epoch,
             services=services, stages={name: self.registry.stage_totals(name) for name in self.pipeline.stages},
-            scan=scan, scans=[r.summary(self.pipeline) for r in self.scans.history])
+            scan=scan, scans=[r.summary(self.pipeline) for r in self.scans.history], handler_run=self._run_stamp,
+            events_published=self._events[-1].handler_seq if self._events else 0)
 
     def _publish(self, topic: str, body: BaseModel, *buffers: bytes) -> None:
         try:
@@ -637,4 +649,8 @@ class Handler:
             pass
 
     def _event(self, kind: str, *, message: str, service: str = "handler", **extra: Any) -> None:
-        self._publish("event", feeds.Event(time=time.time(), kind=kind, service=service, message=message, **extra))
+        number = self._events[-1].handler_seq + 1 if self._events else 1
+        event = feeds.Event(time=time.time(), kind=kind, service=service, message=message, **extra,
+                            handler_run=self._run_stamp, handler_seq=number)
+        self._events.append(event)
+        self._publish("event", event)

@@ -118,3 +118,30 @@ def test_configure_changes_the_following_frames_and_refuses_bad_values(run):
     assert set(offset) == {0, 100}
     assert offset[:50].max() == 0 and offset[-50:].min() == 100
     assert run.ctl("configure", {"stage": "worker", "params": {"offset": 0}}).ok
+
+
+def test_a_subscriber_that_connects_late_is_given_the_events_its_link_missed(run):
+    """A PUB sends nothing before a subscriber has connected (a restarted handler's first events
+    pass a web process by): the handler numbers its events, and a gap is asked for (`events`)."""
+    from libs.web.feed import Feed
+
+    published = run.ctl("status").result["events_published"]
+    assert published >= 4  # a service_up for each process, all before these subscribers
+    late = client.StatusFeed(run.pipeline.handler.status, command=run.endpoint)
+    web = Feed(run.pipeline.handler.status, command=run.endpoint).start()
+    try:
+        wait_for(lambda: late.pump(0.2) is not None and late.status, 10, "a snapshot")
+        numbers = [e["handler_seq"] for e in late.events]
+        assert numbers[:published] == list(range(1, published + 1)), numbers
+        assert {"service_up"} <= {e["kind"] for e in late.events}
+        wait_for(lambda: web.last_seq() >= published, 10, "the web feed's catch-up")
+        kept = web.events_after(0).events
+        assert [e["handler_seq"] for e in kept[:published]] == numbers[:published]
+        assert [e["seq"] for e in kept] == list(range(1, len(kept) + 1))  # the web feed's own numbers
+    finally:
+        late.close()
+        web.close()
+    # Asked directly: events after a number, as many as the handler keeps.
+    reply = run.ctl("events", {"since": published - 1}).result
+    assert [e["handler_seq"] for e in reply["events"]][:1] == [published]
+    assert not run.ctl("events", {"since": -1}).ok

@@ -92,7 +92,10 @@ def test_dark_worker_killed_after_the_calibration_republishes_it_for_a_frame_wor
     frames, n_dark = 160, 10
     run = start_run(PTYCHO, "--simulate", "--frames", str(frames), "--rate", "16", overrides=small_ptycho(n_dark))
     run.wait_ready(services=7)
-    kill_when(run, "dark_worker.1", lambda s: s["scan"]["frames_in"] >= n_dark)
+    # Killed once the calibration is checkpointed (frames in counts darks not yet worked on).
+    state = run.out.parent / run.pipeline.state_path
+    wait_for(lambda: any(state.glob("scans/*/dark_worker/calibration.npz")), 60, "the calibration checkpointed")
+    kill_when(run, "dark_worker.1", lambda s: True)
     wait_for(lambda: "restored from the checkpoint" in log_of(run, "dark_worker.1"), 60, "the calibration restored")
     kill_when(run, "frame_worker.1", lambda s: s["scan"]["frames_in"] >= 5)
     code, output = run.finish(timeout_s=150)
