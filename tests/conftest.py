@@ -207,6 +207,27 @@ def start_run(tmp_path: Path):
         run.stop()
 
 
+@pytest.fixture
+def subscriber():
+    """SUB sockets on a status port (all topics unless named), closed at teardown however the test ended."""
+    import zmq
+
+    sockets = []
+
+    def connect(endpoint: str, *topics: bytes):
+        socket = zmq.Context.instance().socket(zmq.SUB)
+        socket.setsockopt(zmq.LINGER, 0)
+        for topic in topics or (b"",):
+            socket.setsockopt(zmq.SUBSCRIBE, topic)
+        socket.connect(endpoint)
+        sockets.append(socket)
+        return socket
+
+    yield connect
+    for socket in sockets:
+        socket.close(linger=0)
+
+
 FALSE_DOWN = "false service_down:"
 """What the handler logs when a process it declared dead turns out to be alive (`service_back`)."""
 

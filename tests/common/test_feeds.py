@@ -5,28 +5,21 @@ from __future__ import annotations
 import time
 
 import pytest
-import zmq
 
 from libs.common import feeds
 from tests.conftest import synthetic_pipeline
 
 
-def test_every_message_of_a_run_parses_into_its_model(tmp_path, start_run):
+def test_every_message_of_a_run_parses_into_its_model(tmp_path, start_run, subscriber):
     run = start_run(synthetic_pipeline(tmp_path, frames=50, rate_hz=25), "--simulate")  # a snapshot a second
-    socket = zmq.Context.instance().socket(zmq.SUB)
-    socket.setsockopt(zmq.SUBSCRIBE, b"")
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.connect(run.pipeline.handler.status)
+    socket = subscriber(run.pipeline.handler.status)
     parsed: list = []
     deadline = time.monotonic() + 60
-    try:
-        while time.monotonic() < deadline and not any(
-                isinstance(m, feeds.Event) and m.kind == "scan_finished" for m in parsed):
-            if socket.poll(500):
-                topic, body, *_ = socket.recv_multipart()
-                parsed.append(feeds.parse(topic, body))
-    finally:
-        socket.close()
+    while time.monotonic() < deadline and not any(
+            isinstance(m, feeds.Event) and m.kind == "scan_finished" for m in parsed):
+        if socket.poll(500):
+            topic, body, *_ = socket.recv_multipart()
+            parsed.append(feeds.parse(topic, body))
     finished = next(m for m in parsed if isinstance(m, feeds.Event) and m.kind == "scan_finished")
     summary = feeds.ScanSummary.model_validate(finished.summary)
     assert summary.frames_lost == 0 and summary.frames_written == 50

@@ -60,11 +60,9 @@ def worker_tallies(logs) -> np.ndarray:
     return total
 
 
-def test_simulated_run_writes_cheetah_layout_that_agrees_with_the_workers(start_run):
+def test_simulated_run_writes_cheetah_layout_that_agrees_with_the_workers(start_run, subscriber):
     run = start_run(PIPELINE, "--simulate", "--frames", str(FRAMES), overrides=overrides(free_port()))
-    previews = zmq.Context.instance().socket(zmq.SUB)
-    previews.setsockopt(zmq.SUBSCRIBE, b"preview.writer")
-    previews.connect(run.pipeline.handler.status)
+    previews = subscriber(run.pipeline.handler.status, b"preview.writer")
     code, output = run.finish(timeout_s=240)
     assert code == 0, output[-3000:]
     assert "peaks against the truth" in output
@@ -159,7 +157,6 @@ def test_simulated_run_writes_cheetah_layout_that_agrees_with_the_workers(start_
         body, buffers = json.loads(message[1]), message[2:]
         last[body["name"]] = (body, {spec["name"]: np.frombuffer(b, spec["dtype"]).reshape(spec["shape"])
                                      for spec, b in zip(body["arrays"], buffers, strict=True)})
-    previews.close(linger=0)
     assert {"crystallography", "latency", "latest_hit"} <= last.keys(), f"previews of the writer: {sorted(last)}"
     body, arrays = last["crystallography"]
     assert body["meta"]["frames"] == FRAMES and body["meta"]["hits"] == len(hit_numbers)

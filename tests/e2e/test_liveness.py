@@ -56,9 +56,9 @@ def test_the_demos_on_loaded_cores_declare_no_process_dead(start_run, loaded_cor
 
 
 def test_a_frame_that_takes_longer_than_the_liveness_costs_no_heartbeat(tmp_path, start_run):
-    """Each frame takes 4.5 s in the worker, past 3 heartbeats of 1 s: the worker still beats and
+    """A frame takes 3.6 s in the worker, past 3 heartbeats of 1 s: the worker still beats and
     answers `status` while it works, and the scan ends with no process declared dead."""
-    run = start_run(synthetic_pipeline(tmp_path, frames=2, workers=1, worker_params="{ delay_s = 4.5 }"),
+    run = start_run(synthetic_pipeline(tmp_path, frames=1, workers=1, worker_params="{ delay_s = 3.6 }"),
                     "--simulate")
     run.wait_ready(services=3)
     worker = wait_for(lambda: next((s for s in run.ctl("status").result["services"]

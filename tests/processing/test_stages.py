@@ -17,7 +17,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import zmq
 
 from tests.conftest import REPO, free_port, wait_for
 
@@ -130,16 +129,13 @@ def finished(run) -> tuple[dict, Path, Path]:
     return scan, raw, result
 
 
-def test_collected_result_is_the_offline_result_and_feedback_reaches_the_nodes(tmp_path, start_run):
+def test_collected_result_is_the_offline_result_and_feedback_reaches_the_nodes(tmp_path, start_run, subscriber):
     run = start_run(processing_pipeline(tmp_path, frames=300, rate_hz=300), "--simulate")
-    previews = zmq.Context.instance().socket(zmq.SUB)
-    previews.setsockopt(zmq.SUBSCRIBE, b"preview.collector")
-    previews.connect(run.pipeline.handler.status)
+    previews = subscriber(run.pipeline.handler.status, b"preview.collector")
     scan, raw, result = finished(run)
     last = None
     while previews.poll(0):
         last = previews.recv_multipart()
-    previews.close(linger=0)
     assert last is not None, "no preview.collector published"
     body = json.loads(last[1])
     assert body["name"] == "tally" and body["meta"] == {"frames": 300}

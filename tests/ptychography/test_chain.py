@@ -10,7 +10,6 @@ import signal
 import h5py
 import numpy as np
 import pytest
-import zmq
 from scipy.constants import electron_volt
 
 from tests.conftest import REPO, free_endpoints, wait_for
@@ -78,11 +77,9 @@ def test_small_scan_reconstructs_the_object_and_writes_the_cxi_layout(start_run)
         assert f["entry_1/instrument_1/source_1/probe"].shape == (64, 64)
 
 
-def test_a_frame_worker_killed_mid_scan_loses_no_frame_and_previews_are_published(start_run):
+def test_a_frame_worker_killed_mid_scan_loses_no_frame_and_previews_are_published(start_run, subscriber):
     run = run_small(start_run, "--rate", "20")
-    previews = zmq.Context.instance().socket(zmq.SUB)
-    previews.setsockopt(zmq.SUBSCRIBE, b"preview.")
-    previews.connect(run.pipeline.handler.status)
+    previews = subscriber(run.pipeline.handler.status, b"preview.")
     run.wait_ready(services=7)
     victim = wait_for(lambda: next((s for s in run.ctl("status").result["services"]
                                     if s["name"] == "frame_worker.1" and s["state"] == "up"
@@ -98,7 +95,6 @@ def test_a_frame_worker_killed_mid_scan_loses_no_frame_and_previews_are_publishe
     while previews.poll(0):
         topic, body, *buffers = previews.recv_multipart()
         received[topic] = (json.loads(body), buffers)
-    previews.close(linger=0)
     assert {b"preview.image_worker", b"preview.reconstruction_worker"} <= set(received)
     body, buffers = received[b"preview.reconstruction_worker"]
     assert body["scan_id"] == scan["scan_id"] and len(buffers) == len(body["arrays"])
