@@ -8,6 +8,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+import scipy.ndimage
 
 from libs.crystallography.matching import matched
 from libs.ptychography.quality import Score, score
@@ -15,9 +16,19 @@ from libs.ptychography.quality import Score, score
 
 def score_reconstruction(cxi: Path, truth: Path) -> Score:
     """The NRMSE of `/entry_1/image_1/data` in `cxi` against the object in `truth`, on the
-    region the truth marks as illuminated."""
+    region the truth marks as illuminated; a reconstruction on other pixels than the truth's is
+    resampled onto them first."""
     with h5py.File(cxi, "r") as result, h5py.File(truth, "r") as known:
-        return score(result["entry_1/image_1/data"][()], known["object"][()], known["illuminated"][()])
+        image = result["entry_1/image_1"]
+        return score(resampled(image["data"][()], image["x_pixel_size"][()] / known["pixel_size_m"][()]),
+                     known["object"][()], known["illuminated"][()])
+
+
+def resampled(image: np.ndarray, zoom: float) -> np.ndarray:
+    """`image` on pixels `zoom` times smaller (cubic splines of its real and imaginary parts)."""
+    if abs(zoom - 1) < 1e-3:
+        return image
+    return scipy.ndimage.zoom(image.real, zoom, order=3) + 1j * scipy.ndimage.zoom(image.imag, zoom, order=3)
 
 
 @dataclass(frozen=True)

@@ -184,6 +184,10 @@ class FramesHeader(Meta):
     pixel_size_m: float | None = Field(gt=0)
     distance_m: float | None = Field(gt=0)
     energy_ev: float | None = Field(gt=0)
+    support_radius_px: float | None = Field(None, gt=0, description="the probe support's radius, clean pixels")
+    probe_diameter_m: float | None = Field(None, gt=0, description="the probe's size the geometry was chosen for")
+    probe_from: str | None = Field(None, description="what that size came from (probe model, scan step)")
+    geometry: str | None = Field(None, description="the choice in words, as logged")
 
     @property
     def placed(self) -> bool:
@@ -257,6 +261,7 @@ class Reconstruction(Meta):
     kind: Literal["reconstruction"] = "reconstruction"
     pixel_size_m: float = Field(gt=0)
     iterations: int = Field(ge=0)
+    ml_iterations: int = Field(0, ge=0, description="of them, maximum-likelihood refinement steps")
     iterations_after_last_frame: int = Field(ge=0)
     error: float
     frames_used: int = Field(ge=0)

@@ -12,7 +12,8 @@ the resolution:
 D comes from the probe model (the zone plate's probe computed at the sample and measured: the
 diameter holding ENERGY_HELD of its power, so focus, defocus of either sign and the central stop's
 rings all count), else from the scan (a ptychographic scan steps a fraction of the probe: D is
-taken as STEPS_PER_PROBE steps). N is capped (`max_size`: the solver's cost grows as N^2 per frame);
+taken as STEPS_PER_PROBE steps). The probe support reaches to where SUPPORT_HELD of the power is
+inside (the tails a support cuts are an error in every frame), at most SUPPORT_MAX of the window. N is capped (`max_size`: the solver's cost grows as N^2 per frame);
 when the cap binds, the crop shrinks and the resolution with it, never the window. The pipeline
 may pin `crop`, `size` or both.
 """
@@ -28,12 +29,12 @@ import scipy.spatial
 from libs.common.messages import ProbeModel
 from libs.ptychography import optics
 
-WINDOW_PER_PROBE = 2.2
+WINDOW_PER_PROBE = 2.0
 """The window holds the probe this many times over along each axis (2: the oversampling limit)."""
-ENERGY_HELD = 0.97
+ENERGY_HELD = 0.95
+SUPPORT_HELD = 0.99
+SUPPORT_MAX = 0.4
 STEPS_PER_PROBE = 3.0
-SUPPORT_MARGIN = 1.15
-"""The probe support's radius over the probe's (D / 2), plus a few pixels of soft edge."""
 MIN_SIZE = 32
 
 
@@ -85,17 +86,17 @@ def largest_crop(shape: tuple[int, int], centre_px: tuple[float, float]) -> int:
     return 2 * half
 
 
-def probe_diameter_from_model(model: ProbeModel, *, energy_ev: float, pixel_m: float, size: int) -> float:
-    """The diameter (m) of the disk that holds ENERGY_HELD of the zone plate's probe, computed on
-    `size` x `size` pixels of `pixel_m` (the widest window the detector allows)."""
+def probe_radii_from_model(model: ProbeModel, *, energy_ev: float, pixel_m: float, size: int,
+                           held: tuple[float, ...] = (ENERGY_HELD, SUPPORT_HELD)) -> list[float]:
+    """The radii (m) of the disks that hold each fraction `held` of the zone plate's probe's power,
+    computed on `size` x `size` pixels of `pixel_m` (the widest window the detector allows)."""
     probe = optics.zone_plate_probe(model, energy_ev=energy_ev, size=size, pixel_m=pixel_m)
     intensity = np.abs(probe.astype(np.complex128)) ** 2
     y, x = np.indices(intensity.shape) - size // 2
     radius = np.hypot(y, x).ravel()
     order = np.argsort(radius)
-    held = np.cumsum(intensity.ravel()[order]) / intensity.sum()
-    r = radius[order][min(np.searchsorted(held, ENERGY_HELD), len(held) - 1)]
-    return 2 * (r + 1) * pixel_m
+    inside = np.cumsum(intensity.ravel()[order]) / intensity.sum()
+    return [(radius[order][min(np.searchsorted(inside, f), len(inside) - 1)] + 1) * pixel_m for f in held]
 
 
 def scan_step_m(positions_m: np.ndarray) -> float | None:
@@ -111,7 +112,7 @@ def scan_step_m(positions_m: np.ndarray) -> float | None:
 def choose(*, energy_ev: float, distance_m: float, pixel_m: float, detector_shape: tuple[int, int],
            centre_px: tuple[float, float], probe_model: ProbeModel | None = None,
            positions_m: np.ndarray | None = None, crop: int | None = None, size: int | None = None,
-           max_size: int = 256) -> Geometry:
+           max_size: int = 128) -> Geometry:
     """The crop, clean size and object pixel for a scan (see the module's docstring)."""
     wavelength = optics.wavelength_m(energy_ev)
     reach = wavelength * distance_m / pixel_m  # the window with no downsampling (f = 1)
@@ -119,13 +120,14 @@ def choose(*, energy_ev: float, distance_m: float, pixel_m: float, detector_shap
     notes = []
     if crop is not None and crop > widest:
         notes.append(f"the pinned crop of {crop} px reaches past the detector's edge (masked there)")
-    diameter, source = None, "nothing known"
+    diameter, tails, source = None, None, "nothing known"
     if probe_model is not None:
         measure = min(widest, 2048)
-        diameter = probe_diameter_from_model(probe_model, energy_ev=energy_ev, pixel_m=reach / measure, size=measure)
-        source = "probe model"
+        core, tails = probe_radii_from_model(probe_model, energy_ev=energy_ev, pixel_m=reach / measure, size=measure)
+        diameter, source = 2 * core, "probe model"
     elif positions_m is not None and (step := scan_step_m(positions_m)) is not None:
         diameter, source = STEPS_PER_PROBE * step, "scan step"
+        tails = 0.75 * diameter
     factor_max = max(1, math.floor(reach / (WINDOW_PER_PROBE * diameter))) if diameter else None
     if diameter and reach < WINDOW_PER_PROBE * diameter:
         notes.append(f"the detector's pixels ({pixel_m * 1e6:.3g} um at {distance_m:g} m) cannot oversample a "
@@ -153,10 +155,7 @@ def choose(*, energy_ev: float, distance_m: float, pixel_m: float, detector_shap
                          f"{max_size} px (max_size)")
     object_pixel = wavelength * distance_m / (crop * pixel_m)
     window = size * object_pixel
-    if diameter:
-        support = min(SUPPORT_MARGIN * diameter / 2 / object_pixel + 2, 0.45 * size)
-    else:
-        support = size / 4
+    support = min(tails / object_pixel + 2, SUPPORT_MAX * size) if tails else size / 4
     return Geometry(crop=crop, size=size, object_pixel_m=object_pixel, window_m=window, probe_diameter_m=diameter,
                     probe_from=source, support_radius_px=round(float(support), 2), note="; ".join(notes))
 

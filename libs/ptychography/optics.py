@@ -57,10 +57,10 @@ def soft_support(size: int, radius_px: float) -> np.ndarray:
 
 
 def probe_from_patterns(mean_pattern: np.ndarray, *, threshold: float = 0.1, defocus_m: float = 0.0,
-                        energy_ev: float = 1.0, pixel_m: float = 1.0) -> np.ndarray:
+                        energy_ev: float = 1.0, pixel_m: float = 1.0, radius_px: float | None = None) -> np.ndarray:
     """A probe from the data alone (COSMIC's start): the mean diffraction amplitude inside the
     bright-field disk (where the mean exceeds `threshold` of its maximum), flat phase, propagated
-    by the known defocus, cut to a support of radius N/4. Unit power."""
+    by the known defocus, cut to a support of `radius_px` (N/4 unless given). Unit power."""
     size = mean_pattern.shape[0]
     mean = np.clip(mean_pattern, 0, None)
     pupil = np.sqrt(mean) * (mean > threshold * mean.max())
@@ -69,5 +69,5 @@ def probe_from_patterns(mean_pattern: np.ndarray, *, threshold: float = 0.1, def
         pupil = pupil * np.exp(-1j * np.pi * wavelength_m(energy_ev) * defocus_m * (ky**2 + kx**2))
     probe = scipy.fft.fftshift(scipy.fft.ifft2(scipy.fft.ifftshift(pupil), norm="ortho"))
     y, x = np.indices(probe.shape) - size // 2
-    probe = probe * (y**2 + x**2 <= (size / 4) ** 2)
+    probe = probe * (y**2 + x**2 <= (radius_px or size / 4) ** 2)
     return (probe / np.sqrt(np.sum(np.abs(probe) ** 2))).astype(np.complex64)

@@ -2,15 +2,19 @@
 
 Recipe of reference/ptychography.md 5. A defocused Fresnel zone-plate probe (annular pupil with a
 central stop) scans a complex test object (amplitude and phase features at three scales) on a
-jittered raster or a Fermat spiral. Each exit wave is propagated to a far field sampled
-`oversampling` times finer than the reconstruction frame (the detector's raw pixels), photons are
-drawn from Poisson statistics (never added to the noiseless pattern), a flat stray-light
-background is added as Poisson photons too, and the detector turns photons into uint16 ADU with a
+jittered raster or a Fermat spiral. The far field is computed on the detector's own pixels over a
+window of M = `size` x `oversampling` raw pixels around the beam centre: the probe is the zone
+plate's whole first order over the M x M real-space window that this sampling implies (nothing
+trimmed to suit a solver: its tails and rings are all there, as behind an order-sorting
+aperture, which passes the first order whole), each exit wave is M x M, photons are drawn from
+Poisson statistics (never added to the noiseless pattern), a flat stray-light background is added
+as Poisson photons over the whole detector, and the detector turns photons into uint16 ADU with a
 per-pixel offset, read noise, gain and saturation, plus a few dead and hot pixels. Darks come
 first: the same detector with no photons.
 
-Geometry is chosen from the reconstruction size N so that every N behaves alike: the bright-field
-disk has a radius of 0.2 N and the defocus makes the probe about N/3 across.
+The optics scale with `size`: the bright-field disk's radius is 0.2 `size` detector pixels of
+`oversampling` raw ones, and the defocus makes the probe's geometric beam about `size` / 3 object
+pixels across (of lambda z / (M p)). The reconstruction chooses its own geometry from the scan.
 """
 
 from __future__ import annotations
@@ -40,9 +44,9 @@ class PtychoScan:
     scan_id: str = "ptycho"
     n_dark: int = 20
     size: int = 128
-    """Reconstruction frame N (pixels)."""
+    """The optics' scale (see the module's docstring)."""
     oversampling: int = 4
-    """Raw pixels per reconstruction pixel along each axis."""
+    """The far-field window is `size` x `oversampling` raw pixels across."""
     raw_shape: tuple[int, int] = (1024, 1024)
     beam_offset_px: tuple[int, int] = (9, -13)
     """Where the diffraction centre lies relative to the raw frame's centre."""
@@ -78,14 +82,15 @@ class PtychoScan:
     # --- geometry ---------------------------------------------------------------------------
 
     @property
-    def detector_pixel_m(self) -> float:
-        """A reconstruction frame's pixel: `oversampling` raw pixels."""
-        return self.raw_pixel_m * self.oversampling
+    def window(self) -> int:
+        """M: the far field's window on the detector (raw pixels), and the exit waves' size."""
+        return self.size * self.oversampling
 
     @property
     def pixel_m(self) -> float:
+        """The sample-plane pixel of the M x M window: lambda z / (M p), the truth's pixel."""
         return optics.object_pixel_m(energy_ev=self.energy_ev, distance_m=self.distance_m,
-                                     detector_pixel_m=self.detector_pixel_m, size=self.size)
+                                     detector_pixel_m=self.raw_pixel_m, size=self.window)
 
     @property
     def beam_center_px(self) -> tuple[int, int]:
@@ -94,18 +99,17 @@ class PtychoScan:
     @cached_property
     def probe_model(self) -> ProbeModel:
         wavelength = optics.wavelength_m(self.energy_ev)
-        aperture = 0.2 / self.pixel_m * wavelength          # bright field radius 0.2 N
+        aperture = 0.2 / self.pixel_m * wavelength  # bright field radius 0.2 size (of M / size raw px)
         diameter = self.size / 3 * self.pixel_m
         return ProbeModel(outer_zone_width_m=wavelength / (2 * aperture), diameter_m=150e-6,
                           central_stop_diameter_m=60e-6, defocus_m=diameter / (2 * aperture))
 
     @cached_property
     def probe(self) -> np.ndarray:
-        """The zone plate's probe, its tails cut softly beyond N/4.5 (as an order-sorting
-        aperture would), so that the frames oversample it; `photons` of power."""
-        probe = optics.zone_plate_probe(self.probe_model, energy_ev=self.energy_ev, size=self.size,
-                                        pixel_m=self.pixel_m) * optics.soft_support(self.size, self.size / 4.5)
-        return probe * np.float32(math.sqrt(self.photons / np.sum(np.abs(probe) ** 2)))
+        """The zone plate's probe over the whole M x M window, untrimmed; `photons` of power."""
+        probe = optics.zone_plate_probe(self.probe_model, energy_ev=self.energy_ev, size=self.window,
+                                        pixel_m=self.pixel_m)
+        return probe * np.float32(math.sqrt(self.photons))
 
     @cached_property
     def centres_px(self) -> np.ndarray:
@@ -121,14 +125,14 @@ class PtychoScan:
             yy, xx = np.divmod(np.arange(self.count), side)
             points = np.stack([yy, xx], axis=1) * step
             points += rng.uniform(-self.jitter, self.jitter, points.shape) * step
-        margin = self.size // 2 + 4
+        margin = self.window // 2 + 4
         return points - points.min(axis=0) + margin
 
     @cached_property
     def object(self) -> np.ndarray:
         """Amplitude 0.55-1 and phase 0-1.6 rad, with features about 2, 6 and 20 pixels wide."""
         rng = np.random.default_rng(self.seed + 1)
-        shape = tuple(int(v) for v in np.ceil(self.centres_px.max(axis=0)) + self.size // 2 + 5)
+        shape = tuple(int(v) for v in np.ceil(self.centres_px.max(axis=0)) + self.window // 2 + 5)
 
         def features(weights: tuple[float, float, float]) -> np.ndarray:
             field_ = sum(w * _normalised(scipy.ndimage.gaussian_filter(rng.standard_normal(shape), s))
@@ -165,7 +169,7 @@ class PtychoScan:
         for _ in range(self.n_dark):
             yield detector.read(None)
         rng = np.random.default_rng(self.seed + 3)
-        n, big = self.size, self.size * self.oversampling
+        n = self.window
         probe_spectrum = scipy.fft.fft2(self.probe)
         k = scipy.fft.fftfreq(n)
         for centre in self.centres_px:
@@ -176,12 +180,12 @@ class PtychoScan:
             ramp = np.exp(-2j * np.pi * (k[:, None] * fy + k[None, :] * fx))
             probe = scipy.fft.ifft2(probe_spectrum * ramp)
             exit_wave = probe * self.object[whole[0]:whole[0] + n, whole[1]:whole[1] + n]
-            far = scipy.fft.fftshift(scipy.fft.fft2(exit_wave, s=(big, big), norm="ortho"))
+            far = scipy.fft.fftshift(scipy.fft.fft2(exit_wave, norm="ortho"))
             photons = rng.poisson(np.abs(far) ** 2)
             yield detector.read(photons)
 
     def write_truth(self, path: Path) -> None:
-        corners = np.floor(self.centres_px - self.size / 2).astype(int)
+        corners = np.floor(self.centres_px - self.window / 2).astype(int)
         with h5py.File(path, "w") as f:
             f["object"] = self.object
             f["probe"] = self.probe

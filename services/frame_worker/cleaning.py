@@ -4,7 +4,9 @@ frame worker; reference/ptychography.md 1.6 and 8).
 Dark subtraction, ADU to photons, a threshold below one photon, bad and saturated pixels masked,
 a crop around the diffraction centre, then downsampling to the reconstruction size either by
 cropping in Fourier space (which keeps the pattern's sampling exact when the exit wave fits in
-half the frame) or by binning. Only the cropped window is ever touched, so the cost does not grow
+half the frame; what it rings below zero is set to zero, so that clean frames are photons >= 0)
+or by binning. The crop and size (`CleaningParams`, both set) come from the scan's geometry
+(libs/ptychography/geometry.py) unless the pipeline pins them. Only the cropped window is ever touched, so the cost does not grow
 with the detector. The parameters, `CleaningParams`, are in params.py with the stage's (light: any
 process validates them without loading scipy).
 """
@@ -34,8 +36,10 @@ def clean_frame(raw: np.ndarray, *, dark: np.ndarray | None, bad: np.ndarray | N
     photons[invalid] = 0
     if inside != np.s_[:, :]:  # the crop reaches past the detector's edge: pad and mask
         photons, invalid = _pad(photons, inside, params.crop, 0), _pad(invalid, inside, params.crop, True)
-    clean = fourier_downsample(photons, params.size) if params.downsample == "fourier" \
-        else bin_downsample(photons, params.crop // params.size)
+    if params.downsample == "fourier":
+        clean = np.maximum(fourier_downsample(photons, params.size), 0)  # its ringing is no photons
+    else:
+        clean = bin_downsample(photons, params.crop // params.size)
     return clean, _valid_blocks(invalid, params)
 
 

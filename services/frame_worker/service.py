@@ -7,8 +7,10 @@ event (the scan, what never came, what to do), counts them lost and acknowledges
 can end and says what it lost; later frames of that scan without a calibration are lost at once.
 
 Each clean frame carries its index in the scan (frame number minus `n_dark`) and its mask. The
-geometry of the clean frames (size, pixel size, distance, energy, static mask) goes downstream
-once as the scan's `frames` header.
+geometry of the clean frames (crop, size, pixel size, distance, energy, the probe support, static
+mask) is chosen from the scan at its first frame (libs/ptychography/geometry.py: every process of
+the stage comes to the same choice from the same scan, calibration and detector) unless the
+pipeline pins crop and size, and goes downstream once as the scan's `frames` header.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from libs.common.contracts import CALIBRATION, Calibration, CleanFrame, FramesHe
 from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
 from libs.common.runtime import Service as Runtime, Token
+from libs.ptychography import geometry
 from services.frame_worker.cleaning import clean_frame, static_mask
-from services.frame_worker.params import Params
+from services.frame_worker.params import CleaningParams, Params
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,8 @@ class Service(Runtime):
     """The scan's calibration from the dark stage, its meta parsed as it came."""
     _waiting_since: float | None = None
     _gave_up = 0
+    _cleaning: CleaningParams | None = None
+    """This scan's cleaning, crop and size chosen (at its first frame)."""
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -46,6 +51,7 @@ class Service(Runtime):
                               if frame.header.epoch == self.epoch]
         self._waiting_since = None
         self._gave_up = 0
+        self._cleaning = None
         if self._calibration is not None:  # it came before the scan start
             self._calibrated()
         elif self._uncalibrated:
@@ -58,8 +64,10 @@ class Service(Runtime):
             if self.scan is not None:
                 self._calibrated()
 
+    def on_configure(self, params: Params, changed: set[str]) -> None:
+        self._cleaning = None  # chosen again, with the new parameters, at the next frame
+
     def _calibrated(self) -> None:
-        self._send_geometry(self._calibration)
         waiting, self._uncalibrated = self._uncalibrated, []
         self._waiting_since = None
         if self._gave_up:
@@ -138,29 +146,54 @@ class Service(Runtime):
     def _clean(self, frame: Frame, parent: Token | None = None) -> None:
         calibration = self._calibration
         arrays = calibration.names
+        if self._cleaning is None:
+            self._cleaning = self._choose(frame.array("data").shape)
         clean, mask = clean_frame(
             frame.array("data"),
             dark=calibration.array("dark") if "dark" in arrays else None,
             bad=calibration.array("bad").view(bool) if "bad" in arrays else None,
             centre=calibration.meta.centre_px, adu_per_photon=self.scan.adu_per_photon or 1.0,
-            params=self.params)
+            params=self._cleaning)
         number = frame.header.frame
         self.emit(Frame.from_arrays(scan_id=frame.header.scan_id, epoch=self.epoch, frame=number, origin=self.name,
                                     arrays={"data": clean, "mask": mask},
                                     meta=CleanFrame(index=number - self.scan.n_dark).to_meta(),
                                     received=frame.header.received), parent)
 
-    def _send_geometry(self, calibration: ScanHeader[Calibration]) -> None:
-        scan, p = self.scan, self.params
-        if scan.pixel_size_m is None or scan.distance_m is None or scan.energy_ev is None:
+    def _choose(self, shape: tuple[int, ...]) -> CleaningParams:
+        """The scan's crop and size (pinned, or from its geometry); the frames header goes out."""
+        scan, p, calibration = self.scan, self.params, self._calibration
+        placed = scan.pixel_size_m and scan.distance_m and scan.energy_ev
+        if not placed:
             self.report("scan_incomplete", f"scan {scan.scan_id}: energy_ev, distance_m and pixel_size_m are "
                         "needed to reconstruct; the clean frames are written without geometry")
-        factor = p.crop // p.size
-        mask = np.ones((p.size, p.size), np.uint8)
+        chosen = None
+        if placed:
+            chosen = geometry.choose(energy_ev=scan.energy_ev, distance_m=scan.distance_m,
+                                     pixel_m=scan.pixel_size_m, detector_shape=shape[-2:],
+                                     centre_px=calibration.meta.centre_px, probe_model=scan.probe_model,
+                                     positions_m=scan.positions_m, crop=p.crop, size=p.size, max_size=p.max_size)
+            logger.info("scan %s: geometry %s", scan.scan_id, chosen.describe())
+        crop = chosen.crop if chosen else p.crop or min(512, 2 * (min(shape[-2:]) // 2))
+        size = chosen.size if chosen else p.size or _divisor_near(crop, 128)
+        cleaning = CleaningParams.model_validate({**p.model_dump(include=set(CleaningParams.model_fields)),
+                                                  "crop": crop, "size": size})
+        mask = np.ones((size, size), np.uint8)
         if "bad" in calibration.names:
-            mask = static_mask(calibration.array("bad").view(bool), centre=calibration.meta.centre_px, params=p)
-        meta = FramesHeader(size=p.size, crop=p.crop, downsample=p.downsample, centre_px=calibration.meta.centre_px,
-                            pixel_size_m=scan.pixel_size_m * factor if scan.pixel_size_m else None,
-                            distance_m=scan.distance_m, energy_ev=scan.energy_ev)
+            mask = static_mask(calibration.array("bad").view(bool), centre=calibration.meta.centre_px,
+                               params=cleaning)
+        meta = FramesHeader(size=size, crop=crop, downsample=p.downsample, centre_px=calibration.meta.centre_px,
+                            pixel_size_m=scan.pixel_size_m * (crop // size) if scan.pixel_size_m else None,
+                            distance_m=scan.distance_m, energy_ev=scan.energy_ev,
+                            support_radius_px=chosen.support_radius_px if chosen else None,
+                            probe_diameter_m=chosen.probe_diameter_m if chosen else None,
+                            probe_from=chosen.probe_from if chosen else None,
+                            geometry=chosen.describe() if chosen else f"crop {crop} px -> {size} px")
         self.send_header(Frame.from_arrays(scan_id=scan.scan_id, epoch=self.epoch, frame=0, origin=self.name,
                                            arrays={"mask": mask}, meta=meta.to_meta()))
+        return cleaning
+
+
+def _divisor_near(crop: int, wanted: int) -> int:
+    """The divisor of `crop` nearest `wanted` (a clean size for a pinned crop without a scan geometry)."""
+    return min((d for d in range(8, crop + 1) if crop % d == 0), key=lambda d: abs(d - wanted), default=crop)

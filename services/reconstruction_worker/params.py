@@ -11,6 +11,9 @@ class Params(BaseModel):
     beta: float = Field(0.8, gt=0, le=1, description="RAAR relaxation (1 = difference map)")
     iterations: int = Field(40, ge=0, le=10000, description="iterations after the last frame")
     tolerance: float = Field(1e-5, ge=0, description="stop early when the exit-wave change is below this")
+    ml_iterations: int = Field(0, ge=0, le=10000, description="maximum-likelihood refinement steps after those "
+                               "(ml.py): worth it where RAAR has not converged on data its model fits")
+    smoothness: float = Field(0.01, ge=0, description="the ML refinement's smoothness prior, relative to the data")
     min_frames: int = Field(8, ge=1, description="frames needed before the first iteration")
     probe_fraction: float = Field(1.0, ge=0, le=1, description="refine the probe once this part of the scan is in")
     preview_interval_s: float = Field(3.0, gt=0)

@@ -5,7 +5,8 @@ heartbeats while an iteration (about a second for 1600 frames of 128 x 128) is u
 are handed over as they come and join between iterations. Once every frame of the scan is in
 (or none has come for `idle_s`: frames rejected upstream never will), the solver restarts from
 its estimate and `iterations` more are run, with probe refinement (fewer if the exit-wave change
-falls below `tolerance`), then the object and probe go to the writer as one result frame.
+falls below `tolerance`), then `ml_iterations` of maximum-likelihood refinement (ml.py), then the
+object and probe go to the writer as one result frame.
 
 The process keeps the scan from ending until then: it holds the last frame it received
 unacknowledged and sends the result as that frame's child, so the handler's end-of-scan (which
@@ -39,6 +40,7 @@ from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
 from libs.common.runtime import Service as Runtime, Token
 from libs.ptychography import optics
+from services.reconstruction_worker.ml import MaximumLikelihood
 from services.reconstruction_worker.params import Params
 from services.reconstruction_worker.raar import StreamingRaar
 
@@ -66,6 +68,7 @@ class Engine(threading.Thread):
         self.completed_at: float | None = None
         """When the last frame joined (monotonic); the post-scan iterations are timed from here."""
         self.failure: BaseException | None = None
+        self.ml_done = 0
 
     def run(self) -> None:
         try:
@@ -87,6 +90,7 @@ class Engine(threading.Thread):
                 with self.lock:
                     solver.restart()
             if complete and (self.after_last >= params.iterations or solver.error < params.tolerance):
+                self._refine()
                 return
             with self.lock:
                 if not self.scaled:
@@ -96,6 +100,20 @@ class Engine(threading.Thread):
                 solver.iterate(1, beta=params.beta)
             if complete:
                 self.after_last += 1
+
+    def _refine(self) -> None:
+        """The maximum-likelihood steps after RAAR, if asked for."""
+        if not self.params.ml_iterations:
+            return
+        with self.lock:
+            refinement = MaximumLikelihood(self.solver, smoothness=self.params.smoothness)
+        for _ in range(self.params.ml_iterations):
+            if self.stopping:
+                return
+            with self.lock:
+                refinement.iterate(1)
+            self.after_last += 1
+            self.ml_done += 1
 
     def _take(self, block: bool) -> None:
         try:
@@ -297,14 +315,15 @@ class Service(Runtime):
         size = geometry.size
         pixel = optics.object_pixel_m(energy_ev=geometry.energy_ev, distance_m=geometry.distance_m,
                                       detector_pixel_m=geometry.pixel_size_m, size=size)
-        support = optics.soft_support(size, size / 4)
+        radius = geometry.support_radius_px or size / 4
+        support = optics.soft_support(size, radius)
         if state is not None and "initial_probe" in state[0]:
             probe = state[0]["initial_probe"]
         elif self.scan.probe_model is not None:
             probe = optics.zone_plate_probe(self.scan.probe_model, energy_ev=geometry.energy_ev, size=size,
                                             pixel_m=pixel)
         else:
-            probe = optics.probe_from_patterns(batches[0][1] if batches else first.array("data"))
+            probe = optics.probe_from_patterns(batches[0][1] if batches else first.array("data"), radius_px=radius)
         self._start_probe = probe
         self._initial_probe = probe * support
         self._pixel_m = pixel
@@ -326,8 +345,8 @@ class Service(Runtime):
         if self._resume:
             logger.info("scan %s: resumed from the checkpoint: %d frames, %s", self.scan.scan_id, len(batches),
                         f"{solver.iterations} iterations of object and probe" if state else "no solver state")
-        logger.info("scan %s: reconstructing %d positions on a %s object of %.2f nm pixels", self.scan.scan_id,
-                    self._total, solver.object.shape, pixel * 1e9)
+        logger.info("scan %s: reconstructing %d positions on a %s object of %.2f nm pixels, probe support radius "
+                    "%.1f px", self.scan.scan_id, self._total, solver.object.shape, pixel * 1e9, radius)
 
     def _load_checkpoint(self) -> tuple[tuple[dict, dict] | None, list[tuple[int, np.ndarray, np.ndarray]]]:
         """The solver state and every saved frame, each index once (oldest file first)."""
@@ -393,6 +412,7 @@ class Service(Runtime):
                         engine.after_last, error, time.monotonic() - self._started)
             result = Reconstruction(
                 pixel_size_m=self._pixel_m, iterations=iterations, iterations_after_last_frame=engine.after_last,
+                ml_iterations=engine.ml_done,
                 error=error, frames_used=solver.frames, beta=self.params.beta,
                 seconds_after_last_frame=round(after_last_s, 3),
                 seconds_per_iteration_after_last_frame=round(after_last_s / max(engine.after_last, 1), 4))

@@ -108,6 +108,14 @@ class PtychoFile(ScanFile):
                     put(detector, "corner_position", np.array([half, half, geometry.distance_m]), "m")
             mask = np.where(frames.array("mask") != 0, 0, CXI_INVALID).astype(np.uint32)
             detector.create_dataset("mask", data=mask)
+            # How the clean frames were made from the raw ones (chosen from the scan, or pinned).
+            attrs = detector["data"].attrs
+            attrs["crop_px"], attrs["binning"], attrs["downsample"] = geometry.crop, geometry.crop // geometry.size, \
+                geometry.downsample
+            attrs["centre_px"] = np.asarray(geometry.centre_px)
+            for key in ("support_radius_px", "probe_diameter_m", "probe_from", "geometry"):
+                if getattr(geometry, key) is not None:
+                    attrs[key] = getattr(geometry, key)
         calibration = headers.get(CALIBRATION)
         if calibration is not None and "dark" in calibration.names:
             dark = detector.create_dataset("data_dark", data=calibration.array("dark"), compression="gzip")
@@ -146,7 +154,8 @@ class PtychoFile(ScanFile):
         process = image.create_group("process_1")
         process["final_illumination"] = frame.array("probe")
         process["weights"] = frame.array("weights")
-        process["algorithm"] = f"RAAR (beta {meta.beta}) with probe refinement, streaming"
+        process["algorithm"] = f"RAAR (beta {meta.beta}) with probe refinement, streaming, sub-pixel positions" + (
+            f", then {meta.ml_iterations} steps of regularised maximum likelihood" if meta.ml_iterations else "")
         for key in ("iterations", "iterations_after_last_frame", "error", "frames_used", "seconds_after_last_frame",
                     "seconds_per_iteration_after_last_frame"):
             process[key] = getattr(meta, key)

@@ -1,0 +1,97 @@
+"""The reconstruction's geometry follows the scan (detector, energy, distance, probe), and the
+solver's sub-pixel positions and maximum-likelihood refinement do what they are for, on data whose
+model is exact (so that each effect is measured alone)."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+
+from libs.common.messages import ProbeModel
+from libs.ptychography import geometry, optics
+from libs.ptychography.quality import illuminated, score
+from services.reconstruction_worker.ml import MaximumLikelihood
+from services.reconstruction_worker.raar import StreamingRaar
+from tests.ptychography.test_science import confined_probe, model_frames, small_scan
+
+SCAN = dict(energy_ev=800.0, distance_m=0.08, pixel_m=25e-6)
+ZONE_PLATE = ProbeModel(outer_zone_width_m=25e-9, diameter_m=150e-6, central_stop_diameter_m=60e-6, defocus_m=0.0)
+
+
+def chosen(defocus_m: float, shape=(1024, 1024), **pins) -> geometry.Geometry:
+    model = ZONE_PLATE.model_copy(update={"defocus_m": defocus_m})
+    return geometry.choose(**SCAN, detector_shape=shape, centre_px=(shape[0] / 2, shape[1] / 2), probe_model=model,
+                           **pins)
+
+
+def test_the_window_holds_the_probe_twice_over_for_any_defocus_and_either_sign():
+    for defocus in (2e-6, 8e-6, 30e-6):
+        for sign in (1, -1):
+            g = chosen(sign * defocus)
+            assert g.window_m >= geometry.WINDOW_PER_PROBE * g.probe_diameter_m * 0.999, g.describe()
+            assert g.crop % g.size == 0 and g.size <= 128 and g.crop <= 1024
+            assert g.support_radius_px <= geometry.SUPPORT_MAX * g.size
+        assert chosen(defocus).crop == chosen(-defocus).crop  # a Fresnel propagation either way: the same beam
+    near, far = chosen(2e-6), chosen(30e-6)
+    assert far.probe_diameter_m > 5 * near.probe_diameter_m and far.window_m > 5 * near.window_m
+    assert far.object_pixel_m > near.object_pixel_m  # a larger window from the same clean size: coarser pixels
+
+
+def test_a_detector_smaller_than_the_old_fixed_crop_and_pins_are_kept():
+    small = chosen(8e-6, shape=(256, 256))
+    assert small.crop <= 256 and small.size >= geometry.MIN_SIZE
+    pinned = chosen(8e-6, crop=512, size=64)
+    assert (pinned.crop, pinned.size) == (512, 64)
+    assert chosen(8e-6, size=96).size == 96
+    with pytest.raises(ValueError, match="edge"):
+        geometry.choose(**SCAN, detector_shape=(256, 256), centre_px=(3, 128), probe_model=ZONE_PLATE)
+
+
+def test_without_a_probe_model_the_probe_size_comes_from_the_scan_step():
+    y, x = np.mgrid[0:10, 0:10] * 100e-9
+    g = geometry.choose(**SCAN, detector_shape=(1024, 1024), centre_px=(512, 512),
+                        positions_m=np.stack([y.ravel(), x.ravel()], axis=1))
+    assert g.probe_from == "scan step" and g.probe_diameter_m == pytest.approx(3 * 100e-9)
+    assert g.window_m >= 2 * g.probe_diameter_m
+
+
+def reconstruct(scan, frames, centres, *, subpixel: bool = True, iterations: int = 60) -> StreamingRaar:
+    solver = StreamingRaar(centres_px=centres, probe=confined_probe(scan), subpixel=subpixel)
+    for index, frame in enumerate(frames):
+        solver.add(index, frame)
+    solver.refine_probe = False
+    solver.iterate(iterations)
+    return solver
+
+
+def test_sub_pixel_positions_beat_rounding():
+    scan = small_scan(count=64, jitter=0.3)
+    frames, centres = model_frames(scan, whole=False)
+    noisy = np.random.default_rng(1).poisson(frames).astype(np.float32)
+    mask = illuminated(confined_probe(scan), (centres - scan.size / 2).astype(int), scan.object.shape, fraction=0.3)
+    kept, rounded = (score(reconstruct(scan, noisy, centres, subpixel=s).object, scan.object, mask).nrmse
+                     for s in (True, False))
+    print(f"NRMSE with sub-pixel positions {kept:.4f}, rounded {rounded:.4f}")
+    assert kept < 0.6 * rounded
+
+
+def test_maximum_likelihood_refines_a_raar_start():
+    scan = small_scan(count=64, jitter=0.3)
+    frames, centres = model_frames(scan, whole=False)
+    noisy = np.random.default_rng(1).poisson(frames).astype(np.float32)
+    mask = illuminated(confined_probe(scan), (centres - scan.size / 2).astype(int), scan.object.shape, fraction=0.3)
+    n = scan.size
+    start = optics.zone_plate_probe(scan.probe_model, energy_ev=scan.energy_ev, size=n, pixel_m=scan.pixel_m)
+    solver = StreamingRaar(centres_px=centres, probe=start, support=optics.soft_support(n, n / 4))
+    for index, frame in enumerate(noisy):
+        solver.add(index, frame)
+    solver.scale_probe()
+    solver.iterate(15)
+    before = score(solver.object, scan.object, mask).nrmse
+    refinement = MaximumLikelihood(solver)
+    first = refinement.iterate(1)
+    last = refinement.iterate(29)
+    after = score(solver.object, scan.object, mask).nrmse
+    print(f"NRMSE after 15 RAAR iterations {before:.4f}, then 30 ML steps {after:.4f}")
+    assert last < first and after < 0.6 * before
