@@ -61,6 +61,12 @@ class PtychoScan:
     offset_adu: float = 1000.0
     read_noise_adu: float = 2.0
     saturation_adu: int = 65535
+    bright_field: float = 0.2
+    """The zone plate's numerical aperture, as the bright-field disk's radius over `size` detector
+    pixels (of `oversampling` raw ones)."""
+    defocus_factor: float = 1.0
+    """The defocus over the one that makes the beam `size` / 3 object pixels across; negative: the
+    sample upstream of the focus."""
     pattern: str = "raster"
     """`raster` (with `jitter`) or `spiral` (Fermat)."""
     step_fraction: float = 0.3
@@ -99,10 +105,10 @@ class PtychoScan:
     @cached_property
     def probe_model(self) -> ProbeModel:
         wavelength = optics.wavelength_m(self.energy_ev)
-        aperture = 0.2 / self.pixel_m * wavelength  # bright field radius 0.2 size (of M / size raw px)
+        aperture = self.bright_field / self.pixel_m * wavelength  # of `size` detector pixels
         diameter = self.size / 3 * self.pixel_m
         return ProbeModel(outer_zone_width_m=wavelength / (2 * aperture), diameter_m=150e-6,
-                          central_stop_diameter_m=60e-6, defocus_m=diameter / (2 * aperture))
+                          central_stop_diameter_m=60e-6, defocus_m=self.defocus_factor * diameter / (2 * aperture))
 
     @cached_property
     def probe(self) -> np.ndarray:

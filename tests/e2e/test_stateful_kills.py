@@ -26,9 +26,10 @@ pytestmark = pytest.mark.slow
 PTYCHO = REPO / "pipelines" / "ptychography.toml"
 SX = REPO / "pipelines" / "crystallography.toml"
 SMALL = ("stages.frame_worker.params.crop=256", "stages.frame_worker.params.size=64")
-UNDISTURBED_NRMSE = {(100, 40): 0.0577, (160, 10): 0.0522}
-"""(frames, darks) -> NRMSE of the scan run undisturbed, measured (it varies by about 1 % between
-runs); a run with a kill must come within 10 % of it."""
+UNDISTURBED_NRMSE = {(100, 40): 0.0910, (160, 10): 0.0779, (144, 10): 0.0759}
+"""(frames, darks) -> NRMSE of the scan run undisturbed (`surveyor run pipelines/ptychography.toml
+--simulate --frames F` with these overrides), measured: it varies by about 1 % between runs; a run
+with a kill must come within 10 % of it."""
 
 
 def small_ptycho(n_dark: int) -> tuple[str, ...]:
@@ -110,11 +111,7 @@ def test_dark_worker_killed_after_the_calibration_republishes_it_for_a_frame_wor
 def test_reconstruction_worker_killed_mid_scan_resumes_from_its_checkpoint(start_run):
     frames, n_dark = 144, 10
     params = ("stages.reconstruction_worker.params.state_interval_s=1",)
-    undisturbed = start_run(PTYCHO, "--simulate", "--frames", str(frames), overrides=(*small_ptycho(n_dark), *params))
-    code, output = undisturbed.finish(timeout_s=150)
-    assert code == 0, output[-3000:]
-    reference = check_ptycho_scan(undisturbed, frames, n_dark)["nrmse"]
-
+    reference = UNDISTURBED_NRMSE[frames, n_dark]
     run = start_run(PTYCHO, "--simulate", "--frames", str(frames), "--rate", "20",
                     overrides=(*small_ptycho(n_dark), *params))
     run.wait_ready(services=7)

@@ -1,5 +1,6 @@
 """The ptychography pipeline end to end: `surveyor run pipelines/ptychography.toml --simulate` on a
-small scan (10 x 10 positions, 64 x 64 clean frames from 320 x 320 raw ones), real processes."""
+small scan (10 x 10 positions, 320 x 320 raw frames, its geometry chosen from the scan or pinned to
+64 x 64 clean frames), real processes."""
 
 from __future__ import annotations
 
@@ -16,14 +17,14 @@ from tests.conftest import REPO, free_endpoints, wait_for
 from tests.field_tools import hdf5_110_reads, validate_cxi
 
 PIPELINE = REPO / "pipelines" / "ptychography.toml"
-SMALL = ("simulation.params={n_dark=10, size=64, raw_shape=[320, 320]}",
-         "stages.frame_worker.params.crop=256", "stages.frame_worker.params.size=64")
+SIMULATION = "simulation.params={n_dark=10, size=64, raw_shape=[320, 320]}"
+PINNED = ("stages.frame_worker.params.crop=256", "stages.frame_worker.params.size=64")
 FRAMES = 100
 
 
-def run_small(start_run, *args: str):
-    run = start_run(PIPELINE, "--simulate", "--frames", str(FRAMES), *args, overrides=(*free_endpoints(), *SMALL))
-    return run
+def run_small(start_run, *args: str, pinned: bool = True):
+    return start_run(PIPELINE, "--simulate", "--frames", str(FRAMES), *args,
+                     overrides=(*free_endpoints(), SIMULATION, *(PINNED if pinned else ())))
 
 
 def check_every_frame_used_once(run) -> tuple[dict, h5py.File]:
@@ -41,7 +42,7 @@ def check_every_frame_used_once(run) -> tuple[dict, h5py.File]:
 
 
 def test_small_scan_reconstructs_the_object_and_writes_the_cxi_layout(start_run):
-    run = run_small(start_run)
+    run = run_small(start_run, pinned=False)  # the geometry chosen from the scan
     code, output = run.finish(timeout_s=240)
     assert code == 0, output
     assert "reconstruction NRMSE" in output
@@ -57,13 +58,19 @@ def test_small_scan_reconstructs_the_object_and_writes_the_cxi_layout(start_run)
         assert f["cxi_version"][()] == 160
         detector = f["entry_1/instrument_1/detector_1"]
         data = detector["data"]
-        assert data.shape == (FRAMES, 64, 64) and data.dtype == np.float32
+        # 320 x 320 raw frames, a window of 256 around the centre: the probe (0.86 um) twice over in
+        # 128 binned pixels of 19.4 nm, as the frame stage logged it.
+        assert data.shape == (FRAMES, 128, 128) and data.dtype == np.float32
+        assert (data.attrs["crop_px"], data.attrs["binning"], data.attrs["downsample"]) == (256, 2, "bin")
+        assert data.attrs["probe_from"] == "probe model" and 20 < data.attrs["support_radius_px"] <= 0.4 * 128
+        assert f"geometry {data.attrs['geometry']}" in (run.logs / "frame_worker.1.log").read_text()
+        assert data[()].min() >= 0  # photons
         assert data.attrs["axes"] == "translation:y:x"
         assert f.get("entry_1/data_1/data", getlink=True).path == "/entry_1/instrument_1/detector_1/data"
         assert f.get("entry_1/data_1/translation", getlink=True).path == "/entry_1/sample_1/geometry_1/translation"
         assert np.all(data[()].sum(axis=(1, 2)) > 1e5)  # every slot holds a frame of ~2e6 photons
         assert detector["distance"][()] == pytest.approx(0.08)
-        assert detector["x_pixel_size"][()] == pytest.approx(100e-6) == detector["y_pixel_size"][()]
+        assert detector["x_pixel_size"][()] == pytest.approx(50e-6) == detector["y_pixel_size"][()]
         assert detector["data_dark"].shape == (320, 320)
         assert detector["data_dark"][()].mean() == pytest.approx(1000, abs=5)  # the simulated offset
         assert f["entry_1/instrument_1/source_1/energy"][()] == pytest.approx(800 * electron_volt)
@@ -73,8 +80,9 @@ def test_small_scan_reconstructs_the_object_and_writes_the_cxi_layout(start_run)
         image = f["entry_1/image_1"]
         assert image["data"].dtype == np.complex64
         np.testing.assert_allclose(image["image_size"][()], np.array(image["data"].shape) * pixel, rtol=1e-6)
-        assert image["process_1/final_illumination"].shape == (64, 64)
-        assert f["entry_1/instrument_1/source_1/probe"].shape == (64, 64)
+        assert image["process_1/final_illumination"].shape == (128, 128)
+        assert f["entry_1/instrument_1/source_1/probe"].shape == (128, 128)
+        assert image["x_pixel_size"][()] == pytest.approx(pixel, rel=1e-6)  # the crop is the simulated window
 
 
 def test_a_frame_worker_killed_mid_scan_loses_no_frame_and_previews_are_published(start_run, subscriber):
