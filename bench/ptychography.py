@@ -1,18 +1,20 @@
 """Ptychography benchmark: the Nanosurveyor scenario through the whole pipeline.
 
-1600 frames (40 x 40 raster), raw 1024 x 1024 uint16, reconstructed at 128 x 128, streamed as
-fast as the pipeline takes them: `surveyor run pipelines/ptychography.toml --simulate`. The
-virtual detector simulates every frame while it streams and shares the machine's cores with the
-pipeline, so the rate is a floor for what a real detector would see.
+1600 frames (40 x 40 raster), raw 1024 x 1024 uint16, the geometry chosen from the scan (128 x 128
+clean frames), streamed as fast as the pipeline takes them: `surveyor run
+pipelines/ptychography.toml --simulate` with `presimulate`: the virtual detector makes and
+compresses every frame before the stream starts (not timed), so that what is measured is the
+pipeline, not the simulator.
 
 Reported: the end-to-end rate (frames / time from the scan's start to the written
-reconstruction), the time from the last frame to the final reconstruction, the final NRMSE
+reconstruction), the frames' rate into the solver (frames / the scan's time before the last one
+joined), the time from the last frame to the final reconstruction, the final NRMSE
 against the truth (with the constant-object baseline), and the reconstruction's time per
 iteration per frame, both inside the pipeline and in one process on the same frames in this run
 (the baseline), next to the paper's figures (2 Hz, about 5 minutes) and PtyPy's DM in NumPy
 (1.3 ms per 128 x 128 frame-iteration, reference/ptychography.md 3.2).
 
-    python bench/ptychography.py [--frames 1600] [--size 128]
+    python bench/ptychography.py [--frames 1600] [--size 128] [--ml 0]
 
 Prints one JSON document.
 """
@@ -45,15 +47,15 @@ PAPER = {"rate_hz": 2.0, "scan_start_to_image_s": 300, "source": "Daurer et al. 
 PTYPY_DM_S_PER_FRAME_ITERATION_128 = 1.3e-3
 
 
-def run_pipeline(frames: int, size: int, directory: Path) -> dict:
-    overrides = [*free_endpoints(), f"stages.frame_worker.params.size={size}",
-                 f"stages.frame_worker.params.crop={4 * size}",
-                 f"simulation.params={{n_dark=20, size={size}, oversampling=4, raw_shape=[{8 * size}, {8 * size}]}}"]
+def run_pipeline(frames: int, size: int, directory: Path, ml: int) -> dict:
+    overrides = [*free_endpoints(), f"stages.reconstruction_worker.params.ml_iterations={ml}",
+                 f"simulation.params={{n_dark=20, size={size}, oversampling=4, raw_shape=[{8 * size}, {8 * size}], "
+                 "presimulate=true}"]
     sets = [arg for o in overrides for arg in ("--set", o)]
     env = {**os.environ, "SURVEYOR_LOG_DIR": str(directory / "logs")}
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "libs.cli.main", "run", str(REPO / "pipelines/ptychography.toml"),
-                           "--simulate", "--frames", str(frames), "--out", str(directory / "out"), *sets],
+                           "--simulate", "--frames", str(frames), "--no-web", "--out", str(directory / "out"), *sets],
                           env=env, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"the pipeline failed:\n{done.stdout[-3000:]}")
@@ -63,10 +65,13 @@ def run_pipeline(frames: int, size: int, directory: Path) -> dict:
     with h5py.File(cxi, "r") as f:
         process = {k: v[()] for k, v in f["entry_1/image_1/process_1"].items() if v.shape == ()}
     score = score_reconstruction(cxi, Path(scan["truth"]))
-    return {"frames": frames, "darks": 20, "raw_shape": [8 * size, 8 * size], "size": size,
+        geometry = str(f["entry_1/instrument_1/detector_1/data"].attrs.get("geometry", ""))
+    after = float(process["seconds_after_last_frame"])
+    return {"frames": frames, "darks": 20, "raw_shape": [8 * size, 8 * size], "geometry": geometry,
             "scan_start_to_image_s": scan["wall_s"],
             "end_to_end_rate_hz": round(frames / scan["wall_s"], 2),
-            "last_frame_to_image_s": float(process["seconds_after_last_frame"]),
+            "frames_into_solver_hz": round(frames / max(scan["wall_s"] - after, 1e-9), 1),
+            "last_frame_to_image_s": after, "ml_iterations": int(process.get("ml_iterations", 0)),
             "iterations": int(process["iterations"]),
             "iterations_after_last_frame": int(process["iterations_after_last_frame"]),
             "pipeline_s_per_iteration_per_frame": float(process["seconds_per_iteration_after_last_frame"]) / frames,
@@ -94,10 +99,11 @@ def single_process_iteration(cxi: Path, iterations: int = 5) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=1600)
-    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--size", type=int, default=128, help="the simulated optics' scale (see libs/simulation)")
+    parser.add_argument("--ml", type=int, default=0, help="maximum-likelihood steps after RAAR")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        pipeline = run_pipeline(args.frames, args.size, Path(tmp))
+        pipeline = run_pipeline(args.frames, args.size, Path(tmp), args.ml)
         alone = single_process_iteration(Path(pipeline.pop("cxi")))
     pipeline["single_process_s_per_iteration_per_frame"] = alone
     result = {
@@ -109,10 +115,12 @@ def main() -> None:
                    if args.size == 128 else None,
                    "pipeline_iteration_vs_single_process": round(
                        pipeline["pipeline_s_per_iteration_per_frame"] / alone, 2)},
-        "targets": {"rate_hz": 20, "last_frame_to_image_s": 60, "nrmse": 0.15},
-        "met": {"rate": pipeline["end_to_end_rate_hz"] >= 20,
-                "latency": pipeline["last_frame_to_image_s"] <= 60,
-                "nrmse": pipeline["nrmse"] <= 0.15 and not math.isnan(pipeline["nrmse"])},
+        "targets": {"end_to_end_rate_hz": 60, "frames_into_solver_hz": 200, "last_frame_to_image_s": 15,
+                    "nrmse": 0.025},
+        "met": {"end_to_end_rate": pipeline["end_to_end_rate_hz"] >= 60,
+                "into_solver": pipeline["frames_into_solver_hz"] >= 200,
+                "latency": pipeline["last_frame_to_image_s"] <= 15,
+                "nrmse": pipeline["nrmse"] <= 0.025 and not math.isnan(pipeline["nrmse"])},
     }
     print(json.dumps(result, indent=2))
 

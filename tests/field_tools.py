@@ -60,3 +60,21 @@ def hdf5_110_pixels(path: str | Path, dataset: str, index: int = 0) -> np.ndarra
     values = np.array([int(v) for v in body.replace(",", " ").split()], dtype=np.int64)
     np.testing.assert_array_equal(values.reshape(expected.shape), expected.astype(np.int64))
     return expected
+
+
+PTYPY_KEYS = {"intensities": "entry_1/data_1/data", "slow": "entry_1/sample_1/geometry_1/position_y",
+              "fast": "entry_1/sample_1/geometry_1/position_x", "mask": "entry_1/instrument_1/detector_1/mask",
+              "energy": "entry_1/instrument_1/source_1/energy", "distance": "entry_1/instrument_1/detector_1/distance",
+              "psize": "entry_1/instrument_1/detector_1/x_pixel_size"}
+"""The keys of the README's PtyPy `Hdf5Loader` parameters."""
+
+
+def ptypy_view(path: str | Path) -> dict:
+    """What PtyPy's Hdf5Loader takes from a ptychography CXI with the README's parameters: the
+    intensities, positions [slow, fast] in metres, the mask inverted (1 = good), energy in keV
+    (J times 1 / 1.602176634e-16), distance and detector pixel in metres."""
+    with h5py.File(path, "r") as f:
+        read = {name: f[key][()] for name, key in PTYPY_KEYS.items()}
+    return {"intensities": read["intensities"], "positions": np.stack([read["slow"], read["fast"]], axis=1),
+            "mask": ~read["mask"].astype(bool), "energy_kev": float(read["energy"]) / 1.602176634e-16,
+            "distance_m": float(read["distance"]), "psize_m": float(read["psize"])}

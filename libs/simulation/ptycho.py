@@ -74,6 +74,14 @@ class PtychoScan:
     jitter: float = 0.1
     bad_pixels: int = 24
     seed: int = 7
+    presimulate: bool = False
+    """Make (and compress) every frame before the stream starts, so that sending costs next to
+    nothing: a source for benchmarks of the pipeline rather than of the simulator."""
+
+    @property
+    def pool(self) -> int:
+        """How many frames the virtual detector makes before it streams (all of them, or none)."""
+        return self.n_dark + self.count if self.presimulate else 0
 
     def __post_init__(self) -> None:
         half = self.size * self.oversampling // 2

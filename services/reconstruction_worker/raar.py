@@ -65,6 +65,8 @@ class StreamingRaar:
         self.error = float("nan")
         self.refine_probe = True
         self.workers = workers
+        self._shifted: np.ndarray | None = None
+        self._shifted_for: np.ndarray | None = None
 
     @property
     def frames(self) -> int:
@@ -87,17 +89,19 @@ class StreamingRaar:
         return scipy.fft.ifft2(spectrum[None] * self._ramps, workers=self.workers).astype(np.complex64)
 
     def shifted_probes(self) -> np.ndarray:
-        if len(self.fractions) == 1 and not self.fractions.any():
-            return self.probe[None]
-        return self.shifted(self.probe)
+        """The probe shifted for each class; made again only when the probe is a new array."""
+        if self._shifted_for is not self.probe:
+            whole = len(self.fractions) == 1 and not self.fractions.any()
+            self._shifted = self.probe[None] if whole else self.shifted(self.probe)
+            self._shifted_for = self.probe
+        return self._shifted
 
     def unshift(self, per_class: np.ndarray) -> np.ndarray:
         """Each class's sum moved back by its fraction, added up: the inverse of `shifted`, summed."""
         if len(self.fractions) == 1 and not self.fractions.any():
             return per_class[0]
         spectra = scipy.fft.fft2(per_class, workers=self.workers) * np.conj(self._ramps)
-        return scipy.fft.ifft2(spectra.sum(axis=0)).astype(per_class.dtype if np.iscomplexobj(per_class)
-                                                            else np.complex64)
+        return scipy.fft.ifft2(spectra.sum(axis=0)).astype(np.complex64)
 
     def unshift_sum(self, per_frame: np.ndarray) -> np.ndarray:
         """sum over the frames received of `per_frame`, each moved back by its class's fraction."""
@@ -109,7 +113,7 @@ class StreamingRaar:
     def scale_probe(self) -> None:
         """Give the probe the mean photon count of the frames received (Parseval)."""
         photons = float(np.mean(np.sum(self.amplitudes[self.received] ** 2, axis=(1, 2))))
-        self.probe *= np.float32(np.sqrt(photons / np.sum(np.abs(self.probe) ** 2)))
+        self.probe = self.probe * np.float32(np.sqrt(photons / np.sum(np.abs(self.probe) ** 2)))
         self.restart()
 
     def restart(self) -> None:

@@ -72,6 +72,10 @@ class PtychoFile(ScanFile):
             if count:
                 translation[:, :2] = np.asarray(scan.positions_m)[:, ::-1]  # [y, x] -> columns (x, y, z)
             entry.create_dataset("sample_1/geometry_1/translation", data=translation).attrs["units"] = "m"
+            # Each axis on its own, for readers that take one dataset per axis (PtyPy's Hdf5Loader).
+            for axis, column in (("y", 1), ("x", 0)):
+                entry.create_dataset(f"sample_1/geometry_1/position_{axis}", data=translation[:, column]) \
+                    .attrs["units"] = "m"
             entry["data_1/data"] = h5py.SoftLink("/entry_1/instrument_1/detector_1/data")
             entry["data_1/translation"] = h5py.SoftLink("/entry_1/sample_1/geometry_1/translation")
             detector["translation"] = h5py.SoftLink("/entry_1/sample_1/geometry_1/translation")
@@ -156,7 +160,8 @@ class PtychoFile(ScanFile):
         process["weights"] = frame.array("weights")
         process["algorithm"] = f"RAAR (beta {meta.beta}) with probe refinement, streaming, sub-pixel positions" + (
             f", then {meta.ml_iterations} steps of regularised maximum likelihood" if meta.ml_iterations else "")
-        for key in ("iterations", "iterations_after_last_frame", "error", "frames_used", "seconds_after_last_frame",
+        for key in ("iterations", "iterations_after_last_frame", "ml_iterations", "error", "frames_used",
+                    "seconds_after_last_frame",
                     "seconds_per_iteration_after_last_frame"):
             process[key] = getattr(meta, key)
         source = entry["instrument_1"].require_group("source_1")

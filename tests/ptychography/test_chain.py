@@ -14,7 +14,7 @@ import pytest
 from scipy.constants import electron_volt
 
 from tests.conftest import REPO, free_endpoints, wait_for
-from tests.field_tools import hdf5_110_reads, validate_cxi
+from tests.field_tools import hdf5_110_reads, ptypy_view, validate_cxi
 
 PIPELINE = REPO / "pipelines" / "ptychography.toml"
 SIMULATION = "simulation.params={n_dark=10, size=64, raw_shape=[320, 320]}"
@@ -51,6 +51,13 @@ def test_small_scan_reconstructs_the_object_and_writes_the_cxi_layout(start_run)
     for path in (scan["outputs"][0], scan["truth"]):
         hdf5_110_reads(path)
     validate_cxi(scan["outputs"][0])
+    # As PtyPy's Hdf5Loader reads it with the README's parameters.
+    ptypy = ptypy_view(scan["outputs"][0])
+    assert ptypy["intensities"].shape == (FRAMES, 128, 128) and np.isfinite(ptypy["intensities"]).all()
+    assert ptypy["intensities"].min() >= 0 and 0.9 < ptypy["mask"].mean() < 1  # the bad pixels, and only them
+    assert (ptypy["energy_kev"], ptypy["distance_m"], ptypy["psize_m"]) == pytest.approx((0.8, 0.08, 50e-6))
+    with h5py.File(scan["truth"], "r") as truth:
+        np.testing.assert_allclose(ptypy["positions"], truth["positions_m"][()])
     stages = scan["stages"]
     assert stages["dark_worker"]["frames_in"] == 10 and stages["frame_worker"]["frames_in"] == FRAMES  # routed
     with f, h5py.File(scan["truth"], "r") as truth:
