@@ -68,6 +68,10 @@ def run(name: str, params: dict, frames: int, directory: Path) -> dict:
         return {"scan": name, "failed": done.stdout[-2000:]}
     [scan] = json.loads((directory / "out" / "summary.json").read_text())["scans"]
     cxi = next(p for p in scan["outputs"] if p.endswith(".cxi"))
+    with h5py.File(cxi, "r") as f:
+        if "entry_1/image_1" not in f:
+            return {"scan": name, "params": params, "failed": "no reconstruction in the file; see the logs",
+                    "log": done.stdout[-2000:]}
     score = score_reconstruction(Path(cxi), Path(scan["truth"]))
     with h5py.File(cxi, "r") as f:
         data = f["entry_1/instrument_1/detector_1/data"]

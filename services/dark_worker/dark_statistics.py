@@ -1,7 +1,8 @@
 """Per-pixel dark statistics and the diffraction centre: the calibration the frame workers need.
 
 Nanosurveyor's dark worker: mean and variance per pixel over the dark frames, bad pixels where the
-variance is zero (stuck or dead) or far above the typical one (hot, noisy). Welford's update keeps
+variance is zero (stuck or dead, on a detector with read noise) or far above the typical one (hot,
+noisy). Welford's update keeps
 the statistics exact in float64 whatever the number of frames.
 """
 
@@ -37,12 +38,16 @@ class DarkStatistics:
         self._m2 += delta * (frame - self._mean)
 
     def result(self, *, hot_factor: float = 10.0) -> DarkModel:
-        """The model so far. Hot: variance above `hot_factor` times the median variance."""
+        """The model so far. Hot: variance above `hot_factor` times the median variance. Stuck: no
+        variance where the typical pixel has some; a detector without read noise (a photon-counting
+        one, whose darks are zeros) has none anywhere, and there only a varying pixel is bad."""
         variance = self._m2 / max(self.count - 1, 1)
-        if self.count >= 2:
-            bad = (variance == 0) | (variance > hot_factor * np.median(variance))
-        else:
+        if self.count < 2:
             bad = np.zeros(variance.shape, bool)
+        elif (typical := np.median(variance)) > 0:
+            bad = (variance == 0) | (variance > hot_factor * typical)
+        else:
+            bad = variance > 0
         return DarkModel(mean=self._mean.astype(np.float32), variance=variance.astype(np.float32),
                          bad=bad, count=self.count)
 

@@ -64,6 +64,16 @@ def test_dark_statistics_match_numpy_and_flag_stuck_and_hot_pixels():
     assert model.count == 40
 
 
+def test_darks_of_a_detector_without_read_noise_leave_its_pixels_good():
+    """A photon-counting detector's darks are zeros: no variance is normal there, not stuck."""
+    frames = np.zeros((20, 16, 16))
+    frames[::2, 5, 9] = 3  # one pixel that counts in the dark
+    stats = DarkStatistics((16, 16))
+    for frame in frames:
+        stats.update(frame)
+    assert set(zip(*np.nonzero(stats.result().bad), strict=True)) == {(5, 9)}
+
+
 def test_centre_of_mass_of_a_gaussian():
     y, x = np.indices((64, 80))
     spot = np.exp(-((y - 20.25) ** 2 + (x - 50.5) ** 2) / 18)
