@@ -64,8 +64,8 @@ def run_pipeline(frames: int, size: int, directory: Path, ml: int) -> dict:
     cxi = Path(next(p for p in scan["outputs"] if not p.endswith("_raw.cxi")))
     with h5py.File(cxi, "r") as f:
         process = {k: v[()] for k, v in f["entry_1/image_1/process_1"].items() if v.shape == ()}
-    score = score_reconstruction(cxi, Path(scan["truth"]))
         geometry = str(f["entry_1/instrument_1/detector_1/data"].attrs.get("geometry", ""))
+    score = score_reconstruction(cxi, Path(scan["truth"]))
     after = float(process["seconds_after_last_frame"])
     return {"frames": frames, "darks": 20, "raw_shape": [8 * size, 8 * size], "geometry": geometry,
             "scan_start_to_image_s": scan["wall_s"],

@@ -212,20 +212,20 @@ def subscriber():
     """SUB sockets on a status port (all topics unless named), closed at teardown however the test ended."""
     import zmq
 
-    sockets = []
+    opened = []
 
     def connect(endpoint: str, *topics: bytes):
-        socket = zmq.Context.instance().socket(zmq.SUB)
-        socket.setsockopt(zmq.LINGER, 0)
+        sub = zmq.Context.instance().socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
         for topic in topics or (b"",):
-            socket.setsockopt(zmq.SUBSCRIBE, topic)
-        socket.connect(endpoint)
-        sockets.append(socket)
-        return socket
+            sub.setsockopt(zmq.SUBSCRIBE, topic)
+        sub.connect(endpoint)
+        opened.append(sub)
+        return sub
 
     yield connect
-    for socket in sockets:
-        socket.close(linger=0)
+    for sub in opened:
+        sub.close(linger=0)
 
 
 FALSE_DOWN = "false service_down:"

@@ -168,11 +168,14 @@ class FramesHeader(Meta):
     """The frame stage's geometry of its clean frames (frame_worker): `size` x `size` pixels cut
     from a `crop` x `crop` window around the centre and downsampled (`downsample`); the effective
     pixel size, distance and energy, None where the scan description gave none (the frames are then
-    written without geometry and not reconstructed). Its array: `mask` (uint8, size x size, 1 where
-    there is data).
+    written without geometry and not reconstructed); the probe support's radius and the probe size
+    that the geometry was chosen for (libs/ptychography/geometry.py), with the choice in words. Its
+    array: `mask` (uint8, size x size, 1 where there is data).
 
-        {"header": "frames", "size": 128, "crop": 512, "downsample": "fourier", "centre_px": [256.0, 255.5],
-         "pixel_size_m": 0.0003, "distance_m": 3.0, "energy_ev": 6200.0}
+        {"header": "frames", "size": 128, "crop": 512, "downsample": "bin", "centre_px": [256.0, 255.5],
+         "pixel_size_m": 0.0001, "distance_m": 0.08, "energy_ev": 800.0, "support_radius_px": 51.2,
+         "probe_diameter_m": 5.73e-07, "probe_from": "probe model",
+         "geometry": "crop 512 px -> 128 px clean frames: object pixel 9.69 nm, window 1.24 um"}
     """
 
     label = "frames header"
@@ -252,7 +255,8 @@ class Reconstruction(Meta):
     went in, and the time taken after the last frame. Its arrays: `object`, `probe`,
     `initial_probe` (complex64) and `weights` (uint8 per position, 1 where a frame came).
 
-        {"kind": "reconstruction", "pixel_size_m": 1.2e-08, "iterations": 160, "iterations_after_last_frame": 60,
+        {"kind": "reconstruction", "pixel_size_m": 1.2e-08, "iterations": 160, "ml_iterations": 0,
+         "iterations_after_last_frame": 60,
          "error": 0.0021, "frames_used": 1600, "beta": 0.9, "seconds_after_last_frame": 14.2,
          "seconds_per_iteration_after_last_frame": 0.2367}
     """

@@ -20,7 +20,7 @@ import numba
 import numpy as np
 import scipy.fft
 
-from services.reconstruction_worker.raar import StreamingRaar
+from services.reconstruction_worker.raar import StreamingRaar, object_sums
 
 
 class MaximumLikelihood:
@@ -36,13 +36,8 @@ class MaximumLikelihood:
         valid = solver.valid[taken]
         self.intensity = np.where(valid, intensity, 0).astype(np.float32)
         self.weight = (valid / (intensity + 1)).astype(np.float32)
-        # The data term's curvature at an object pixel is about 4 sum_j |P_j|^2 (w I = 1): the
-        # prior's weight is `smoothness` of its mean over the illuminated pixels.
-        illumination = np.zeros(solver.object.shape, np.float32)
-        probes = solver.shifted_probes()
-        _illumination(illumination, probes, self.classes, self.corners)
-        lit = illumination[illumination > 0.1 * illumination.max()]
-        self.reg = smoothness * 4 * float(lit.mean()) if lit.size else 0.0
+        self.reg: float | None = None
+        """The prior's weight, set at the first step from the illumination (the module's docstring)."""
         self._previous: tuple[np.ndarray, np.ndarray] | None = None
         self._direction: tuple[np.ndarray, np.ndarray] | None = None
         self._probe_scale: float | None = None
@@ -63,7 +58,13 @@ class MaximumLikelihood:
         self.error = float(np.sum(self.weight * residual**2) / max(np.count_nonzero(self.weight), 1))
         chi = scipy.fft.ifft2(2 * self.weight * residual * waves, norm="ortho", workers=s.workers)
         grad_object = np.zeros_like(s.object)
-        _scatter_conj(grad_object, probes, self.classes, chi, self.corners)
+        illumination = np.zeros(s.object.shape, np.float32)
+        object_sums(grad_object, illumination, probes, self.classes, chi, self.corners)
+        if self.reg is None:
+            # The data term's curvature at an object pixel is about 4 sum_j |P_j|^2 (w I = 1): the
+            # prior weighs `smoothness` of its mean over the illuminated pixels.
+            lit = illumination[illumination > 0.1 * illumination.max()]
+            self.reg = self.smoothness * 4 * float(lit.mean()) if lit.size else 0.0
         grad_object += self.reg * _laplacian_negative(s.object)
         grad_probe = s.unshift_sum(np.conj(views) * chi) if self.refine_probe else np.zeros_like(s.probe)
         if s.support is not None:
@@ -140,28 +141,3 @@ def _views(obj, corners, n):
             for j in range(n):
                 out[k, i, j] = obj[y + i, x + j]
     return out
-
-
-@numba.njit(cache=True, fastmath=True)
-def _scatter_conj(target, probes, classes, values, corners):
-    """target[window_j] += conj(P_j) values_j."""
-    n = probes.shape[1]
-    for k in range(values.shape[0]):
-        y, x = corners[k, 0], corners[k, 1]
-        c = classes[k]
-        for i in range(n):
-            for j in range(n):
-                target[y + i, x + j] += probes[c, i, j].conjugate() * values[k, i, j]
-
-
-@numba.njit(cache=True, fastmath=True)
-def _illumination(target, probes, classes, corners):
-    """target[window_j] += |P_j|^2."""
-    n = probes.shape[1]
-    for k in range(corners.shape[0]):
-        y, x = corners[k, 0], corners[k, 1]
-        c = classes[k]
-        for i in range(n):
-            for j in range(n):
-                p = probes[c, i, j]
-                target[y + i, x + j] += p.real * p.real + p.imag * p.imag

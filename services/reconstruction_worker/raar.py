@@ -155,7 +155,7 @@ class StreamingRaar:
     def _update_object(self, psi: np.ndarray, corners: np.ndarray, classes: np.ndarray, probes: np.ndarray) -> None:
         numerator = np.zeros_like(self.object)
         weight = np.zeros(self.object.shape, np.float32)
-        _scatter(numerator, weight, probes, classes, psi, corners)
+        object_sums(numerator, weight, probes, classes, psi, corners)
         # Regularised towards the current object, not towards zero: where the probes that reached
         # a pixel so far are faint, it keeps its value for the frames still to come.
         regulariser = np.float32(1e-3) * weight.max()
@@ -166,8 +166,10 @@ class StreamingRaar:
         numerator = np.zeros((count, self.size, self.size), np.complex64)
         weight = np.zeros((count, self.size, self.size), np.complex64)
         _gather(numerator, weight, self.object, classes, psi, corners)
-        numerator, weight = self.unshift(numerator), self.unshift(weight).real
-        probe = numerator / (weight + np.float32(1e-3) * weight.max())
+        # Moved back by a Fourier shift, a sum of |O|^2 rings below zero at its edges: clipped, so
+        # that no denominator comes near zero.
+        numerator, weight = self.unshift(numerator), np.maximum(self.unshift(weight).real, 0)
+        probe = numerator / (weight + np.float32(1e-3) * max(float(weight.max()), 1e-30))
         self.probe = (probe if self.support is None else probe * self.support).astype(np.complex64)
 
 
@@ -193,7 +195,7 @@ def _reflect(data, psi):
 
 
 @numba.njit(cache=True, fastmath=True)
-def _scatter(numerator, weight, probes, classes, psi, corners):
+def object_sums(numerator, weight, probes, classes, psi, corners):
     """Object update sums: conj(P_j) psi_j and |P_j|^2 added under each frame's window."""
     n = probes.shape[1]
     for k in range(psi.shape[0]):

@@ -401,10 +401,13 @@ class Service(Runtime):
         self._save_batch()
         engine, self._engine = self._engine, None
         self._finished = True
+        obj, probe, iterations, error = engine.snapshot()
+        if engine.failure is None and not (np.isfinite(obj).all() and np.isfinite(probe).all()):
+            engine.failure = RuntimeError(f"the solver diverged after {iterations} iterations (values that are not "
+                                          "finite); the clean frames are written all the same")
         if engine.failure is not None:
             self.report("reconstruction_failed", f"scan {self.scan.scan_id}: {engine.failure}")
         else:
-            obj, probe, iterations, error = engine.snapshot()
             solver = engine.solver
             after_last_s = time.monotonic() - (engine.completed_at or time.monotonic())
             logger.info("scan %s: reconstruction done: %d frames, %d iterations (%d after the last frame), "
