@@ -41,7 +41,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from libs.common import client, logs
+from libs.common import client, exposure, logs
 from libs.common.detector import PROTOCOLS
 from libs.common.logs import log_path
 from libs.common.pipeline import Pipeline
@@ -304,11 +304,13 @@ def run(*, pipeline_file: str, pipeline: Pipeline, overrides: list[str], simulat
     os.environ["SURVEYOR_LOG_DIR"] = str(logs.run_dir(pipeline.name))
     console.log(f"logs in {logs.log_dir()}")
     launcher = Launcher(pipeline_file, pipeline, overrides)
+    web_at = None
     if web:
         try:
             token_file = web_token_file or logs.log_dir() / "web.token"
             token = access.read_or_create_token(token_file)
-            url = launcher.add_web(access.choose(web_address), token_file)
+            web_at = access.choose(web_address)
+            url = launcher.add_web(web_at, token_file)
         except access.AccessError as exc:
             console.log(f"[red]{exc}")
             return 1
@@ -316,6 +318,8 @@ def run(*, pipeline_file: str, pipeline: Pipeline, overrides: list[str], simulat
                     f"kept in {token_file}; the page, with the token:", markup=False, highlight=False)
         # On a line of its own and never wrapped, so that it is one click in a terminal.
         console.print(f"  {access.page_url(url, token)}", soft_wrap=True, markup=False, highlight=False)
+    if (exposed := exposure.warning(pipeline, web_at)) is not None:
+        console.log(f"[yellow]warning: {exposed}", highlight=False)
     watcher = client.StatusFeed(pipeline.handler.status, command=pipeline.handler.command)
     finished: list[dict[str, Any]] = []
     code = 0

@@ -32,6 +32,7 @@ import numpy as np
 import zmq
 
 from libs.common.contracts import Peaks
+from libs.common.exposure import beyond_loopback
 from libs.common.frames import Frame
 from libs.common.runtime import Service as Runtime
 from libs.crystallography import detector
@@ -39,14 +40,6 @@ from libs.crystallography.hits import PEAK_FIELDS
 from services.hit_server.params import Params
 
 logger = logging.getLogger(__name__)
-
-
-def beyond_loopback(endpoint: str) -> bool:
-    """A TCP endpoint that other hosts can reach (`*`, an interface's address or name)."""
-    if not endpoint.startswith("tcp://"):
-        return False
-    host = endpoint.removeprefix("tcp://").rpartition(":")[0].strip("[]")
-    return host not in ("localhost", "::1", "lo") and not host.startswith("127.")
 
 
 def packed_array(array: np.ndarray) -> dict[bytes, object]:

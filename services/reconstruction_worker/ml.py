@@ -131,7 +131,7 @@ def _laplacian_negative(a: np.ndarray) -> np.ndarray:
     return out
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, fastmath=True, nogil=True)
 def _views(obj, corners, n):
     """The object under each frame's window: (frames, n, n)."""
     out = np.empty((corners.shape[0], n, n), obj.dtype)

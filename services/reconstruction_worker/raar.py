@@ -176,7 +176,7 @@ class StreamingRaar:
 # --- fused loops: one pass over the exit waves each, instead of numpy's several -------------------
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, fastmath=True, nogil=True)
 def _fourier_constraint(spectrum, amplitudes, valid):
     """In place: the measured modulus on valid pixels, the phase kept."""
     frames, rows, cols = spectrum.shape
@@ -189,12 +189,12 @@ def _fourier_constraint(spectrum, amplitudes, valid):
                     spectrum[k, i, j] = value * (amplitudes[k, i, j] / modulus) if modulus > 1e-12 else 0
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, fastmath=True, nogil=True)
 def _reflect(data, psi):
     return np.float32(2) * data - psi
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, fastmath=True, nogil=True)
 def object_sums(numerator, weight, probes, classes, psi, corners):
     """Object update sums: conj(P_j) psi_j and |P_j|^2 added under each frame's window."""
     n = probes.shape[1]
@@ -208,7 +208,7 @@ def object_sums(numerator, weight, probes, classes, psi, corners):
                 weight[y + i, x + j] += p.real * p.real + p.imag * p.imag
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, fastmath=True, nogil=True)
 def _gather(numerator, weight, obj, classes, psi, corners):
     """Probe update sums per class: conj(O_j) psi_j and |O_j|^2 over the frames."""
     n = numerator.shape[1]
@@ -222,13 +222,13 @@ def _gather(numerator, weight, obj, classes, psi, corners):
                 weight[c, i, j] += o.real * o.real + o.imag * o.imag
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, fastmath=True, nogil=True)
 def _sum_by_class(per_class, per_frame, classes):
     for k in range(per_frame.shape[0]):
         per_class[classes[k]] += per_frame[k]
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, fastmath=True, nogil=True)
 def _mix(psi, data, obj, probes, classes, corners, beta):
     """In place: psi <- beta (psi + P_j O_j) + (1 - 2 beta) D; returns |change|^2."""
     n = probes.shape[1]
