@@ -18,7 +18,8 @@ class Params(BaseModel):
     probe_fraction: float = Field(1.0, ge=0, le=1, description="refine the probe once this part of the scan is in")
     preview_interval_s: float = Field(3.0, gt=0)
     idle_s: float = Field(30.0, gt=0, description="finish with the frames received after this long without one")
-    threads: int = Field(1, ge=1, le=64, description="FFT threads")
+    threads: int = Field(0, ge=0, le=64, description="FFT threads; 0: one while frames arrive (the other stages "
+                         "need the cores), every core once the last is in")
     checkpoint_interval_s: float = Field(0.5, gt=0, le=60, description="frames are saved (then acknowledged) "
                                          "at least this often")
     checkpoint_frames: int = Field(64, ge=1, le=100_000, description="or as soon as this many wait")

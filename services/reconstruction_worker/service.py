@@ -26,6 +26,7 @@ when the scan ends.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import shutil
 import threading
@@ -89,6 +90,8 @@ class Engine(threading.Thread):
                 self.completed_at = time.monotonic()
                 with self.lock:
                     solver.restart()
+                    if not params.threads:  # nothing else is left to do on this host's cores
+                        solver.workers = os.cpu_count() or 1
             if complete and (self.after_last >= params.iterations or solver.error < params.tolerance):
                 self._refine()
                 return
@@ -328,7 +331,7 @@ class Service(Runtime):
         self._initial_probe = probe * support
         self._pixel_m = pixel
         solver = StreamingRaar(centres_px=np.asarray(self.scan.positions_m) / pixel, probe=probe, support=support,
-                               workers=self.params.threads)
+                               workers=self.params.threads or 1)
         scaled, after_last = False, 0
         if state is not None and state[0]["object"].shape == solver.object.shape:
             arrays, saved = state
