@@ -13,15 +13,15 @@ D comes from the probe model (the zone plate's probe computed at the sample and 
 diameter holding ENERGY_HELD of its power, so focus, defocus of either sign and the central stop's
 rings all count), else from the scan (a ptychographic scan steps a fraction of the probe: D is
 taken as STEPS_PER_PROBE steps). The probe support reaches to where SUPPORT_HELD of the power is
-inside (the tails a support cuts are an error in every frame), at most SUPPORT_MAX of the window. N is capped (`max_size`: the solver's cost grows as N^2 per frame);
-when the cap binds, the crop shrinks and the resolution with it, never the window. The pipeline
-may pin `crop`, `size` or both.
+inside (the tails a support cuts are an error in every frame), at most SUPPORT_MAX of the window.
+N is capped (`max_size`: the solver's cost grows as N^2 per frame); when the cap binds, the crop
+shrinks and the resolution with it, never the window. The pipeline may pin `crop`, `size` or both.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.spatial
@@ -58,9 +58,6 @@ class Geometry:
                 f"window {self.window_m * 1e6:.3g} um for {probe}, probe support radius "
                 f"{self.support_radius_px:.1f} px")
         return f"{text}; {self.note}" if self.note else text
-
-    def as_meta(self) -> dict:
-        return asdict(self)
 
 
 def fast_size(limit: int) -> int:
@@ -133,17 +130,15 @@ def choose(*, energy_ev: float, distance_m: float, pixel_m: float, detector_shap
         notes.append(f"the detector's pixels ({pixel_m * 1e6:.3g} um at {distance_m:g} m) cannot oversample a "
                      f"probe this large: move the detector further or the sample nearer the focus")
 
-    if crop is not None and size is not None:
-        pass
-    elif crop is not None:
+    if crop is not None and size is None:
         factor = _divisor_at_most(crop, factor_max or max(1, crop // max_size), minimum_size=MIN_SIZE)
         size = crop // factor
         if size > max_size:
             notes.append(f"clean frames of {size} px (above the {max_size} px cap) to keep the pinned crop")
-    elif size is not None:
+    elif size is not None and crop is None:
         factor = min(factor_max or 1, max(1, widest // size))
         crop = factor * size
-    else:
+    elif crop is None:  # neither pinned (both pinned: taken as given)
         factor = factor_max or max(1, widest // max_size)
         size = fast_size(min(max_size, widest // factor))
         if size < MIN_SIZE:

@@ -5,10 +5,10 @@ Dark subtraction, ADU to photons, a threshold below one photon, bad and saturate
 a crop around the diffraction centre, then downsampling to the reconstruction size either by
 cropping in Fourier space (which keeps the pattern's sampling exact when the exit wave fits in
 half the frame; what it rings below zero is set to zero, so that clean frames are photons >= 0)
-or by binning. The crop and size (`CleaningParams`, both set) come from the scan's geometry
-(libs/ptychography/geometry.py) unless the pipeline pins them. Only the cropped window is ever touched, so the cost does not grow
-with the detector. The parameters, `CleaningParams`, are in params.py with the stage's (light: any
-process validates them without loading scipy).
+or by binning. Only the cropped window is ever touched, so the cost does not grow with the
+detector. The parameters, `CleaningParams` (crop and size both set: from the scan's geometry,
+libs/ptychography/geometry.py, unless the pipeline pins them), are in params.py with the stage's
+(light: any process validates them without loading scipy).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The frame stage's parameters (`[stages.NAME.params]` of a pipeline): the cleaning's (cleaning.py)
-and the calibration wait. The crop and the clean size follow from each scan unless pinned here. Light (pydantic only), so that every process can check every stage's
-parameters (libs/common/stages.py)."""
+and the calibration wait. The crop and the clean size follow from each scan unless pinned here.
+Light (pydantic only), so that every process can check every stage's parameters
+(libs/common/stages.py)."""
 
 from __future__ import annotations
 

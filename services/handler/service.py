@@ -396,7 +396,7 @@ class Handler:
 
     def on_events(self, request: Events, envelope: Envelope) -> dict[str, Any]:
         since = request.args.since
-        return {"handler_run": self._run_stamp, "kept": len(self._events),
+        return {"handler_run": self._run_stamp,
                 "events": [e.model_dump(mode="json") for e in self._events if e.handler_seq > since]}
 
     def on_preview(self, request: Preview, envelope: Envelope) -> Any:

@@ -29,7 +29,6 @@ class MaximumLikelihood:
         self.smoothness = smoothness
         self.refine_probe = probe
         taken = np.flatnonzero(solver.received)
-        self.taken = taken
         self.corners = np.ascontiguousarray(solver.corners[taken])
         self.classes = solver.classes[taken]
         intensity = solver.amplitudes[taken] ** 2

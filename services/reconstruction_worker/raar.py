@@ -43,10 +43,12 @@ class StreamingRaar:
         self.size = n
         steps = np.rint((np.asarray(centres_px, float) - n / 2) * (SUBPIXEL if subpixel else 1)).astype(int)
         corners, parts = np.divmod(steps, SUBPIXEL) if subpixel else (steps, np.zeros_like(steps))
-        used, self.classes = np.unique(parts, axis=0, return_inverse=True)
-        self.classes = self.classes.reshape(-1).astype(np.int64)
+        used, classes = np.unique(parts, axis=0, return_inverse=True)
+        self.classes = classes.reshape(-1).astype(np.int64)
         self.fractions = used / SUBPIXEL
         """Each class's shift of the probe inside its frames' windows (pixels, [y, x])."""
+        self._whole = len(used) == 1 and not used.any()
+        """Every frame at whole pixels: no shifting at all."""
         k = scipy.fft.fftfreq(n)
         self._ramps = np.exp(-2j * np.pi * (self.fractions[:, 0, None, None] * k[None, :, None]
                                             + self.fractions[:, 1, None, None] * k[None, None, :])).astype(np.complex64)
@@ -91,17 +93,16 @@ class StreamingRaar:
     def shifted_probes(self) -> np.ndarray:
         """The probe shifted for each class; made again only when the probe is a new array."""
         if self._shifted_for is not self.probe:
-            whole = len(self.fractions) == 1 and not self.fractions.any()
-            self._shifted = self.probe[None] if whole else self.shifted(self.probe)
+            self._shifted = self.probe[None] if self._whole else self.shifted(self.probe)
             self._shifted_for = self.probe
         return self._shifted
 
     def unshift(self, per_class: np.ndarray) -> np.ndarray:
         """Each class's sum moved back by its fraction, added up: the inverse of `shifted`, summed."""
-        if len(self.fractions) == 1 and not self.fractions.any():
+        if self._whole:
             return per_class[0]
         spectra = scipy.fft.fft2(per_class, workers=self.workers) * np.conj(self._ramps)
-        return scipy.fft.ifft2(spectra.sum(axis=0)).astype(np.complex64)
+        return scipy.fft.ifft2(spectra.sum(axis=0), workers=self.workers).astype(np.complex64)
 
     def unshift_sum(self, per_frame: np.ndarray) -> np.ndarray:
         """sum over the frames received of `per_frame`, each moved back by its class's fraction."""
