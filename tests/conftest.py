@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 import pytest
 
-from libs.common import client
+from libs.common import client, security
+from libs.common.security import Keys
 from libs.common.logs import newest_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,12 +40,15 @@ def wait_for(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
 
 
 def synthetic_pipeline(directory: Path, *, frames: int = 200, rate_hz: float = 0, shape=(64, 64),
-                       workers: int = 2, worker_params: str = "{}", sink: str = "writer") -> Path:
+                       workers: int = 2, worker_params: str = "{}", sink: str = "writer",
+                       keys: Path | None = None) -> Path:
     """A receiver -> worker (pass-through) -> sink pipeline file on free ports; the sink stage is
-    called `writer` and runs the writer service, or another (`passthrough`) to measure transport."""
+    called `writer` and runs the writer service, or another (`passthrough`) to measure transport.
+    With `keys`, a key directory: CURVE on every socket."""
     path = directory / "pipeline.toml"
     sink_params = f'{{ output_dir = "{directory / "out"}" }}' if sink == "writer" else "{}"
-    path.write_text(f"""
+    security = f'[security]\nkeys = "{keys}"\n' if keys else ""
+    path.write_text(f"""{security}
 [handler]
 command = "tcp://127.0.0.1:{free_port()}"
 status = "tcp://127.0.0.1:{free_port()}"
@@ -71,6 +75,15 @@ inputs = ["worker"]
 params = {sink_params}
 """)
     return path
+
+
+def curve_keys(directory: Path) -> tuple[Keys, Keys]:
+    """A host's key directory (`directory`/host) and an operator's (`directory`/operator), whose
+    client key the host lets in as an operator's."""
+    host = security.create(directory / "host")
+    operator = security.create(directory / "operator", handler_key=host / "server.key")
+    security.allow(host, operator / "client.key", name="operator", operator=True)
+    return security.Keys.load(host), security.Keys.load(operator)
 
 
 def free_endpoints() -> tuple[str, ...]:
@@ -122,8 +135,9 @@ class Run:
             if web else (*args, "--no-web")
 
         self.pipeline = load(pipeline, overrides)
+        self.keys = self.pipeline.keys()
         self.endpoint = self.pipeline.handler.command
-        self.feed = Feed(self.pipeline.handler.status, command=self.endpoint)
+        self.feed = Feed(self.pipeline.handler.status, command=self.endpoint, keys=self.keys)
         self.out = cwd / "out"
         self.log_root = cwd / "logs"
         env = {**os.environ, "SURVEYOR_LOG_DIR": str(self.log_root)}
@@ -138,7 +152,7 @@ class Run:
         return newest_run(self.log_root) or self.log_root
 
     def ctl(self, cmd: str, args: dict[str, Any] | None = None, timeout_s: float = 10.0) -> Any:
-        return client.call(self.endpoint, cmd, args, timeout_s=timeout_s)
+        return client.call(self.endpoint, cmd, args, timeout_s=timeout_s, keys=self.keys)
 
     def wait_ready(self, services: int, timeout_s: float = 60.0) -> None:
         def ready() -> bool:
@@ -165,7 +179,8 @@ class Run:
         for service in self.ctl("status").result["services"]:
             if service["state"] == "up":
                 try:
-                    found.append(client.call(service["command_endpoint"], "status", timeout_s=2).result)
+                    found.append(client.call(service["command_endpoint"], "status", timeout_s=2, keys=self.keys,
+                                             server_key=service.get("server_key")).result)
                 except client.NoReply:
                     found.append({"service": service["name"], "status": "no reply"})
         return found

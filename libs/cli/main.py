@@ -10,17 +10,23 @@ import sys
 import time
 from pathlib import Path
 
-from libs.common import client, logs, stages
+from libs.common import client, logs, security, stages
 from libs.common.errors import PipelineError
 from libs.common.pipeline import HandlerConfig, Pipeline, load, parse_override
 from libs.simulation import KINDS
 
 
 def _pipeline(path: str, overrides: list[str]) -> Pipeline:
+    """The pipeline file, loaded; its key directory, if it names one, becomes this process's and
+    its children's ($SURVEYOR_KEYS), unless that is set already."""
     try:
-        return load(path, overrides)
+        pipeline = load(path, overrides)
+        keys = pipeline.keys()
     except PipelineError as exc:
         sys.exit(f"surveyor: {exc}")
+    if keys is not None:
+        os.environ.setdefault(security.ENVIRONMENT, str(keys.directory.resolve()))
+    return pipeline
 
 
 def _handler_endpoint(args: argparse.Namespace) -> str:
@@ -76,7 +82,7 @@ def cmd_service(args: argparse.Namespace) -> int:
     logs.configure(name)
     service = stages.service_class(pipeline.stages[args.stage].service)
     return service(pipeline=pipeline, stage=args.stage, name=name,
-                   handler=args.handler or pipeline.handler.command).run()
+                   handler=args.handler or pipeline.handler.command, bind=args.bind).run()
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:
@@ -223,14 +229,40 @@ def cmd_supervisor_conf(args: argparse.Namespace) -> int:
                 web = f"{host}:{port}"
         except AccessError as exc:
             sys.exit(f"surveyor supervisor-conf: {exc}")
-    print(render(args.pipeline, _pipeline(args.pipeline, args.set), log_dir=Path(args.log_dir).resolve(),
-                 web=web))
+    pipeline = _pipeline(args.pipeline, args.set)
+    chosen = args.stages.split(",") if args.stages else list(pipeline.stages)
+    if unknown := sorted(set(chosen) - set(pipeline.stages)):
+        sys.exit(f"surveyor supervisor-conf: no stage {unknown} in {args.pipeline}; stages are {sorted(pipeline.stages)}")
+    print(render(args.pipeline, pipeline, log_dir=Path(args.log_dir).resolve(), web=None if args.handler else web,
+                 stages=chosen, handler=args.handler, bind=args.bind,
+                 keys=Path(args.keys).resolve() if args.keys else None))
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    try:
+        if args.action == "init":
+            made = security.create(args.directory, handler_key=args.handler_key, name=args.name)
+            print(f"made {made}: copy {made / 'server.key'} to the other hosts as their handler.key (if the handler "
+                  f"runs here) and let each host's client.key in with `surveyor keys allow`")
+        elif args.action == "allow":
+            if not args.file:
+                sys.exit("surveyor keys allow: name the public key FILE to let in")
+            security.allow(args.directory, args.file, name=args.name, operator=args.operator)
+        for role, name, key in security.listing(args.directory):
+            print(f"{role:9} {name:20} {key}")
+    except (OSError, ValueError) as exc:
+        sys.exit(f"surveyor keys: {exc}")
     return 0
 
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="surveyor", description=__doc__)
     commands = top.add_subparsers(dest="command", required=True)
+
+    def keys_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--keys", metavar="DIR", help="CURVE key directory to connect with (default: $SURVEYOR_KEYS, "
+                       "else the pipeline's [security] keys)")
 
     def overrides(p: argparse.ArgumentParser) -> None:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -270,12 +302,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", required=True)
     p.add_argument("--handler", help="handler command endpoint (default: the pipeline's)")
     p.add_argument("--name", help="process name for logs and status (default: from supervisord/honcho, or STAGE.PID)")
+    p.add_argument("--bind", metavar="ADDRESS", help="the address of this host that the process binds and advertises "
+                   "its ports on (default: the pipeline's handler.data_host)")
     overrides(p)
     p.set_defaults(func=cmd_service)
 
     for name, func, text in (("ctl", cmd_ctl, "send one command to the handler"),
                              ("status", cmd_status, "services, health, rates, queues, current scan")):
         p = commands.add_parser(name, help=text)
+        keys_option(p)
         p.add_argument("--handler", help="handler command endpoint (default tcp://127.0.0.1:5550)")
         p.add_argument("--pipeline", help="take the handler's endpoints from this pipeline file")
         p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply")
@@ -340,6 +375,7 @@ def parser() -> argparse.ArgumentParser:
                                         "(start_scan, abort, configure; they need the token) to the handler. "
                                         "Endpoints from the pipeline file, or --handler/--status.")
     p.add_argument("pipeline_file", nargs="?", metavar="PIPELINE", help="the pipeline file (or --pipeline)")
+    keys_option(p)
     p.add_argument("--pipeline", help="take the handler's endpoints and the stages from this pipeline file")
     p.add_argument("--handler", help="handler command endpoint (default: the pipeline's)")
     p.add_argument("--status", help="handler status endpoint (default: the pipeline's, else what --handler reports)")
@@ -350,9 +386,32 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_web, timeout=2.0)
     overrides(p)
 
-    p = commands.add_parser("supervisor-conf", help="a supervisord configuration for a pipeline")
+    p = commands.add_parser("keys", help="CURVE keys: make a host's key directory, let clients in, list them",
+                            description="CURVE keys (libs/common/security.py). `init DIR`: this host's server "
+                                        "and client pairs, the handler's public key, this host let in. `allow DIR "
+                                        "FILE`: let in the client whose public key FILE holds (another host's "
+                                        "client.key; --operator: it may also steer a service directly). `list DIR`.")
+    p.add_argument("action", choices=["init", "allow", "list"])
+    p.add_argument("directory", metavar="DIR")
+    p.add_argument("file", nargs="?", metavar="FILE", help="allow: the client's public key file")
+    p.add_argument("--handler-key", metavar="FILE",
+                   help="init: the handler host's server.key (default: this host runs the handler)")
+    p.add_argument("--name", help="init: this host's name in the allow-list (default: its hostname); "
+                                  "allow: the key's name (default: the file's)")
+    p.add_argument("--operator", action="store_true", help="allow: an operator's key")
+    p.set_defaults(func=cmd_keys)
+
+    p = commands.add_parser("supervisor-conf", help="a supervisord configuration for a pipeline",
+                            description="A supervisord configuration for a pipeline: every process on this host, "
+                                        "or, with --handler, this host's share of a pipeline whose handler runs "
+                                        "elsewhere.")
     p.add_argument("pipeline")
     p.add_argument("--log-dir", default="logs")
+    p.add_argument("--stages", help="only these stages' programs (comma-separated; default: all)")
+    p.add_argument("--handler", help="the handler runs at this endpoint on another host: no handler or web program "
+                                     "here, and the services connect there")
+    p.add_argument("--bind", metavar="ADDRESS", help="the address of this host its services bind and advertise")
+    p.add_argument("--keys", metavar="DIR", help="this host's CURVE key directory (SURVEYOR_KEYS of every program)")
     web = p.add_mutually_exclusive_group()
     web.add_argument("--web", metavar="ADDR:PORT",
                      help="where the web front-end program listens (default 127.0.0.1:8080, or a port free now "
@@ -365,6 +424,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if getattr(args, "keys", None):
+        os.environ[security.ENVIRONMENT] = str(Path(args.keys).resolve())
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -43,6 +43,7 @@ def show(status: dict[str, Any]) -> None:
 
 def watch(endpoint: str) -> int:
     socket = zmq.Context.instance().socket(zmq.SUB)
+    security.connect_as_client(socket, security.configured())
     socket.setsockopt(zmq.SUBSCRIBE, b"status")
     socket.connect(endpoint)
     console.print(f"following {endpoint} (Ctrl-C to stop)")

@@ -12,7 +12,8 @@ from typing import Any
 
 import zmq
 
-from libs.common import messages
+from libs.common import messages, security
+from libs.common.security import Keys
 
 _ids = itertools.count(1)
 
@@ -22,18 +23,22 @@ class NoReply(TimeoutError):
 
 
 def call(endpoint: str, cmd: str, args: dict[str, Any] | None = None, *, timeout_s: float = 5.0,
-         context: zmq.Context | None = None) -> messages.Reply:
-    """Send `cmd` to `endpoint` and return the parsed reply; NoReply after `timeout_s`."""
+         context: zmq.Context | None = None, keys: Keys | None = None,
+         server_key: str | None = None) -> messages.Reply:
+    """Send `cmd` to `endpoint` and return the parsed reply; NoReply after `timeout_s`.
+    With CURVE (`keys`, else $SURVEYOR_KEYS) the port's `server_key` is the handler's unless given."""
     return send_raw(endpoint, messages.request(cmd, args, f"{os.getpid()}-{next(_ids)}"),
-                    timeout_s=timeout_s, context=context)
+                    timeout_s=timeout_s, context=context, keys=keys, server_key=server_key)
 
 
 def send_raw(endpoint: str, payload: bytes | list[bytes], *, timeout_s: float = 5.0,
-             context: zmq.Context | None = None) -> messages.Reply:
+             context: zmq.Context | None = None, keys: Keys | None = None,
+             server_key: str | None = None) -> messages.Reply:
     """Send any bytes (or multipart) and parse the answer: what the tests of bad input use."""
     ctx = context or zmq.Context.instance()
     socket = ctx.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
+    security.connect_as_client(socket, keys or security.configured(), server_key)
     try:
         socket.connect(endpoint)
         socket.send_multipart(payload if isinstance(payload, list) else [payload])
@@ -44,13 +49,14 @@ def send_raw(endpoint: str, payload: bytes | list[bytes], *, timeout_s: float = 
         socket.close(linger=0)
 
 
-def missed_events(command: str, missing: tuple[float, int, int], timeout_s: float = 2.0) -> list[dict[str, Any]]:
+def missed_events(command: str, missing: tuple[float, int, int], timeout_s: float = 2.0,
+                  keys: Keys | None = None) -> list[dict[str, Any]]:
     """The events a subscriber missed, (handler run, after, upto) as an EventCursor names them,
     asked of the handler at `command`; oldest first. None when the handler does not answer, has
     restarted again, or keeps them no longer."""
     run, after, upto = missing
     try:
-        reply = call(command, "events", {"since": after}, timeout_s=timeout_s)
+        reply = call(command, "events", {"since": after}, timeout_s=timeout_s, keys=keys)
     except NoReply:
         return []
     if not reply.ok or reply.result.get("handler_run") != run:
@@ -63,15 +69,18 @@ class StatusFeed:
     Given the handler's `command` endpoint, it also asks for the events its link missed."""
 
     def __init__(self, endpoint: str, topics: tuple[bytes, ...] = (b"event", b"status"),
-                 context: zmq.Context | None = None, command: str | None = None) -> None:
+                 context: zmq.Context | None = None, command: str | None = None,
+                 keys: Keys | None = None) -> None:
         from libs.common import feeds  # only subscribers pay for building the models
 
         self._feeds = feeds
         self._cursor = feeds.EventCursor() if command else None
         self._command = command
         self._events_wanted = b"event" in topics
+        self._keys = keys
         self._socket = (context or zmq.Context.instance()).socket(zmq.SUB)
         self._socket.setsockopt(zmq.LINGER, 0)
+        security.connect_as_client(self._socket, keys or security.configured())
         for topic in topics:
             self._socket.setsockopt(zmq.SUBSCRIBE, topic)
         self._socket.connect(endpoint)
@@ -96,7 +105,7 @@ class StatusFeed:
         return new
 
     def _catch_up(self, missing: tuple[float, int, int] | None) -> list[dict[str, Any]]:
-        return missed_events(self._command, missing) if missing and self._events_wanted else []
+        return missed_events(self._command, missing, keys=self._keys) if missing and self._events_wanted else []
 
     def find(self, kind: str, **match: Any) -> dict[str, Any] | None:
         self.pump()

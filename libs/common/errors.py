@@ -6,6 +6,7 @@
     │   └── UnknownCommand a well-formed request whose `cmd` this service does not serve
     ├── FrameError         a data message that cannot be a frame (parts, sizes, header)
     ├── ParameterError     a stage parameter value that is refused (the old value stays)
+    ├── AccessRefused      a command the sender may not send to this port (changes go through the handler)
     └── ProcessingError    a Processing class that cannot be loaded or run as written, or broke the contract
 
 At a port every one of them becomes an `ok: false` reply or a counted rejection, never a crash.
@@ -35,6 +36,10 @@ class FrameError(SurveyorError):
 
 class ParameterError(SurveyorError):
     """A refused parameter value; the value in force does not change."""
+
+
+class AccessRefused(SurveyorError):
+    """A command this port takes only from its handler or an operator's key."""
 
 
 class ProcessingError(SurveyorError):

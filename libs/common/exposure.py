@@ -1,6 +1,7 @@
-"""What a pipeline binds beyond loopback. Nothing authenticates a peer on those ports yet (no
-CURVE): whoever reaches the host can steer the scan or read its data there, so `surveyor run` warns
-at start and names every such port, and a process that binds one logs it."""
+"""What a pipeline binds beyond loopback with no CURVE on it: whoever reaches the host can steer
+the scan or read its data there, so `surveyor run` warns at start and names every such port, and a
+process that binds one logs it. With the pipeline's keys (security.py) only the ports whose peers
+speak no CURVE are named: a hit server serving indexamajig, the re-publication for dranspose."""
 
 from __future__ import annotations
 
@@ -22,16 +23,19 @@ def beyond_loopback(endpoint: str) -> bool:
 
 
 def exposed(pipeline: Pipeline, web: tuple[str, int] | None = None) -> list[str]:
-    """Each port the pipeline (and its web front-end at `web`) binds beyond loopback, in words."""
+    """Each port the pipeline (and its web front-end at `web`) binds beyond loopback with no
+    CURVE, in words."""
     handler = pipeline.handler
-    found = [f"the handler's {what} port {endpoint}" for what, endpoint in
-             (("command", handler.command), ("status", handler.status)) if beyond_loopback(endpoint)]
-    if not loopback_host(handler.data_host):
+    curve = pipeline.keys() is not None
+    found = [] if curve else [f"the handler's {what} port {endpoint}" for what, endpoint in
+                              (("command", handler.command), ("status", handler.status)) if beyond_loopback(endpoint)]
+    if not loopback_host(handler.data_host) and not curve:
         found.append(f"every service's command and data ports (data_host {handler.data_host})")
     for name, stage in pipeline.stages.items():
         for key in ("endpoint", "republish"):
             endpoint = stage.params.get(key)
-            if isinstance(endpoint, str) and beyond_loopback(endpoint):
+            protected = curve and key == "endpoint" and getattr(pipeline.params(name), "curve", False)
+            if isinstance(endpoint, str) and beyond_loopback(endpoint) and not protected:
                 found.append(f"stage {name}'s {key} {endpoint}")
     if web is not None and not loopback_host(web[0]):
         found.append(f"the web front-end at {web[0]}:{web[1]} (its commands need the token)")
@@ -43,6 +47,7 @@ def warning(pipeline: Pipeline, web: tuple[str, int] | None = None) -> str | Non
     found = exposed(pipeline, web)
     if not found:
         return None
-    return ("this pipeline listens beyond loopback, with no authentication (CURVE is not yet there): anyone who "
-            "reaches this host can send commands or read data on " + "; ".join(found) +
-            ". Keep these ports behind a firewall or an SSH tunnel, or bind them to 127.0.0.1")
+    return ("this pipeline listens beyond loopback with no authentication: anyone who reaches this host can "
+            "send commands or read data on " + "; ".join(found) + ". Name a key directory ([security] keys, "
+            "`surveyor keys init DIR`) for CURVE, keep these ports behind a firewall or an SSH tunnel, "
+            "or bind them to 127.0.0.1")

@@ -36,6 +36,8 @@ class ProcessRow(Strict):
     inflight: int
     busy_s: float
     command_endpoint: str
+    server_key: str | None = None
+    """The CURVE public key its command port serves with (a pipeline with keys)."""
 
 
 class StageTotals(Strict):

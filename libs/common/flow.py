@@ -45,7 +45,9 @@ from typing import Any, Callable, Iterable, Iterator
 import msgpack
 import zmq
 
+from libs.common import security
 from libs.common.frames import FrameKey
+from libs.common.security import Keys
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +88,9 @@ class Outlet:
     """Producer side: queues, credit-based least-recently-served dispatch, in-flight ledger."""
 
     def __init__(self, context: zmq.Context, *, host: str, on_delivered: Callable[[Any], None],
-                 max_pending: int = 4) -> None:
+                 max_pending: int = 4, keys: Keys | None = None) -> None:
         self.socket = context.socket(zmq.ROUTER)
+        security.serve(self.socket, keys)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # A consumer that reconnects (same identity, new link) takes its identity over at once.
         self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -329,8 +332,9 @@ class Inlet:
     """Consumer side: one DEALER per producer process, credit and acknowledgements coalesced."""
 
     def __init__(self, context: zmq.Context, poller: zmq.Poller, *, identity: bytes, stage: str,
-                 credit: int) -> None:
+                 credit: int, keys: Keys | None = None) -> None:
         self._context = context
+        self._keys = keys
         self._poller = poller
         self._identity = identity
         self._stage = stage
@@ -340,10 +344,12 @@ class Inlet:
         self._grant: dict[str, int] = {}
         self._acks: dict[str, list[FrameKey]] = {}
 
-    def connect(self, producer: str, endpoint: str) -> None:
+    def connect(self, producer: str, endpoint: str, server_key: str | None = None) -> None:
+        """A link to `producer`'s outlet (a CURVE server whose public key is `server_key`)."""
         if producer in self._by_producer:
             return
         socket = self._context.socket(zmq.DEALER)
+        security.connect_as_client(socket, self._keys, server_key)
         socket.setsockopt(zmq.ROUTING_ID, self._identity)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.RCVHWM, 64)

@@ -15,9 +15,10 @@ from typing import Any, Callable
 
 import zmq
 
-from libs.common import messages
+from libs.common import messages, security
 from libs.common.loop import drain, readable
 from libs.common.ports import CommandPort, Dispatch
+from libs.common.security import Keys
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +28,9 @@ MAX_BACKOFF_S = 32.0
 
 class HandlerLink:
     def __init__(self, context: zmq.Context, poller: zmq.Poller, endpoint: str, identity: bytes,
-                 dispatch: Dispatch, *, heartbeat_s: float, liveness: int) -> None:
+                 dispatch: Dispatch, *, heartbeat_s: float, liveness: int, keys: Keys | None = None) -> None:
         self.endpoint = endpoint
+        self.keys = keys
         self.heartbeat_s = heartbeat_s
         self.liveness = liveness
         self._context = context
@@ -52,6 +54,7 @@ class HandlerLink:
         self.socket = self._context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.ROUTING_ID, self._identity)
         self.socket.setsockopt(zmq.LINGER, 0)
+        security.connect_as_client(self.socket, self.keys)
         self.socket.connect(self.endpoint)
         self.port = CommandPort(self.socket, messages.SERVICE_REQUESTS, self._dispatch)
         self._poller.register(self.socket, zmq.POLLIN)

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 import zmq
 
 
-def drain(socket: zmq.Socket, handle: Callable[[list[bytes]], None]) -> int:
-    """Give `handle` every message waiting on `socket`; returns how many there were."""
+def drain(socket: zmq.Socket, handle: Callable[[list[Any]], None], *, copy: bool = True) -> int:
+    """Give `handle` every message waiting on `socket` (as `zmq.Frame`s, which say who sent
+    them, when not `copy`); returns how many there were."""
     served = 0
     while True:
         try:
-            parts = socket.recv_multipart(zmq.NOBLOCK)
+            parts = socket.recv_multipart(zmq.NOBLOCK, copy=copy)
         except zmq.Again:
             return served
         served += 1

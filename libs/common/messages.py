@@ -98,6 +98,8 @@ class ServiceIdentity(Strict):
     data_endpoint: str | None = None
     data_endpoint_local: str | None = None
     """The same data port over a Unix socket, for consumers on the same host."""
+    server_key: str | None = None
+    """The CURVE public key (Z85) its ports serve with, when the pipeline runs with keys."""
     pipeline: str = ""
     """The identity of the pipeline this process was started for (`Pipeline.identity`)."""
     epoch: int = 0

@@ -20,8 +20,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from libs.common import security
 from libs.common.errors import PipelineError
 from libs.common.messages import ScanId, Strict, describe
+from libs.common.security import Keys
 from libs.common.stages import params_model
 
 PIPELINES_DIR = Path(__file__).resolve().parents[2] / "pipelines"
@@ -36,6 +38,11 @@ class HandlerConfig(Strict):
     scan_end_timeout_s: float = Field(30.0, gt=0)
     state_dir: str = Field("state", description="the handler's journal and the stages' checkpoints "
                            "(shared storage when stages run on several hosts)")
+
+
+class SecurityConfig(Strict):
+    keys: str = Field("", description="key directory (libs/common/security.py): CURVE on every socket, only "
+                      "the allow-list's clients let in; relative to the pipeline file; $SURVEYOR_KEYS overrides it")
 
 
 class StageConfig(Strict):
@@ -72,6 +79,7 @@ class Pipeline(Strict):
     directory: str = Field("", description="the pipeline file's folder: a relative path in a stage's "
                            "parameters (a Processing class's file) is taken from it")
     handler: HandlerConfig = HandlerConfig()
+    security: SecurityConfig = SecurityConfig()
     stages: dict[str, StageConfig]
     simulation: Simulation = Simulation()
 
@@ -126,6 +134,11 @@ class Pipeline(Strict):
         if key not in cache:
             cache[key] = params_model(config.service).model_validate(config.params)
         return cache[key]
+
+    def keys(self) -> Keys | None:
+        """The CURVE keys this host's processes use: $SURVEYOR_KEYS, else `[security] keys`."""
+        named = self.security.keys
+        return security.configured(Path(self.directory or ".", named) if named else None)
 
     @property
     def state_path(self) -> Path:
@@ -186,7 +199,8 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipel
 def from_dict(tree: dict[str, Any], *, origin: str = "<pipeline>") -> Pipeline:
     tree = copy.deepcopy(tree)
     tree.setdefault("name", Path(origin).stem)
-    tree.setdefault("identity", hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16])
+    graph = {key: value for key, value in tree.items() if key != "security"}  # each host may keep its keys elsewhere
+    tree.setdefault("identity", hashlib.sha256(json.dumps(graph, sort_keys=True, default=str).encode()).hexdigest()[:16])
     try:
         pipeline = Pipeline.model_validate(tree)
     except ValidationError as exc:

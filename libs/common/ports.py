@@ -4,6 +4,8 @@ A client may be a REQ socket (envelope `[identity, b""]`) or a DEALER (`[identit
 goes back with whatever envelope came in. Whatever arrives, the answer is an `ok: false` reply
 naming the problem, or, for a message with no room for a reply, a log line; the port never raises.
 A handler may return `DEFERRED` and call `reply` later (the handler waits for its services).
+A port given `admit` asks it first whether the sender (its CURVE key, security.py) may send the
+command: a service's own port takes changes only from an operator's key.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any, Callable
 import zmq
 from pydantic import TypeAdapter
 
-from libs.common import messages
+from libs.common import messages, security
 from libs.common.errors import SurveyorError
 from libs.common.loop import drain
 
@@ -25,28 +27,38 @@ DEFERRED = object()
 
 Envelope = list[bytes]
 Dispatch = Callable[[Any, Envelope], Any]
+Admit = Callable[[Any, bytes | None], None]
+"""Raises a SurveyorError when the sender (its public key, None on a plain socket) may not send
+the request."""
 
 
 class CommandPort:
-    def __init__(self, socket: zmq.Socket, adapter: TypeAdapter, dispatch: Dispatch) -> None:
+    def __init__(self, socket: zmq.Socket, adapter: TypeAdapter, dispatch: Dispatch,
+                 admit: Admit | None = None) -> None:
         self.socket = socket
         self.adapter = adapter
         self.dispatch = dispatch
+        self.admit = admit
 
     def drain(self) -> int:
         """Serve every request waiting on the socket; returns how many were served."""
-        return drain(self.socket, self.take)
+        return drain(self.socket, self.take, copy=self.admit is None)
 
-    def take(self, parts: list[bytes]) -> None:
-        """One message as received: `[envelope..., payload]`."""
+    def take(self, parts: list[Any]) -> None:
+        """One message as received: `[envelope..., payload]` (bytes, or frames for `admit`)."""
         if len(parts) < 2:
             logger.warning("dropped a command message of %d part(s): no room for a reply", len(parts))
             return
-        self.serve(parts[:-1], parts[-1])
+        if self.admit is None:
+            self.serve(parts[:-1], parts[-1])
+        else:
+            self.serve([p.bytes for p in parts[:-1]], parts[-1].bytes, security.sender(parts[-1]))
 
-    def serve(self, envelope: Envelope, payload: bytes) -> None:
+    def serve(self, envelope: Envelope, payload: bytes, sender: bytes | None = None) -> None:
         try:
             request = messages.parse_request(payload, self.adapter)
+            if self.admit is not None:
+                self.admit(request, sender)
         except SurveyorError as exc:
             logger.info("refused a command: %s", exc)
             self.reply(envelope, messages.error(messages.request_id(payload), exc))

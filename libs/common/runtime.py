@@ -33,9 +33,9 @@ import numpy as np
 import zmq
 from pydantic import BaseModel, ValidationError
 
-from libs.common import messages
+from libs.common import messages, security
 from libs.common.contracts import DETECTOR_HEADER, header_name
-from libs.common.errors import FrameError, MessageError, ParameterError, SurveyorError
+from libs.common.errors import AccessRefused, FrameError, MessageError, ParameterError, SurveyorError
 from libs.common.flow import HEADER, RESENT, Inlet, Outlet
 from libs.common.frames import Frame, decode
 from libs.common.handler_link import HandlerLink, OnReply
@@ -76,7 +76,9 @@ class Service(Hooks):
     fast as it fills keep it on the loop thread."""
 
     def __init__(self, *, pipeline: Pipeline, stage: str, name: str, handler: str,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, bind: str | None = None) -> None:
+        """`bind`: the address this process binds and advertises its ports on, instead of the
+        pipeline's `data_host` (a host's own address in a pipeline spread over several)."""
         self.pipeline = pipeline
         self.stage = stage
         self.name = name
@@ -119,25 +121,30 @@ class Service(Hooks):
         self.timers = Timers()
         self._offload = Offload(self.context) if self.offload else None
 
-        host = pipeline.handler.data_host
+        host = bind or pipeline.handler.data_host
+        self.keys = pipeline.keys()
         self._command_socket = self.context.socket(zmq.ROUTER)
         self._command_socket.setsockopt(zmq.LINGER, 0)
         self._command_socket.setsockopt(zmq.MAXMSGSIZE, 16 * messages.MAX_COMMAND_BYTES)
+        security.serve(self._command_socket, self.keys)
         port = self._command_socket.bind_to_random_port(f"tcp://{host}")
         self.command_endpoint = f"tcp://{advertised(host)}:{port}"
         self._commands = CommandPort(self._command_socket, messages.SERVICE_REQUESTS,
-                                     lambda request, envelope: self._dispatch(request, envelope, self._commands))
+                                     lambda request, envelope: self._dispatch(request, envelope, self._commands),
+                                     admit=self._admit)
         self._poller.register(self._command_socket, zmq.POLLIN)
 
-        self.outlet = Outlet(self.context, host=host, on_delivered=lambda parents: self._ledger.delivered(parents))
+        self.outlet = Outlet(self.context, host=host, keys=self.keys,
+                             on_delivered=lambda parents: self._ledger.delivered(parents))
         self._poller.register(self.outlet.socket, zmq.POLLIN)
         self._wire(pipeline)
         self.inlet = Inlet(self.context, self._poller, identity=self.instance.encode(), stage=stage,
-                           credit=pipeline.stages[stage].credit)
+                           credit=pipeline.stages[stage].credit, keys=self.keys)
         self._ledger = Ledger(self.inlet.ack)
         self._link = HandlerLink(self.context, self._poller, handler, self.instance.encode(),
                                  lambda request, envelope: self._dispatch(request, envelope, self._link.port),
-                                 heartbeat_s=pipeline.handler.heartbeat_s, liveness=pipeline.handler.liveness)
+                                 heartbeat_s=pipeline.handler.heartbeat_s, liveness=pipeline.handler.liveness,
+                                 keys=self.keys)
 
     # --- API for services ---------------------------------------------------------------------
 
@@ -537,6 +544,7 @@ class Service(Hooks):
                                        command_endpoint=self.command_endpoint,
                                        data_endpoint=self.outlet.endpoint,
                                        data_endpoint_local=self.outlet.local_endpoint,
+                                       server_key=self.keys.public.decode() if self.keys else None,
                                        pipeline=self.pipeline.identity, epoch=self.epoch)
             self._link.send("register", identity.model_dump(), self._on_registered)
             return
@@ -593,7 +601,7 @@ class Service(Hooks):
             elif service.stage in inputs and service.data_endpoint:
                 self._producer_stage[service.instance] = service.stage
                 local = service.host == net.gethostname() and service.data_endpoint_local
-                self.inlet.connect(service.instance, local or service.data_endpoint)
+                self.inlet.connect(service.instance, local or service.data_endpoint, service.server_key)
 
     def _reconnect_inputs(self) -> None:
         """Registered again (the handler had declared this process dead, or restarted): producers
@@ -609,6 +617,20 @@ class Service(Hooks):
         self._producer_stage.pop(producer, None)
 
     # --- commands -----------------------------------------------------------------------------
+
+    def _admit(self, request: Any, sender: bytes | None) -> None:
+        """This process's own command port: anyone let in may ask `ping` and `status`; a change
+        comes from the handler (over its link), or from a key in the operators' list."""
+        if isinstance(request, ALWAYS_ANSWERED):
+            return
+        operator = self.keys.operators().get(sender) if self.keys and sender else None
+        if operator is None:
+            raise AccessRefused(f"{self.name} takes {request.cmd!r} only from its handler"
+                                + (" or an operator's key" if self.keys else "") +
+                                f": send it to the handler at {self._link.endpoint} (`surveyor ctl {request.cmd}`)")
+        logger.warning("operator %s sent %s to this process directly; the handler is told", operator, request.cmd)
+        self.report("operator_command", f"operator {operator} sent {request.cmd} to {self.name} directly",
+                    operator=operator, cmd=request.cmd, args=request.args.model_dump(mode="json"))
 
     def _dispatch(self, request: Any, envelope: Envelope, port: CommandPort) -> Any:
         if self._in_hook and not isinstance(request, ALWAYS_ANSWERED):
@@ -757,6 +779,7 @@ class Service(Hooks):
         self._command_socket.close(linger=0)
         if self._offload is not None:
             self._offload.close()
+        security.Gatekeeper.stop_for(self.context)
         if self._own_context:
             self.context.term()
         logger.info("%s stopped", self.name)

@@ -221,7 +221,8 @@ def create_app(feed: Feed, *, token: str, handler: str | None = None, pipeline: 
         if not up:
             raise HTTPException(503, f"no process of stage {stage} is up")
         try:
-            reply = await asyncio.to_thread(client.call, up[0]["command_endpoint"], "status", timeout_s=3.0)
+            reply = await asyncio.to_thread(client.call, up[0]["command_endpoint"], "status", timeout_s=3.0,
+                                            server_key=up[0].get("server_key"))
         except client.NoReply as exc:
             raise HTTPException(504, str(exc)) from None
         return {"stage": stage, "service": up[0]["name"], "params": reply.result.get("params", {})}

@@ -29,7 +29,7 @@ from typing import Any, Callable, Literal
 import numpy as np
 import zmq
 
-from libs.common import client, feeds
+from libs.common import client, feeds, security
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ class Feed:
     def _run(self) -> None:
         socket = self._context.socket(zmq.SUB)
         socket.setsockopt(zmq.LINGER, 0)
+        security.connect_as_client(socket, security.configured())
         for topic in TOPICS:
             socket.setsockopt(zmq.SUBSCRIBE, topic)
         socket.connect(self.endpoint)

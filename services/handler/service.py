@@ -27,7 +27,7 @@ from typing import Any, Callable
 import zmq
 from pydantic import BaseModel, ValidationError
 
-from libs.common import feeds, messages
+from libs.common import feeds, messages, security
 from libs.common.errors import MessageError, ParameterError, PipelineError
 from libs.common.loop import drain, stop_on_signals
 from libs.common.messages import (Abort, Configure, Event, Events, Heartbeat, Ping, Preview, Register,
@@ -90,13 +90,16 @@ class Handler:
         self._status_socket = self._context.socket(zmq.PUB)
         self._status_socket.setsockopt(zmq.LINGER, 0)
         self._status_socket.setsockopt(zmq.SNDHWM, 100)
+        self.keys = pipeline.keys()
         for socket, endpoint, what in ((self._command_socket, pipeline.handler.command, "command"),
                                        (self._status_socket, pipeline.handler.status, "status")):
+            security.serve(socket, self.keys)
             try:
                 socket.bind(endpoint)
             except zmq.ZMQError as exc:
                 self._command_socket.close(linger=0)
                 self._status_socket.close(linger=0)
+                security.Gatekeeper.stop_for(self._context)
                 raise PipelineError(
                     f"cannot bind the handler's {what} endpoint {endpoint}: {exc.strerror}. Another pipeline's "
                     f"handler (or another program) holds it: stop it, or give this pipeline other endpoints "
@@ -197,6 +200,7 @@ class Handler:
         finally:
             self._command_socket.close(linger=0)
             self._status_socket.close(linger=0)
+            security.Gatekeeper.stop_for(self._context)
             self._context.term()
             logger.info("handler stopped")
         return 0
@@ -623,7 +627,8 @@ class Handler:
             instance=m.identity.instance, state="up" if m.alive else "dead",
             heartbeat_age_s=round(now - m.last_seen, 2), frames_in=m.stats.frames_in, frames_out=m.stats.frames_out,
             queue_depth=m.stats.queue_depth, inflight=m.stats.inflight, busy_s=m.stats.busy_s,
-            command_endpoint=m.identity.command_endpoint) for m in self.registry.members.values()]
+            command_endpoint=m.identity.command_endpoint, server_key=m.identity.server_key)
+            for m in self.registry.members.values()]
         record = self.scans.current
         scan = None
         if record is not None:

@@ -31,6 +31,7 @@ import msgpack
 import numpy as np
 import zmq
 
+from libs.common import security
 from libs.common.contracts import Peaks
 from libs.common.exposure import beyond_loopback
 from libs.common.frames import Frame
@@ -60,6 +61,7 @@ class Service(Runtime):
         self._requests: deque[list[bytes]] = deque(maxlen=self.params.buffer)
         self._socket = self.context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        security.serve(self._socket, self.keys if self.params.curve else None)
         try:
             self._socket.bind(self.params.endpoint)
         except zmq.ZMQError as exc:
@@ -67,7 +69,7 @@ class Service(Runtime):
                              "set stages.<stage>.params.endpoint to a free port") from None
         self.watch(self._socket, self._on_request)
         logger.info("serving hits to indexers at %s", self.params.endpoint)
-        if beyond_loopback(self.params.endpoint):
+        if beyond_loopback(self.params.endpoint) and not (self.keys and self.params.curve):
             port = self.params.endpoint.rpartition(":")[2]
             logger.warning("the hit server listens beyond loopback on port %s (%s): anyone who reaches this host "
                            "can take the hits; bind tcp://127.0.0.1:%s unless indexers run on other hosts",

@@ -12,7 +12,7 @@ import pytest
 
 from libs.common import client
 from libs.simulation.synthetic import frame_number_of
-from tests.conftest import synthetic_pipeline, wait_for
+from tests.conftest import curve_keys, synthetic_pipeline, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -63,11 +63,18 @@ def test_killed_worker_loses_nothing_and_is_restarted(tmp_path, start_run):
 
 
 def test_slow_worker_gets_fewer_frames(tmp_path, start_run):
-    run = start_run(synthetic_pipeline(tmp_path, frames=600, worker_params="{ delay_s = 0.002 }"), "--scans", "1")
+    """Over CURVE, with one worker slowed by an operator's key on its own port (the one change a
+    service takes other than from its handler)."""
+    host, operator = curve_keys(tmp_path / "keys")
+    pipeline = synthetic_pipeline(tmp_path, frames=600, worker_params="{ delay_s = 0.002 }", keys=host.directory)
+    run = start_run(pipeline, "--scans", "1")
     run.wait_ready(4)
     slow = run.service("worker.2")
-    reply = client.call(slow["command_endpoint"], "configure", {"params": {"delay_s": 0.02}})
+    reply = client.call(slow["command_endpoint"], "configure", {"params": {"delay_s": 0.02}},
+                        keys=operator, server_key=slow["server_key"])
     assert reply.ok and reply.result["params"]["delay_s"] == 0.02
+    told = run.feed.wait("operator_command", service="worker.2")
+    assert told["operator"] == "operator" and told["args"]["params"]["delay_s"] == 0.02
     assert run.ctl("start_scan", {"scan_id": "balance", "n_frames": 600}).ok
     finished = run.feed.wait("scan_finished", timeout_s=60)
     code, output = run.finish()
