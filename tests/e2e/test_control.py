@@ -120,6 +120,20 @@ def test_configure_changes_the_following_frames_and_refuses_bad_values(run):
     assert run.ctl("configure", {"stage": "worker", "params": {"offset": 0}}).ok
 
 
+def test_a_service_takes_changes_only_from_its_handler(run):
+    """`configure` sent straight to a worker's own port once moved its parameters behind the
+    handler's back: now anyone may ask it `ping` and `status`, but a change is refused, saying
+    where to send it, and the parameters in force stay."""
+    worker = run.service("worker.1")
+    before = client.call(worker["command_endpoint"], "status").result["params"]
+    for cmd, args in (("configure", {"params": {"offset": 7}}), ("abort", {"epoch": 99}), ("shutdown", {})):
+        reply = client.call(worker["command_endpoint"], cmd, args)
+        assert not reply.ok and reply.error["type"] == "AccessRefused", reply
+        assert f"send it to the handler at {run.endpoint}" in reply.error["message"]
+    assert client.call(worker["command_endpoint"], "status").result["params"] == before
+    assert run.service("worker.1")["instance"] == worker["instance"]  # still up: the shutdown was refused
+
+
 def test_a_subscriber_that_connects_late_is_given_the_events_its_link_missed(run):
     """A PUB sends nothing before a subscriber has connected (a restarted handler's first events
     pass a web process by): the handler numbers its events, and a gap is asked for (`events`)."""
