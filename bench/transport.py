@@ -5,7 +5,9 @@ generator, so the ratios mean something on a noisy machine: plain PUSH/PULL betw
 (tcp and ipc), and the pipeline's own topology (one source, two forwarding processes, one sink)
 in bare pyzmq, without ledger, credit or acknowledgements. Surveyor links processes on one host
 over ipc. While the pipeline runs at full speed, `ping` round trips to
-the handler and to a worker measure how responsive the control plane stays.
+the handler and to a worker measure how responsive the control plane stays. The pipeline runs
+twice: plain, and with CURVE on every socket (a key directory; every byte encrypted), so the
+cost of CURVE is the ratio of the two in the same run.
 
     python bench/transport.py [--frames-1mib 3000] [--frames-8mib 300]
 
@@ -30,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import harness  # noqa: E402
-from libs.common import client  # noqa: E402
+from libs.common import client, security  # noqa: E402
 from libs.simulation.synthetic import synthetic_frame  # noqa: E402
 from tests.conftest import free_port, synthetic_pipeline  # noqa: E402
 
@@ -101,9 +103,11 @@ def percentile(values: list[float], q: float) -> float:
     return round(float(np.percentile(values, q)) * 1000, 2) if values else float("nan")
 
 
-def surveyor_pipeline(shape: tuple[int, int], frames: int) -> dict[str, object]:
+def surveyor_pipeline(shape: tuple[int, int], frames: int, *, curve: bool = False) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
+        if curve:  # the run and this process's own calls take the keys from the environment
+            os.environ[security.ENVIRONMENT] = str(security.create(directory / "keys"))
         path = synthetic_pipeline(directory, frames=frames, shape=shape, sink="passthrough")
         run, handler, feed = harness.start(path, directory)
         try:
@@ -127,6 +131,7 @@ def surveyor_pipeline(shape: tuple[int, int], frames: int) -> dict[str, object]:
         finally:
             feed.close()
             run.wait(60)
+            os.environ.pop(security.ENVIRONMENT, None)
         summary = finished["summary"]
         rate = summary["stages"]["writer"]["frames_in"] / summary["wall_s"]
         return {"frames_per_s": round(rate, 1), "MB_per_s": round(rate * np.prod(shape) * 2 / 1e6, 1),
@@ -149,9 +154,14 @@ def main() -> None:
                      "pushpull_ipc": raw_pyzmq(shape, n, transport="ipc", forwarders=0),
                      "two_forwarders_ipc": raw_pyzmq(shape, n, transport="ipc", forwarders=2)}
         pipeline = surveyor_pipeline(shape, n)
-        results[size] = {"frames": n, "raw_pyzmq": baselines, "surveyor": pipeline,
+        curve = surveyor_pipeline(shape, n, curve=True)
+        results[size] = {"frames": n, "raw_pyzmq": baselines, "surveyor": pipeline, "surveyor_curve": curve,
                          "ratio": {name: round(pipeline["frames_per_s"] / b["frames_per_s"], 3)
-                                   for name, b in baselines.items()}}
+                                   for name, b in baselines.items()},
+                         "curve_over_plain": {
+                             "frames_per_s": round(curve["frames_per_s"] / pipeline["frames_per_s"], 3),
+                             **{f"ping_p99_{name}": round(curve["ping_ms"][name]["p99"] / pipeline["ping_ms"][name]["p99"], 2)
+                                for name in ("handler", "worker")}}}
     print(json.dumps({"benchmark": "transport", "topology": "receiver -> 2 passthrough -> sink, ipc on one host",
                       "cpus": os.cpu_count(), "results": results}, indent=2))
 

@@ -6,6 +6,10 @@ handler (reference/zmq_patterns.md, section 5). Our processes exit 0 exactly whe
 so only that exit code is expected: after `surveyor ctl shutdown` every program stays EXITED, while
 a crash (another code, a signal) is restarted.
 
+A pipeline spread over several hosts has one configuration per host: the handler's host as above
+(`--stages` for its share), every other host with `--handler ENDPOINT` (no handler or web program
+there), `--bind` its own address and `--keys` its key directory.
+
 The web front-end is one more program, `web` (`surveyor web`, its token kept in LOG_DIR/web.token),
 unless `--no-web`: on loopback, at `--web ADDR:PORT`, else 127.0.0.1:8080, or a port free when
 the configuration is made if 8080 is taken (the file's first lines say which, and how to open the
@@ -86,11 +90,13 @@ def render(pipeline_file: str, pipeline: Pipeline, *, log_dir: Path, web: str | 
                                    environment=environment)
                     .replace("%(process_num)02d", ""))
     options = (f" --handler {handler}" if handler else "") + (f" --bind {bind}" if bind else "")
+    # On a host of its own a process is named after the host too: worker.1 may run on every host.
+    number = "%(host_node_name)s.%(process_num)d" if handler else "%(process_num)d"
     for priority, (name, stage) in enumerate(pipeline.stages.items(), start=20):
         if stages is None or name in stages:
             text.append(PROGRAM.format(
                 name=name, numprocs=stage.processes, priority=priority, log_dir=log_dir, environment=environment,
-                command=f"{surveyor} service {name} --pipeline {path} --name {name}.%(process_num)d{options}",
+                command=f"{surveyor} service {name} --pipeline {path} --name {name}.{number}{options}",
                 process_name="%(program_name)s_%(process_num)02d"))
     if web is not None:
         text.append(PROGRAM.format(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from libs.common import exposure
+from libs.common import exposure, security
 from libs.common.exposure import beyond_loopback
 from libs.common.pipeline import load
 from services.hit_server.params import Params
@@ -42,3 +42,13 @@ def test_every_exposed_port_is_named_in_the_warning():
     text = exposure.warning(pipeline, web=("0.0.0.0", 8080))
     assert all(port in text for port in found) and "no authentication" in text
     assert exposure.warning(load(REPO / "pipelines" / "crystallography.toml")) is None
+
+
+def test_with_keys_only_the_ports_whose_peers_speak_no_curve_are_named(tmp_path):
+    keys = security.create(tmp_path / "keys")
+    exposed = ('handler.command="tcp://0.0.0.0:5550"', 'handler.data_host="0.0.0.0"',
+               'stages.hit_server.params.endpoint="tcp://*:12322"', f'security.keys="{keys}"')
+    pipeline = load(REPO / "pipelines" / "crystallography.toml", exposed)
+    assert exposure.exposed(pipeline) == []
+    plain_hits = load(REPO / "pipelines" / "crystallography.toml", (*exposed, "stages.hit_server.params.curve=false"))
+    assert exposure.exposed(plain_hits) == ["stage hit_server's endpoint tcp://*:12322"]

@@ -1,12 +1,14 @@
 """CURVE on a running pipeline: only the allow-list's keys get anything, a refusal is logged once
 with the address and the key, a key let in later is let in without a restart, the handler's key
-must be the handler's, a service takes changes only from an operator's key, and a scan runs with
-every frame exactly once."""
+must be the handler's, a service takes changes only from an operator's key, the web front-end
+follows the handler over CURVE, and a scan runs with every frame exactly once."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 import zmq
@@ -44,10 +46,12 @@ def test_only_the_allow_list_gets_anything_and_changes_need_an_operator(tmp_path
     stranger = security.Keys.load(security.create(tmp_path / "stranger", handler_key=host.directory / "server.key"))
     impostor = security.Keys.load(security.create(tmp_path / "impostor"))  # trusts another "handler"
     security.allow(host.directory, impostor.directory / "client.key", name="impostor")
-    run = start_run(synthetic_pipeline(tmp_path, frames=400, keys=host.directory), "--scans", "1")
+    run = start_run(synthetic_pipeline(tmp_path, frames=400, keys=host.directory), "--scans", "1", web=True)
     run.wait_ready(4)
     worker = run.service("worker.1")
     assert worker["server_key"] == host.public.decode()
+    page = wait_for(lambda: _web_status(run.web_url), 20, "the web front-end's status over CURVE")
+    assert {s["name"] for s in page["services"]} >= {"receiver.1", "worker.1", "worker.2", "writer.1"}
 
     for keys in (None, stranger):  # None: no CURVE at all ($SURVEYOR_KEYS is not set here)
         with pytest.raises(client.NoReply):
@@ -79,6 +83,15 @@ def test_only_the_allow_list_gets_anything_and_changes_need_an_operator(tmp_path
     assert len(frames_in_file(run.out / "curve_raw.cxi")) == 400
     code, output = run.finish()
     assert code == 0, output
+
+
+def _web_status(url: str) -> dict | None:
+    try:
+        with urllib.request.urlopen(f"{url}/api/status", timeout=2) as response:
+            status = json.loads(response.read())
+    except OSError:
+        return None
+    return status if status.get("services") else None
 
 
 def _answers(endpoint: str, keys: security.Keys) -> bool:
