@@ -235,7 +235,7 @@ def cmd_supervisor_conf(args: argparse.Namespace) -> int:
         sys.exit(f"surveyor supervisor-conf: no stage {unknown} in {args.pipeline}; stages are {sorted(pipeline.stages)}")
     print(render(args.pipeline, pipeline, log_dir=Path(args.log_dir).resolve(), web=None if args.handler else web,
                  stages=chosen, handler=args.handler, bind=args.bind,
-                 keys=Path(args.keys).resolve() if args.keys else None))
+                 keys=Path(args.host_keys).resolve() if args.host_keys else None))
     return 0
 
 
@@ -411,7 +411,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--handler", help="the handler runs at this endpoint on another host: no handler or web program "
                                      "here, and the services connect there")
     p.add_argument("--bind", metavar="ADDRESS", help="the address of this host its services bind and advertise")
-    p.add_argument("--keys", metavar="DIR", help="this host's CURVE key directory (SURVEYOR_KEYS of every program)")
+    p.add_argument("--keys", metavar="DIR", dest="host_keys",
+                   help="this host's CURVE key directory (SURVEYOR_KEYS of every program)")
     web = p.add_mutually_exclusive_group()
     web.add_argument("--web", metavar="ADDR:PORT",
                      help="where the web front-end program listens (default 127.0.0.1:8080, or a port free now "

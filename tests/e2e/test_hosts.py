@@ -158,7 +158,7 @@ params = {{ output_dir = "{tmp_path / 'out'}" }}
         for host in "bc":
             supervise(host, "--stages", "worker", "--handler", handler)
         for name in ("receiver.1", "writer.1", "worker.b.1", "worker.c.1"):
-            wait_for(lambda: up(name), 90, f"{name} registered")
+            wait_for(lambda name=name: up(name), 90, f"{name} registered")
         assert up("worker.b.1")["host"] == "b" and up("worker.b.1")["command_endpoint"].startswith(f"tcp://{SUBNET}.2:")
 
         for outsider in (stranger, impostor):  # not let in; trusting another handler's key

@@ -94,3 +94,21 @@ def test_supervisord_runs_restarts_logs_and_shuts_down_the_pipeline(tmp_path):
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(30)
+
+
+def test_a_host_of_a_pipeline_spread_over_several_gets_its_share(tmp_path):
+    """`--handler` (it runs elsewhere): no handler or web program, the chosen stages only, named
+    after the host, bound on `--bind`, with the host's keys (tests/e2e/test_hosts.py runs them)."""
+    pipeline_path = synthetic_pipeline(tmp_path)
+    share = surveyor("supervisor-conf", str(pipeline_path), "--stages", "worker", "--handler", "tcp://10.0.0.1:5550",
+                     "--bind", "10.0.0.2", "--keys", str(tmp_path / "keys"))
+    assert share.returncode == 0, share.stderr
+    programs = re.findall(r"^\[program:(\w+)\]", share.stdout, re.M)
+    assert programs == ["worker"]
+    command = re.search(r"^command=(.*)$", share.stdout, re.M).group(1)
+    assert command.endswith("service worker --pipeline " + str(pipeline_path.resolve()) +
+                            " --name worker.%(host_node_name)s.%(process_num)d --handler tcp://10.0.0.1:5550"
+                            " --bind 10.0.0.2")
+    assert f'SURVEYOR_KEYS="{tmp_path / "keys"}"' in share.stdout
+    unknown = surveyor("supervisor-conf", str(pipeline_path), "--stages", "wroker")
+    assert unknown.returncode != 0 and "no stage ['wroker']" in unknown.stderr
