@@ -38,12 +38,15 @@ def send_raw(endpoint: str, payload: bytes | list[bytes], *, timeout_s: float = 
     ctx = context or zmq.Context.instance()
     socket = ctx.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
-    security.connect_as_client(socket, keys or security.configured(), server_key)
+    keys = keys or security.configured()
+    security.connect_as_client(socket, keys, server_key)
     try:
         socket.connect(endpoint)
         socket.send_multipart(payload if isinstance(payload, list) else [payload])
         if not socket.poll(timeout_s * 1000):
-            raise NoReply(f"no reply from {endpoint} within {timeout_s} s: is it running?")
+            hint = "" if keys is None else (f", and does it let in this client's key ({keys.directory}/client.key) "
+                                            f"and is {keys.directory}/handler.key its server key?")
+            raise NoReply(f"no reply from {endpoint} within {timeout_s} s: is it running{hint or '?'}")
         return messages.REPLIES.validate_json(socket.recv_multipart()[-1])
     finally:
         socket.close(linger=0)

@@ -94,8 +94,10 @@ class HandlerLink:
     def back_off(self, now: float) -> float:
         """The handler is silent: reconnect, and wait longer each time before the next try."""
         backoff = self._backoff
-        logger.warning("handler at %s silent for %.1f s; reconnecting in %.0f s",
-                       self.endpoint, now - self._seen, backoff)
+        logger.warning("handler at %s silent for %.1f s; reconnecting in %.0f s%s", self.endpoint, now - self._seen,
+                       backoff, "" if self.keys is None else
+                       f" (with CURVE: is this host's {self.keys.directory}/client.key in the handler host's "
+                       f"allowed/, and {self.keys.directory}/handler.key the handler's server key?)")
         self.connect()
         self._seen = now + backoff
         self.next_heartbeat = now + backoff

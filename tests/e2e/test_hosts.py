@@ -188,6 +188,9 @@ params = {{ output_dir = "{tmp_path / 'out'}" }}
         handler_log = (tmp_path / "logs" / "a" / "handler.log").read_text()
         assert handler_log.count(f"refused a CURVE client at {SUBNET}.2 with key "
                                  f"{stranger.client_public.decode()}") == 1
+        intruder_log = tmp_path / "logs" / "intruder" / "intruder.log"
+        wait_for(lambda: intruder_log.exists() and "is this host's" in intruder_log.read_text(), 30,
+                 "the intruder's log to say what to check")
         intruder.kill()
         client.call(handler, "shutdown", timeout_s=10, keys=keys["a"])
     finally:

@@ -58,7 +58,7 @@ def test_only_the_allow_list_gets_anything_and_changes_need_an_operator(tmp_path
             client.call(run.endpoint, "ping", timeout_s=1, keys=keys)
         with pytest.raises(client.NoReply):
             client.call(worker["command_endpoint"], "status", timeout_s=1, keys=keys, server_key=worker["server_key"])
-    with pytest.raises(client.NoReply):  # a key of the allow-list, but the wrong server key for the handler
+    with pytest.raises(client.NoReply, match="handler.key its server key"):  # let in, but trusting another handler
         client.call(run.endpoint, "ping", timeout_s=1, keys=impostor)
     eavesdropper = client.StatusFeed(run.pipeline.handler.status, keys=stranger)
     try:
