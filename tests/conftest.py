@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -24,9 +25,19 @@ SHARED = REPO.parent / "shared"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below Linux's ephemeral range (32768-60999) and ZeroMQ's random ports (49152
+    up): between now and its bind, no outgoing connection or `bind_to_random_port` can take it."""
+    while True:
+        port = _ports.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+
+
+_ports = random.Random()
 
 
 def wait_for(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
