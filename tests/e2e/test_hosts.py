@@ -131,7 +131,7 @@ service = "writer"
 inputs = ["worker"]
 params = {{ output_dir = "{tmp_path / 'out'}" }}
 """)
-    daemons = {}
+    processes: list[subprocess.Popen] = []
 
     def supervise(host: str, *options: str) -> None:
         log_dir = tmp_path / "logs" / host
@@ -141,8 +141,8 @@ params = {{ output_dir = "{tmp_path / 'out'}" }}
                                "--keys", str(keys[host].directory), *options],
                               capture_output=True, text=True, timeout=30, check=True).stdout
         (log_dir / "supervisord.conf").write_text(conf)
-        daemons[host] = hosts.start(host, [sys.executable, "-m", "supervisor.supervisord", "-n",
-                                           "-c", str(log_dir / "supervisord.conf")])
+        processes.append(hosts.start(host, [sys.executable, "-m", "supervisor.supervisord", "-n",
+                                            "-c", str(log_dir / "supervisord.conf")]))
 
     def status() -> dict:
         return client.call(handler, "status", timeout_s=2, keys=keys["a"]).result
@@ -168,6 +168,7 @@ params = {{ output_dir = "{tmp_path / 'out'}" }}
                                      str(pipeline), "--name", "intruder", "--bind", f"{SUBNET}.2"],
                                env={security.ENVIRONMENT: str(stranger.directory),
                                     "SURVEYOR_LOG_DIR": str(tmp_path / "logs" / "intruder")})
+        processes.append(intruder)
 
         assert client.call(handler, "start_scan", {"scan_id": "hosts", "n_frames": FRAMES}, keys=keys["a"]).ok
         wait_for(lambda: status()["scan"]["stages"]["writer"]["written"] > 150, 30, "frames written")
@@ -191,13 +192,13 @@ params = {{ output_dir = "{tmp_path / 'out'}" }}
         intruder_log = tmp_path / "logs" / "intruder" / "intruder.log"
         wait_for(lambda: intruder_log.exists() and "is this host's" in intruder_log.read_text(), 30,
                  "the intruder's log to say what to check")
-        intruder.kill()
         client.call(handler, "shutdown", timeout_s=10, keys=keys["a"])
     finally:
-        for daemon in [*daemons.values(), *([intruder] if "intruder" in locals() else [])]:
-            daemon.terminate()
-        for daemon in daemons.values():
+        for process in processes:
+            process.terminate()
+        for process in processes:
             try:
-                daemon.wait(30)
+                process.wait(30)
             except subprocess.TimeoutExpired:
-                daemon.kill()
+                process.kill()
+                process.wait()
