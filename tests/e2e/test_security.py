@@ -55,14 +55,14 @@ def test_only_the_allow_list_gets_anything_and_changes_need_an_operator(tmp_path
 
     for keys in (None, stranger):  # None: no CURVE at all ($SURVEYOR_KEYS is not set here)
         with pytest.raises(client.NoReply):
-            client.call(run.endpoint, "ping", timeout_s=1, keys=keys)
+            client.call(run.endpoint, "ping", timeout_s=0.5, keys=keys)
         with pytest.raises(client.NoReply):
-            client.call(worker["command_endpoint"], "status", timeout_s=1, keys=keys, server_key=worker["server_key"])
+            client.call(worker["command_endpoint"], "status", timeout_s=0.5, keys=keys, server_key=worker["server_key"])
     with pytest.raises(client.NoReply, match="handler.key its server key"):  # let in, but trusting another handler
-        client.call(run.endpoint, "ping", timeout_s=1, keys=impostor)
+        client.call(run.endpoint, "ping", timeout_s=0.5, keys=impostor)
     eavesdropper = client.StatusFeed(run.pipeline.handler.status, keys=stranger)
     try:
-        assert eavesdropper.pump(1.5) == [] and eavesdropper.status is None
+        assert eavesdropper.pump(1.5) == [] and eavesdropper.status is None  # a snapshot goes out every second
     finally:
         eavesdropper.close()
     handler_log = (run.logs / "handler.log").read_text()
