@@ -46,6 +46,8 @@ DOMAIN = "surveyor"
 
 @dataclass(frozen=True)
 class Keys:
+    """One host's keys (Z85): its server pair, its client pair, and the handler's public key."""
+
     directory: Path
     public: bytes
     secret: bytes
