@@ -57,6 +57,8 @@ class Hosts:
         ip("addr", "add", f"{SUBNET}.254/24", "dev", f"{self.prefix}-op")
         ip("link", "set", f"{self.prefix}-op", "up")
         ip("-n", self.switch, "link", "set", "port0", "master", "br0", "up")
+        subprocess.run(["ip", "netns", "exec", self.namespace("a"), "unshare", "--uts", "true"],
+                       check=True, capture_output=True, timeout=10)  # a hostname of its own is allowed here
 
     def namespace(self, host: str) -> str:
         return f"{self.prefix}-{host}"
