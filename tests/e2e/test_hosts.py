@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,25 @@ class Hosts:
         subprocess.run(["ip", "netns", "exec", self.namespace("a"), "unshare", "--uts", "true"],
                        check=True, capture_output=True, timeout=10)  # a hostname of its own is allowed here
 
+    def reachable(self, host: str) -> bool:
+        """Whether this process reaches a port opened on `host` over the bridge (a firewall on the
+        machine may drop bridged traffic)."""
+        port = free_port()
+        listener = self.start(host, [sys.executable, "-c", "import socket; s = socket.create_server(("
+                                     f"'{SUBNET}.{HOSTS[host]}', {port})); s.settimeout(10); s.accept()"])
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    socket.create_connection((f"{SUBNET}.{HOSTS[host]}", port), timeout=1).close()
+                    return True
+                except OSError:
+                    time.sleep(0.1)
+            return False
+        finally:
+            listener.kill()
+            listener.wait()
+
     def namespace(self, host: str) -> str:
         return f"{self.prefix}-{host}"
 
@@ -89,6 +110,9 @@ def hosts():
     except subprocess.CalledProcessError as exc:
         made.remove()
         pytest.skip(f"cannot make network namespaces here: {exc.stderr.decode().strip()}")
+    if not made.reachable("a"):
+        made.remove()
+        pytest.skip("the namespaces' bridge carries no traffic here (a firewall?)")
     yield made
     made.remove()
 
