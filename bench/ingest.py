@@ -6,7 +6,10 @@ The pipeline is the one of pipelines/raw.toml (writer credit 16, flush every 0.2
    `--frames` times as fast as the pipeline takes them, through `surveyor run` (receiver and
    writer processes). Baseline in the same run: one process that parses the same messages
    (JSON parts, the bitshuffle framing check) and writes them with direct chunk writes, with
-   no sockets at all: the best a Python receiver-writer could do.
+   no sockets at all: the best a Python receiver-writer could do. And the transport's floor: the
+   same messages through a bare pyzmq relay process (PULL tcp -> PUSH ipc) to a sink process
+   that only receives, with the CPU each spends per frame (user and system time, its ZeroMQ
+   I/O thread included): what two processes cost before they do any work.
 2. Simulated 4 Mpx uint16 frames, bitshuffle/LZ4-compressed, through the same pipeline.
 
 Time runs from the first message sent to the `scan_finished` event (every frame flushed and
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import multiprocessing as mp
 import os
 import sys
 import tempfile
@@ -74,6 +78,67 @@ def simulated_messages(frames: int) -> tuple[list[bytes], list[list[bytes]], byt
     return header, images, stream1.encode(SeriesEnd(series="4"))[0]
 
 
+def _cpu_s(pid: str = "self") -> float:
+    """User and system seconds a process has spent (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _relay(source: str, sink: str, frames: int, report: mp.Queue) -> None:
+    context = zmq.Context()
+    pull, push = context.socket(zmq.PULL), context.socket(zmq.PUSH)
+    pull.connect(source)
+    push.bind(sink)
+    push.send_multipart(pull.recv_multipart(copy=False), copy=False)
+    started = _cpu_s()  # from the first frame: the process's start-up is not counted
+    for _ in range(frames - 1):
+        push.send_multipart(pull.recv_multipart(copy=False), copy=False)
+    report.put(("relay", _cpu_s() - started))
+    push.close(linger=-1)
+    context.term()
+
+
+def _sink(sink: str, frames: int, report: mp.Queue) -> None:
+    context = zmq.Context()
+    pull = context.socket(zmq.PULL)
+    pull.connect(sink)
+    pull.recv_multipart(copy=False)
+    started = _cpu_s()
+    for _ in range(frames - 1):
+        pull.recv_multipart(copy=False)
+    report.put(("sink", _cpu_s() - started))
+    pull.close()
+    context.term()
+
+
+def transport_floor(images: list[list[bytes]], directory: Path) -> dict[str, float]:
+    """The same messages through a relay process to a sink process doing nothing else."""
+    source, sink = f"tcp://127.0.0.1:{free_port()}", f"ipc://{directory}/floor.ipc"
+    report: mp.Queue = mp.Queue()
+    processes = [mp.Process(target=_relay, args=(source, sink, len(images), report)),
+                 mp.Process(target=_sink, args=(sink, len(images), report))]
+    for process in processes:
+        process.start()
+    context = zmq.Context()
+    push = context.socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDHWM, 100)
+    push.bind(source)
+    try:
+        started = time.perf_counter()
+        for parts in images:
+            push.send_multipart(parts, copy=False)
+        spent = dict(report.get(timeout=600) for _ in processes)
+        elapsed = time.perf_counter() - started
+    finally:
+        push.close(linger=0)
+        context.term()
+        for process in processes:
+            process.join(10)
+    return {**figures(images, elapsed),
+            **{f"{name}_cpu_us_per_frame": round(seconds / len(images) * 1e6, 1) for name, seconds in spent.items()}}
+
+
 def single_process(images: list[list[bytes]], directory: Path) -> dict[str, float]:
     """Parse and write in one loop: the floor any receiver-writer pays."""
     path = directory / "baseline.h5"
@@ -108,7 +173,8 @@ def pipeline(header: list[bytes], images: list[list[bytes]], end: bytes, directo
     push.setsockopt(zmq.SNDHWM, 100)
     push.bind(source)
     try:
-        harness.wait_up(handler, 2)
+        pids = {s["stage"]: s["pid"] for s in harness.wait_up(handler, 2)}
+        cpu = {stage: _cpu_s(pid) for stage, pid in pids.items()}
         started = time.perf_counter()
         push.send_multipart(header)
         for parts in images:
@@ -116,13 +182,15 @@ def pipeline(header: list[bytes], images: list[list[bytes]], end: bytes, directo
         push.send(end)
         finished = wait_for(lambda: feed.find("scan_finished"), 600, "the scan to finish")
         elapsed = time.perf_counter() - started
+        cpu = {f"{stage}_cpu_us_per_frame": round((_cpu_s(pid) - cpu[stage]) / len(images) * 1e6, 1)
+               for stage, pid in pids.items()}
     finally:
         feed.close()
         push.close(linger=0)
         context.term()
         run.wait(60)
     summary = finished["summary"]
-    return {**figures(images, elapsed), "frames_written": summary["frames_written"],
+    return {**figures(images, elapsed), **cpu, "frames_written": summary["frames_written"],
             "frames_lost": summary["frames_lost"], "frames_rejected": summary["frames_rejected"]}
 
 
@@ -139,9 +207,11 @@ def main() -> None:
             directory = Path(tmp) / name
             directory.mkdir()
             baseline = single_process(images, directory)
+            floor = transport_floor(images, directory)
             measured = pipeline(header, images, end, directory)
             results[name] = {"frames": len(images), "mean_blob_bytes": round(np.mean([len(p[2]) for p in images])),
-                             "single_process_parse_and_write": baseline, "surveyor_receiver_writer": measured,
+                             "single_process_parse_and_write": baseline, "bare_pyzmq_relay_and_sink": floor,
+                             "surveyor_receiver_writer": measured,
                              "ratio": round(measured["frames_per_s"] / baseline["frames_per_s"], 3)}
     print(json.dumps({"benchmark": "ingest", "path": "PUSH (tcp) -> receiver -> writer -> raw CXI",
                       "cpus": os.cpu_count(), "results": results}, indent=2))
