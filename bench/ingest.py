@@ -47,7 +47,7 @@ from libs.common.detector import stream1  # noqa: E402
 from libs.common.frames import ArraySpec  # noqa: E402
 from libs.common.detector.events import Image  # noqa: E402
 from services.writer.disk import LIBVER  # noqa: E402
-from tests.conftest import SHARED, free_port, ingest_pipeline, wait_for  # noqa: E402
+from tests.conftest import SHARED, cpu_seconds, free_port, ingest_pipeline, wait_for  # noqa: E402
 
 RECORDING = SHARED / "data" / "recorded" / "eiger1m_stream1.msgpack.gz"
 
@@ -78,23 +78,16 @@ def simulated_messages(frames: int) -> tuple[list[bytes], list[list[bytes]], byt
     return header, images, stream1.encode(SeriesEnd(series="4"))[0]
 
 
-def _cpu_s(pid: str = "self") -> float:
-    """User and system seconds a process has spent (all its threads)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _relay(source: str, sink: str, frames: int, report: mp.Queue) -> None:
     context = zmq.Context()
     pull, push = context.socket(zmq.PULL), context.socket(zmq.PUSH)
     pull.connect(source)
     push.bind(sink)
     push.send_multipart(pull.recv_multipart(copy=False), copy=False)
-    started = _cpu_s()  # from the first frame: the process's start-up is not counted
+    started = cpu_seconds()  # from the first frame: the process's start-up is not counted
     for _ in range(frames - 1):
         push.send_multipart(pull.recv_multipart(copy=False), copy=False)
-    report.put(("relay", _cpu_s() - started))
+    report.put(("relay", cpu_seconds() - started))
     push.close(linger=-1)
     context.term()
 
@@ -104,10 +97,10 @@ def _sink(sink: str, frames: int, report: mp.Queue) -> None:
     pull = context.socket(zmq.PULL)
     pull.connect(sink)
     pull.recv_multipart(copy=False)
-    started = _cpu_s()
+    started = cpu_seconds()
     for _ in range(frames - 1):
         pull.recv_multipart(copy=False)
-    report.put(("sink", _cpu_s() - started))
+    report.put(("sink", cpu_seconds() - started))
     pull.close()
     context.term()
 
@@ -174,7 +167,7 @@ def pipeline(header: list[bytes], images: list[list[bytes]], end: bytes, directo
     push.bind(source)
     try:
         pids = {s["stage"]: s["pid"] for s in harness.wait_up(handler, 2)}
-        cpu = {stage: _cpu_s(pid) for stage, pid in pids.items()}
+        cpu = {stage: cpu_seconds(pid) for stage, pid in pids.items()}
         started = time.perf_counter()
         push.send_multipart(header)
         for parts in images:
@@ -182,7 +175,7 @@ def pipeline(header: list[bytes], images: list[list[bytes]], end: bytes, directo
         push.send(end)
         finished = wait_for(lambda: feed.find("scan_finished"), 600, "the scan to finish")
         elapsed = time.perf_counter() - started
-        cpu = {f"{stage}_cpu_us_per_frame": round((_cpu_s(pid) - cpu[stage]) / len(images) * 1e6, 1)
+        cpu = {f"{stage}_cpu_us_per_frame": round((cpu_seconds(pid) - cpu[stage]) / len(images) * 1e6, 1)
                for stage, pid in pids.items()}
     finally:
         feed.close()

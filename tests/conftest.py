@@ -40,6 +40,12 @@ def free_port() -> int:
 _ports = random.Random()
 
 
+def cpu_seconds(pid: int | str = "self") -> float:
+    """User and system CPU seconds a process has spent so far, every thread of it."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_for(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

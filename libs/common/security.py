@@ -129,16 +129,18 @@ def sender(frame: zmq.Frame) -> bytes | None:
 
 
 class Gatekeeper(ThreadAuthenticator):
-    """The ZAP handler of one process: admits the keys of the allow-list (read again when a key
-    is not known, so a key added to allowed/ is let in without a restart) and logs each refused
-    (address, key) once."""
+    """The ZAP handler of one process: admits the keys of the allow-list as the folder is now (read
+    again when it changed, so a key added to or taken from allowed/ counts from the next
+    connection, without a restart) and logs each refused (address, key) once."""
 
     _running: dict[int, Gatekeeper] = {}
 
     def __init__(self, context: zmq.Context, keys: Keys) -> None:
         super().__init__(context, log=logging.getLogger(f"{__name__}.zap"))
         self.keys = keys
-        self._known = keys.allowed()
+        self._known: dict[bytes, str] = {}
+        self._read_at: int | None = None
+        """The allow-list folder's modification time when `_known` was read."""
         self._refused: set[tuple[str, bytes]] = set()
         self._address = ""
 
@@ -164,8 +166,12 @@ class Gatekeeper(ThreadAuthenticator):
 
     def callback(self, domain: str, key: bytes) -> bool:
         """zmq.auth's credentials provider: whether the client key `key` (Z85) may connect."""
-        if key not in self._known:
-            self._known = self.keys.allowed()
+        try:
+            changed = (self.keys.directory / "allowed").stat().st_mtime_ns
+        except OSError:
+            changed = None
+        if changed is None or changed != self._read_at:
+            self._known, self._read_at = self.keys.allowed(), changed
         if key in self._known:
             return True
         if (self._address, key) not in self._refused:
@@ -199,12 +205,16 @@ def create(directory: str | os.PathLike, *, handler_key: str | os.PathLike | Non
 def allow(directory: str | os.PathLike, public_file: str | os.PathLike, *, name: str | None = None,
           operator: bool = False) -> None:
     """Let the client whose public key is in `public_file` connect (and steer services directly)."""
-    key, _ = zmq.auth.load_certificate(public_file)
+    _, secret = zmq.auth.load_certificate(public_file)  # ValueError unless it is a key file
+    if secret is not None:
+        raise ValueError(f"{public_file} holds a secret key: give its public .key file, which is safe to copy")
     name = name or Path(public_file).stem
     for folder in ("allowed", "operators") if operator else ("allowed",):
         target = Path(directory) / folder / f"{name}.key"
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(f"# {name}\ncurve\n    public-key = \"{key.decode()}\"\n")
+        partial = target.with_suffix(".partial")
+        shutil.copyfile(public_file, partial)
+        partial.replace(target)  # whole or not at all, and the folder's time says it changed
 
 
 def listing(directory: str | os.PathLike) -> list[tuple[str, str, str]]:

@@ -1,5 +1,5 @@
 """CURVE on a running pipeline: only the allow-list's keys get anything, a refusal is logged once
-with the address and the key, a key let in later is let in without a restart, the handler's key
+with the address and the key, a key let in or taken out later counts without a restart, the handler's key
 must be the handler's, a service takes changes only from an operator's key, the web front-end
 follows the handler over CURVE, and a scan runs with every frame exactly once."""
 
@@ -76,6 +76,8 @@ def test_only_the_allow_list_gets_anything_and_changes_need_an_operator(tmp_path
 
     security.allow(host.directory, stranger.directory / "client.key", name="stranger")
     assert wait_for(lambda: _answers(run.endpoint, stranger), 10, "the stranger let in without a restart")
+    (host.directory / "allowed" / "stranger.key").unlink()
+    assert wait_for(lambda: not _answers(run.endpoint, stranger), 10, "the stranger shut out again")
 
     assert run.ctl("start_scan", {"scan_id": "curve", "n_frames": 400}).ok
     finished = run.wait_scan("curve")

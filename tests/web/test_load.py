@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import statistics
 import threading
 import time
@@ -20,7 +19,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.conftest import Run, synthetic_pipeline, wait_for
+from tests.conftest import Run, cpu_seconds, synthetic_pipeline, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -110,11 +109,11 @@ def test_twenty_clients_do_not_change_the_pipelines_rate(tmp_path):
         our_cpu: dict[str, float] = {}
 
         def rate(scan_id: str) -> float:
-            cpu, ours = _cpu_s(web_pid), time.process_time()
+            cpu, ours = cpu_seconds(web_pid), time.process_time()
             assert run.ctl("start_scan", {"scan_id": scan_id, "n_frames": FRAMES}).ok
             summary = run.wait_scan(scan_id, timeout_s=60)["summary"]
             assert summary["frames_lost"] == 0 and summary["frames_written"] == FRAMES
-            web_cpu[scan_id] = round((_cpu_s(web_pid) - cpu) / summary["wall_s"], 3)
+            web_cpu[scan_id] = round((cpu_seconds(web_pid) - cpu) / summary["wall_s"], 3)
             our_cpu[scan_id] = round((time.process_time() - ours) / summary["wall_s"], 3)
             return summary["rate_hz"]
 
@@ -156,12 +155,6 @@ def _processes():
                 yield int(entry.name), (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 pass
-
-
-def _cpu_s(pid: int) -> float:
-    """User and system CPU seconds of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _answers(url: str) -> bool:
