@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterable, Iterator
 import msgpack
 import zmq
 
-from libs.common import security
+from libs.common import loop, security
 from libs.common.frames import FrameKey
 from libs.common.security import Keys
 
@@ -176,8 +176,16 @@ class Outlet:
             logger.warning("scan header not delivered to %s: %s", identity.decode(errors="replace"), exc)
 
     def full(self) -> bool:
-        """True while a stage that needs every frame cannot take more: time to stop producing."""
-        return any(len(r.pending) >= self.max_pending for r in self.routes.values() if not r.latest)
+        """True while a stage that needs every frame cannot take more: time to stop producing.
+        Inside `batch()`, frames its consumers have credit for do not count: they go out together
+        when it closes (a source then takes as many detector messages per turn as can be sent)."""
+        for route in self.routes.values():
+            if route.latest:
+                continue
+            room = self.max_pending + (sum(c.credit for c in route.consumers.values()) if self._held else 0)
+            if len(route.pending) >= room:
+                return True
+        return False
 
     def outstanding(self, epoch: int) -> int:
         """Frames of `epoch` not yet acknowledged by every stage that needs them."""
@@ -308,7 +316,7 @@ class Outlet:
                 message = [consumer.identity, BATCH, msgpack.packb([len(item.parts) for item in items]),
                            *(part for item in items for part in item.parts)]
             try:
-                self.socket.send_multipart(message, copy=False)
+                loop.send(self.socket, message, copy=False)
             except zmq.ZMQError as exc:
                 route.pending.extendleft(reversed(items))
                 if exc.errno == zmq.EAGAIN:
@@ -378,7 +386,7 @@ class Inlet:
         """The (tag, parts) of each frame or header in the next message from this link (FRAME,
         RESENT or HEADER; a batch is split into its frames), or None when none waits."""
         try:
-            parts = socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            parts = loop.receive(socket, copy=False)
         except zmq.Again:
             return None
         tag = parts[0].bytes

@@ -474,18 +474,20 @@ class Service(Hooks):
                 self._ledger.settle(token)
 
     def _run_hooks(self, batch: list[tuple[Hook, Frame, Token, bool, bool]]) -> None:
-        for hook, frame, token, redelivered, _ in batch:
-            self._current, self.redelivered = token, redelivered
-            started = time.perf_counter()
-            try:
-                hook(frame)
-            except Exception:  # noqa: BLE001 - one bad frame must not end the service
-                self.count("rejected")
-                logger.exception("frame %d of scan %s failed in %s", frame.header.frame, frame.header.scan_id,
-                                 self.stage)
-            finally:
-                self._current, self.redelivered = None, False
-                self._busy(time.perf_counter() - started)
+        started = time.perf_counter()
+        try:
+            for hook, frame, token, redelivered, _ in batch:
+                self._current, self.redelivered = token, redelivered
+                try:
+                    hook(frame)
+                except Exception:  # noqa: BLE001 - one bad frame must not end the service
+                    self.count("rejected")
+                    logger.exception("frame %d of scan %s failed in %s", frame.header.frame, frame.header.scan_id,
+                                     self.stage)
+                finally:
+                    self._current, self.redelivered = None, False
+        finally:
+            self._busy(time.perf_counter() - started)
 
     def _on_header(self, header: Frame) -> None:
         """Every producer process forwards the header; the first one of an epoch counts."""

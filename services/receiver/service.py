@@ -61,9 +61,11 @@ from libs.common.contracts import WRITER_OUTPUT_DIR, DetectorHeader, raw_path
 from libs.common.errors import FrameError
 from libs.common.detector import PROTOCOLS, Event, Image, SeriesEnd, SeriesStart, StreamError, header_from_image
 from libs.common.frames import Frame
+from libs.common.loop import receive
 from libs.common.messages import ScanDescription
 from libs.common.previews import downsampled
 from libs.common.runtime import Service as Runtime
+from libs.common.timers import Timer
 from libs.simulation.synthetic import synthetic_frame
 from services.receiver.params import MIB, Params
 from libs.common.detector.replay import replay_events
@@ -127,6 +129,7 @@ class Service(Runtime):
         self._last_frame: Frame | None = None
         """The newest frame not shown yet as the `last_frame` preview."""
         self._next_frame_preview = 0.0
+        self._preview_timer: Timer | None = None
         self._connect()
 
     def _endpoints(self) -> tuple[str, ...]:
@@ -190,7 +193,7 @@ class Service(Runtime):
             if not self.wants_input():
                 return
             try:
-                parts = self._detector.recv_multipart(zmq.NOBLOCK, copy=False)
+                parts = receive(self._detector, copy=False)
             except zmq.Again:
                 return
             self._last_input = time.monotonic()
@@ -290,8 +293,8 @@ class Service(Runtime):
         now = time.monotonic()
         if now >= self._next_frame_preview:
             self._publish_last_frame()
-        else:
-            self.after(self._next_frame_preview - now, self._publish_last_frame)
+        elif self._preview_timer is None or self._preview_timer.cancelled:
+            self._preview_timer = self.after(self._next_frame_preview - now, self._publish_last_frame)
 
     def _publish_last_frame(self) -> None:
         frame, self._last_frame = self._last_frame, None

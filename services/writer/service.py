@@ -58,6 +58,7 @@ from libs.common.frames import ArraySpec, Frame
 from libs.common.messages import ScanDescription, ServiceStats
 from libs.common.previews import Latency
 from libs.common.runtime import Service as Runtime, Token
+from libs.common.timers import Timer
 from services.writer.disk import (EPOCH_ATTR, IO_ERRORS, MB, RETRYABLE, SCAN_ATTR, Parts, Space, advice,
                                   error_number, free_bytes, open_part)
 from services.writer.params import Params
@@ -104,6 +105,8 @@ class Service(Runtime):
         self._headers: dict[str, ScanHeader] = {}
         """The scan headers of the scan by name, their meta parsed as they came."""
         self._next_preview = 0.0
+        self._flush_timer: Timer | None = None
+        """Armed by the first frame written since a flush (once, not per frame)."""
         self._parts: Parts | None = None
         """This process's file for the current scan and the scan's earlier parts: chosen once."""
         self._failure: Failure | None = None
@@ -295,8 +298,8 @@ class Service(Runtime):
             self._preview()
         if len(self._unflushed) >= FLUSH_FRAMES:
             self._flush()
-        elif self._unflushed:
-            self.after(self.params.flush_interval_s, self._on_timer)
+        elif self._unflushed and (self._flush_timer is None or self._flush_timer.cancelled):
+            self._flush_timer = self.after(self.params.flush_interval_s, self._on_timer)
 
     def _write(self, frame: Frame, meta: FrameMeta) -> bool:
         """Write one frame (_Held when it cannot be now); False for a record already written."""

@@ -114,6 +114,16 @@ def test_stream1_refuses_bad_messages_with_a_reason(message, reason):
         PROTOCOLS["stream1"].decode(message)
 
 
+def test_stream1_json_that_only_the_standard_library_reads_still_decodes():
+    """The fast JSON parser refuses NaN and integers over 64 bits; a detector's message with them
+    is read all the same."""
+    message = stream1_image()
+    first = json.loads(message[0])
+    message[0] = json.dumps({**first, "hash": float("nan"), "counter": 2 ** 70}).encode()
+    image = PROTOCOLS["stream1"].decode(message)
+    assert image.frame == 0 and image.blobs[0][0].shape == (20, 30)
+
+
 @pytest.mark.parametrize(("message", "reason"), [
     ([b"\xff"], "not CBOR"),
     ([b"\xa1\x64type\x65image"], "image_id"),

@@ -139,3 +139,24 @@ def test_frames_sent_in_a_batch_travel_together_and_arrive_in_order(context):
     consumer.inlet.close()
     outlet.close()
     assert consumer.received == list(range(25)) and outlet.pending == 0
+
+
+def test_inside_a_batch_frames_with_credit_do_not_count_as_queued(context):
+    """A source reads as many detector messages per turn as its consumers have credit for, plus
+    the queue: they leave together when the batch closes. Outside a batch the queue alone counts."""
+    outlet = Outlet(context, host="127.0.0.1", on_delivered=lambda _: None, max_pending=4)
+    outlet.add_route("w", latest=False, depth=0)
+    consumer = Consumer(context, outlet, "c1", credit=10)
+    try:
+        settle(outlet, [consumer], acks=[False], seconds=0.3)
+        with outlet.batch():
+            for number in range(13):
+                outlet.send(frame(number).key, frame(number).encode(), parent=number)
+                assert not outlet.full(), f"{number + 1} queued of 10 with credit + 4"
+            outlet.send(frame(13).key, frame(13).encode(), parent=13)
+            assert outlet.full()
+        assert outlet.pending == 4, "10 went out in one message; 4 wait"
+        assert outlet.full(), "no credit left: outside a batch the queue alone counts"
+    finally:
+        consumer.inlet.close()
+        outlet.close()

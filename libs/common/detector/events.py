@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 import numpy as np
+import orjson
 from pydantic import Field
 
 from libs.common import codecs
@@ -135,10 +136,15 @@ def misfit(array: np.ndarray, info: DetectorInfo) -> str | None:
 
 
 def parse_json(part: Any, what: str) -> dict[str, Any]:
+    """orjson first (a fifth of the time, per image); what it refuses (NaN, integers over 64 bits)
+    the standard library may still read, and its message names the fault."""
     try:
-        value = json.loads(bytes(part))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise StreamError(f"{what} is not JSON: {exc}") from None
+        value = orjson.loads(part)
+    except orjson.JSONDecodeError:
+        try:
+            value = json.loads(bytes(part))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise StreamError(f"{what} is not JSON: {exc}") from None
     if not isinstance(value, dict):
         raise StreamError(f"{what} is JSON but not an object")
     return value
