@@ -14,7 +14,7 @@ iteration per frame, both inside the pipeline and in one process on the same fra
 (the baseline), next to the paper's figures (2 Hz, about 5 minutes) and PtyPy's DM in NumPy
 (1.3 ms per 128 x 128 frame-iteration, reference/ptychography.md 3.2).
 
-    python bench/ptychography.py [--frames 1600] [--size 128] [--ml 0]
+    python bench/ptychography.py [--frames 1600] [--size 128] [--ml N]
 
 Prints one JSON document.
 """
@@ -47,8 +47,9 @@ PAPER = {"rate_hz": 2.0, "scan_start_to_image_s": 300, "source": "Daurer et al. 
 PTYPY_DM_S_PER_FRAME_ITERATION_128 = 1.3e-3
 
 
-def run_pipeline(frames: int, size: int, directory: Path, ml: int) -> dict:
-    overrides = [*free_endpoints(), f"stages.reconstruction_worker.params.ml_iterations={ml}",
+def run_pipeline(frames: int, size: int, directory: Path, ml: int | None) -> dict:
+    pins = [] if ml is None else [f"stages.reconstruction_worker.params.ml_iterations={ml}"]
+    overrides = [*free_endpoints(), *pins,
                  f"simulation.params={{n_dark=20, size={size}, oversampling=4, raw_shape=[{8 * size}, {8 * size}], "
                  "presimulate=true}"]
     sets = [arg for o in overrides for arg in ("--set", o)]
@@ -100,7 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=1600)
     parser.add_argument("--size", type=int, default=128, help="the simulated optics' scale (see libs/simulation)")
-    parser.add_argument("--ml", type=int, default=0, help="maximum-likelihood steps after RAAR")
+    parser.add_argument("--ml", type=int, help="maximum-likelihood steps after RAAR (default: the pipeline's)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         pipeline = run_pipeline(args.frames, args.size, Path(tmp), args.ml)

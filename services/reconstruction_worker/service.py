@@ -105,13 +105,14 @@ class Engine(threading.Thread):
                 self.after_last += 1
 
     def _refine(self) -> None:
-        """The maximum-likelihood steps after RAAR, if asked for."""
+        """The maximum-likelihood steps after RAAR, if asked for, within their time budget."""
         if not self.params.ml_iterations:
             return
+        started = time.monotonic()
         with self.lock:
             refinement = MaximumLikelihood(self.solver, smoothness=self.params.smoothness)
         for _ in range(self.params.ml_iterations):
-            if self.stopping:
+            if self.stopping or time.monotonic() - started >= self.params.ml_budget_s:
                 return
             with self.lock:
                 refinement.iterate(1)

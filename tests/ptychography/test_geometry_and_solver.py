@@ -12,7 +12,9 @@ from libs.common.messages import ProbeModel
 from libs.ptychography import geometry, optics
 from libs.ptychography.quality import illuminated, score
 from services.reconstruction_worker.ml import MaximumLikelihood
+from services.reconstruction_worker.params import Params
 from services.reconstruction_worker.raar import StreamingRaar
+from services.reconstruction_worker.service import Engine
 from tests.ptychography.test_science import confined_probe, model_frames, small_scan
 
 SCAN = dict(energy_ev=800.0, distance_m=0.08, pixel_m=25e-6)
@@ -95,3 +97,14 @@ def test_maximum_likelihood_refines_a_raar_start():
     after = score(solver.object, scan.object, mask).nrmse
     print(f"NRMSE after 15 RAAR iterations {before:.4f}, then 30 ML steps {after:.4f}")
     assert last < first and after < 0.6 * before
+
+
+@pytest.mark.parametrize(("budget_s", "steps"), [(1e-9, 0), (600.0, 5)])
+def test_maximum_likelihood_steps_stop_at_their_time_budget(budget_s, steps):
+    """A large scan's result is not held back for ever: the steps end when their budget is spent."""
+    scan = small_scan(count=16, jitter=0.3)
+    frames, centres = model_frames(scan, whole=False)
+    solver = reconstruct(scan, frames, centres, iterations=2)
+    engine = Engine(solver, Params(ml_iterations=5, ml_budget_s=budget_s), total=len(frames))
+    engine._refine()
+    assert engine.ml_done == steps
