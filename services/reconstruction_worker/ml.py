@@ -20,7 +20,7 @@ import numba
 import numpy as np
 import scipy.fft
 
-from services.reconstruction_worker.raar import StreamingRaar, object_sums
+from services.reconstruction_worker.raar import StreamingRaar, exit_waves, object_sums
 
 
 class MaximumLikelihood:
@@ -28,19 +28,25 @@ class MaximumLikelihood:
         self.solver = solver
         self.smoothness = smoothness
         self.refine_probe = probe
-        taken = np.flatnonzero(solver.received)
-        self.corners = np.ascontiguousarray(solver.corners[taken])
-        self.classes = solver.classes[taken]
-        intensity = solver.amplitudes[taken] ** 2
-        valid = solver.valid[taken]
+        self.corners, self.classes, amplitudes, valid = solver.arrived()
+        intensity = amplitudes**2
         self.intensity = np.where(valid, intensity, 0).astype(np.float32)
         self.weight = (valid / (intensity + 1)).astype(np.float32)
+        self._measured = max(np.count_nonzero(self.weight), 1)
         self.reg: float | None = None
         """The prior's weight, set at the first step from the illumination (the module's docstring)."""
         self._previous: tuple[np.ndarray, np.ndarray] | None = None
         self._direction: tuple[np.ndarray, np.ndarray] | None = None
         self._probe_scale: float | None = None
         self.error = float("nan")
+        # One set of frame-sized buffers for every step: each is a scan's worth of exit waves, and
+        # memory handed out afresh costs more here than the arithmetic done in it.
+        shape = self.intensity.shape
+        self._waves = np.empty(shape, np.complex64)
+        self._chi = np.empty(shape, np.complex64)
+        """The gradient's exit waves, then the first derivative of the waves along the direction."""
+        self._second = np.empty(shape, np.complex64)
+        self._residual = np.empty(shape, np.float32)
 
     def iterate(self, count: int = 1) -> float:
         """`count` conjugate-gradient steps; the data term of L per measured pixel after the last."""
@@ -48,14 +54,17 @@ class MaximumLikelihood:
             self._step()
         return self.error
 
+    def _fft(self, a: np.ndarray) -> np.ndarray:
+        return scipy.fft.fft2(a, norm="ortho", workers=self.solver.workers, overwrite_x=True)
+
     def _step(self) -> None:
         s = self.solver
         probes = s.shifted_probes()
-        views = _views(s.object, self.corners, s.size)
-        waves = scipy.fft.fft2(probes[self.classes] * views, norm="ortho", workers=s.workers)
-        residual = np.abs(waves) ** 2 - self.intensity
-        self.error = float(np.sum(self.weight * residual**2) / max(np.count_nonzero(self.weight), 1))
-        chi = scipy.fft.ifft2(2 * self.weight * residual * waves, norm="ortho", workers=s.workers)
+        exit_waves(self._waves, probes, self.classes, s.object, self.corners)
+        waves = self._fft(self._waves)
+        residual = self._residual
+        self.error = _residual_gradient(self._chi, residual, waves, self.intensity, self.weight) / self._measured
+        chi = scipy.fft.ifft2(self._chi, norm="ortho", workers=s.workers, overwrite_x=True)
         grad_object = np.zeros_like(s.object)
         illumination = np.zeros(s.object.shape, np.float32)
         object_sums(grad_object, illumination, probes, self.classes, chi, self.corners)
@@ -65,7 +74,12 @@ class MaximumLikelihood:
             lit = illumination[illumination > 0.1 * illumination.max()]
             self.reg = self.smoothness * 4 * float(lit.mean()) if lit.size else 0.0
         grad_object += self.reg * _laplacian_negative(s.object)
-        grad_probe = s.unshift_sum(np.conj(views) * chi) if self.refine_probe else np.zeros_like(s.probe)
+        if self.refine_probe:
+            per_class = np.zeros(probes.shape, np.complex64)
+            _probe_sums(per_class, s.object, self.classes, chi, self.corners)
+            grad_probe = s.unshift(per_class)
+        else:
+            grad_probe = np.zeros_like(s.probe)
         if s.support is not None:
             grad_probe *= s.support
         # The probe's gradient in the object's units (PtyPy's preconditioner): a running ratio.
@@ -90,14 +104,9 @@ class MaximumLikelihood:
         self._direction = (h_object, h_probe)
 
         # The step: the minimum of L's expansion to second order along (h_object, h_probe).
-        h_probes = s.shifted(h_probe)[self.classes]
-        h_views = _views(h_object, self.corners, s.size)
-        first = scipy.fft.fft2(h_probes * views + probes[self.classes] * h_views, norm="ortho", workers=s.workers)
-        second = scipy.fft.fft2(h_probes * h_views, norm="ortho", workers=s.workers)
-        d1 = 2 * (np.conj(waves) * first).real
-        d2 = np.abs(first) ** 2 + 2 * (np.conj(waves) * second).real
-        numerator = float(np.sum(self.weight * residual * d1))
-        denominator = float(np.sum(self.weight * (d1**2 + 2 * residual * d2)))
+        first, second = chi, self._second
+        _directional_waves(first, second, probes, s.shifted(h_probe), self.classes, s.object, h_object, self.corners)
+        numerator, denominator = _step_sums(waves, self._fft(first), self._fft(second), residual, self.weight)
         grad_o, grad_h = _gradients(s.object), _gradients(h_object)
         numerator += self.reg * sum(np.vdot(a, b).real for a, b in zip(grad_o, grad_h))
         denominator += self.reg * sum(_norm2(b) for b in grad_h)
@@ -130,13 +139,65 @@ def _laplacian_negative(a: np.ndarray) -> np.ndarray:
     return out
 
 
+# --- fused loops over the frames: one pass each, into the buffers above -------------------------
+
+
 @numba.njit(cache=True, fastmath=True, nogil=True)
-def _views(obj, corners, n):
-    """The object under each frame's window: (frames, n, n)."""
-    out = np.empty((corners.shape[0], n, n), obj.dtype)
-    for k in range(corners.shape[0]):
+def _residual_gradient(chi, residual, waves, intensity, weight):
+    """residual = |waves|^2 - I and chi = 2 w residual waves (dL/dwaves*); returns the data term."""
+    total = 0.0
+    for k in range(waves.shape[0]):
+        for i in range(waves.shape[1]):
+            for j in range(waves.shape[2]):
+                v = waves[k, i, j]
+                r = v.real * v.real + v.imag * v.imag - intensity[k, i, j]
+                w = weight[k, i, j]
+                residual[k, i, j] = r
+                chi[k, i, j] = np.float32(2) * w * r * v
+                total += w * r * r
+    return total
+
+
+@numba.njit(cache=True, fastmath=True, nogil=True)
+def _probe_sums(per_class, obj, classes, chi, corners):
+    """The probe's gradient per class: conj(O_j) chi_j summed over the class's frames."""
+    n = per_class.shape[1]
+    for k in range(chi.shape[0]):
         y, x = corners[k, 0], corners[k, 1]
+        c = classes[k]
         for i in range(n):
             for j in range(n):
-                out[k, i, j] = obj[y + i, x + j]
-    return out
+                per_class[c, i, j] += obj[y + i, x + j].conjugate() * chi[k, i, j]
+
+
+@numba.njit(cache=True, fastmath=True, nogil=True)
+def _directional_waves(first, second, probes, h_probes, classes, obj, h_obj, corners):
+    """The exit waves' derivatives along (h_object, h_probe): h_P O + P h_O and h_P h_O."""
+    n = probes.shape[1]
+    for k in range(first.shape[0]):
+        y, x = corners[k, 0], corners[k, 1]
+        c = classes[k]
+        for i in range(n):
+            for j in range(n):
+                o, h = obj[y + i, x + j], h_obj[y + i, x + j]
+                hp = h_probes[c, i, j]
+                first[k, i, j] = hp * o + probes[c, i, j] * h
+                second[k, i, j] = hp * h
+
+
+@numba.njit(cache=True, fastmath=True, nogil=True)
+def _step_sums(waves, first, second, residual, weight):
+    """L's first and second derivative in the step length (data term): sum w r d1 and
+    sum w (d1^2 + 2 r d2), with d1 = 2 Re(conj(waves) first), d2 = |first|^2 + 2 Re(conj(waves) second)."""
+    numerator = 0.0
+    denominator = 0.0
+    for k in range(waves.shape[0]):
+        for i in range(waves.shape[1]):
+            for j in range(waves.shape[2]):
+                v, a, b = waves[k, i, j], first[k, i, j], second[k, i, j]
+                d1 = np.float32(2) * (v.real * a.real + v.imag * a.imag)
+                d2 = a.real * a.real + a.imag * a.imag + np.float32(2) * (v.real * b.real + v.imag * b.imag)
+                w, r = weight[k, i, j], residual[k, i, j]
+                numerator += w * r * d1
+                denominator += w * (d1 * d1 + np.float32(2) * r * d2)
+    return numerator, denominator

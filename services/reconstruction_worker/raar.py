@@ -59,10 +59,18 @@ class StreamingRaar:
         self.support = None if support is None else support.astype(np.float32)
         self.probe = np.ascontiguousarray(probe if support is None else probe * support, np.complex64)
         count = len(self.corners)
+        self.received = np.zeros(count, bool)
+        # The frames' data in the order they came (slot k holds frame order[k]): the frames received
+        # are always the first slots, so every iteration works on views, copying nothing.
+        self.order = np.zeros(count, np.int64)
+        self._corners = np.zeros((count, 2), np.int64)
+        self._classes = np.zeros(count, np.int64)
         self.amplitudes = np.zeros((count, n, n), np.float32)
         self.valid = np.zeros((count, n, n), bool)
         self.exit_waves = np.zeros((count, n, n), np.complex64)
-        self.received = np.zeros(count, bool)
+        self._spectra = np.empty((count, n, n), np.complex64)
+        self._photons = 0.0
+        self._frames = 0
         self.iterations = 0
         self.error = float("nan")
         self.refine_probe = True
@@ -72,18 +80,27 @@ class StreamingRaar:
 
     @property
     def frames(self) -> int:
-        return int(self.received.sum())
+        return self._frames
+
+    def arrived(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The frames received so far, in the order they came: their windows' corners, their
+        classes, their measured amplitudes and valid pixels (views, not copies)."""
+        m = self._frames
+        return self._corners[:m], self._classes[:m], self.amplitudes[:m], self.valid[:m]
 
     def add(self, index: int, intensity: np.ndarray, mask: np.ndarray | None = None) -> None:
         """Frame `index` (centred pattern, photons) arrives: its weight goes from 0 to 1."""
         if self.received[index]:
             raise ValueError(f"frame {index} was already added")
-        self.amplitudes[index] = scipy.fft.ifftshift(np.sqrt(np.clip(intensity, 0, None)))
-        self.valid[index] = True if mask is None else scipy.fft.ifftshift(mask.astype(bool))
-        y, x = self.corners[index]
-        self.exit_waves[index] = self.shifted_probes()[self.classes[index]] * self.object[y:y + self.size,
-                                                                                          x:x + self.size]
+        slot = self._frames
+        self.order[slot] = index
+        self._corners[slot], self._classes[slot] = self.corners[index], self.classes[index]
+        self.amplitudes[slot] = scipy.fft.ifftshift(np.sqrt(np.clip(intensity, 0, None)))
+        self.valid[slot] = True if mask is None else scipy.fft.ifftshift(mask.astype(bool))
+        self._photons += float(np.sum(np.square(self.amplitudes[slot], dtype=np.float64), where=self.valid[slot]))
+        self._frames += 1
         self.received[index] = True
+        self._restart(slot)
 
     def shifted(self, probe: np.ndarray) -> np.ndarray:
         """`probe` shifted by each class's fraction: (classes, N, N)."""
@@ -104,53 +121,45 @@ class StreamingRaar:
         spectra = scipy.fft.fft2(per_class, workers=self.workers) * np.conj(self._ramps)
         return scipy.fft.ifft2(spectra.sum(axis=0), workers=self.workers).astype(np.complex64)
 
-    def unshift_sum(self, per_frame: np.ndarray) -> np.ndarray:
-        """sum over the frames received of `per_frame`, each moved back by its class's fraction."""
-        classes = self.classes[np.flatnonzero(self.received)]
-        per_class = np.zeros((len(self.fractions), self.size, self.size), np.complex64)
-        _sum_by_class(per_class, per_frame, classes)
-        return self.unshift(per_class)
-
     def scale_probe(self) -> None:
         """Give the probe the mean photon count of the frames received (Parseval)."""
-        photons = float(np.mean(np.sum(self.amplitudes[self.received] ** 2, axis=(1, 2))))
+        amplitudes = self.arrived()[2]
+        photons = float(np.mean(np.sum(np.square(amplitudes, dtype=np.float64), axis=(1, 2))))
         self.probe = self.probe * np.float32(np.sqrt(photons / np.sum(np.abs(self.probe) ** 2)))
         self.restart()
 
     def restart(self) -> None:
         """Exit waves from the current object and probe: RAAR starts afresh from its estimate,
         dropping what its exit waves accumulated while only part of the scan was in."""
-        probes = self.shifted_probes()
-        for index in np.flatnonzero(self.received):
-            y, x = self.corners[index]
-            self.exit_waves[index] = probes[self.classes[index]] * self.object[y:y + self.size, x:x + self.size]
+        self._restart(0)
+
+    def _restart(self, first_slot: int) -> None:
+        corners, classes = self._corners[first_slot:self._frames], self._classes[first_slot:self._frames]
+        exit_waves(self.exit_waves[first_slot:self._frames], self.shifted_probes(), classes, self.object, corners)
 
     def iterate(self, count: int = 1, *, beta: float = 0.8) -> float:
         """Run `count` iterations on the frames received so far; returns the exit-wave change
         of the last one relative to the measured photons (0 at a fixed point)."""
-        taken = np.flatnonzero(self.received)
-        if taken.size == 0:
+        if not self._frames:
             return self.error
-        corners = np.ascontiguousarray(self.corners[taken])
-        classes = self.classes[taken]
-        amplitudes, valid = self.amplitudes[taken], self.valid[taken]
-        photons = max(float(np.sum(amplitudes[valid] ** 2)), 1e-30)
-        psi = self.exit_waves[taken]
+        corners, classes, amplitudes, valid = self.arrived()
+        photons = max(self._photons, 1e-30)
+        psi, spectrum = self.exit_waves[:self._frames], self._spectra[:self._frames]
         for _ in range(count):
-            spectrum = scipy.fft.fft2(psi, norm="ortho", workers=self.workers)
+            np.copyto(spectrum, psi)
+            spectrum = scipy.fft.fft2(spectrum, norm="ortho", workers=self.workers, overwrite_x=True)
             _fourier_constraint(spectrum, amplitudes, valid)
             data = scipy.fft.ifft2(spectrum, norm="ortho", workers=self.workers, overwrite_x=True)
-            reflected = _reflect(data, psi)
+            _reflect(psi, data)  # psi holds 2 D - Psi from here to the mix
             probes = self.shifted_probes()
             for _ in range(2 if self.refine_probe else 1):
-                self._update_object(reflected, corners, classes, probes)
+                self._update_object(psi, corners, classes, probes)
                 if self.refine_probe:
-                    self._update_probe(reflected, corners, classes)
+                    self._update_probe(psi, corners, classes)
                     probes = self.shifted_probes()
             change = _mix(psi, data, self.object, probes, classes, corners, np.float32(beta))
             self.error = change / photons
             self.iterations += 1
-        self.exit_waves[taken] = psi
         return self.error
 
     def _update_object(self, psi: np.ndarray, corners: np.ndarray, classes: np.ndarray, probes: np.ndarray) -> None:
@@ -191,8 +200,25 @@ def _fourier_constraint(spectrum, amplitudes, valid):
 
 
 @numba.njit(cache=True, fastmath=True, nogil=True)
-def _reflect(data, psi):
-    return np.float32(2) * data - psi
+def _reflect(psi, data):
+    """In place: psi <- 2 D - psi."""
+    frames, rows, cols = psi.shape
+    for k in range(frames):
+        for i in range(rows):
+            for j in range(cols):
+                psi[k, i, j] = np.float32(2) * data[k, i, j] - psi[k, i, j]
+
+
+@numba.njit(cache=True, fastmath=True, nogil=True)
+def exit_waves(out, probes, classes, obj, corners):
+    """out_j = P_j O_j: each frame's (shifted) probe times the object under its window."""
+    n = probes.shape[1]
+    for k in range(out.shape[0]):
+        y, x = corners[k, 0], corners[k, 1]
+        c = classes[k]
+        for i in range(n):
+            for j in range(n):
+                out[k, i, j] = probes[c, i, j] * obj[y + i, x + j]
 
 
 @numba.njit(cache=True, fastmath=True, nogil=True)
@@ -224,25 +250,19 @@ def _gather(numerator, weight, obj, classes, psi, corners):
 
 
 @numba.njit(cache=True, fastmath=True, nogil=True)
-def _sum_by_class(per_class, per_frame, classes):
-    for k in range(per_frame.shape[0]):
-        per_class[classes[k]] += per_frame[k]
-
-
-@numba.njit(cache=True, fastmath=True, nogil=True)
-def _mix(psi, data, obj, probes, classes, corners, beta):
-    """In place: psi <- beta (psi + P_j O_j) + (1 - 2 beta) D; returns |change|^2."""
+def _mix(reflected, data, obj, probes, classes, corners, beta):
+    """In place, from R = 2 D - Psi: Psi <- beta (Psi + P_j O_j) + (1 - 2 beta) D, which is
+    beta (P_j O_j - R) + D; returns |change of Psi|^2."""
     n = probes.shape[1]
-    rest = np.float32(1) - np.float32(2) * beta
     change = 0.0
-    for k in range(psi.shape[0]):
+    for k in range(reflected.shape[0]):
         y, x = corners[k, 0], corners[k, 1]
         c = classes[k]
         for i in range(n):
             for j in range(n):
-                old = psi[k, i, j]
-                new = beta * (old + probes[c, i, j] * obj[y + i, x + j]) + rest * data[k, i, j]
-                psi[k, i, j] = new
-                d = new - old
-                change += d.real * d.real + d.imag * d.imag
+                r, d = reflected[k, i, j], data[k, i, j]
+                new = beta * (probes[c, i, j] * obj[y + i, x + j] - r) + d
+                reflected[k, i, j] = new
+                delta = new - (np.float32(2) * d - r)
+                change += delta.real * delta.real + delta.imag * delta.imag
     return change
