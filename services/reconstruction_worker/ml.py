@@ -10,8 +10,14 @@ is minimised over object and probe together by nonlinear conjugate gradients (Po
 step along the search direction the minimum of L's second-order expansion in the step length.
 Counts near zero weigh little error each, so the read noise of a dark detector region is not fitted
 as if it were signal. The probe's gradient is rescaled to the object's (the two differ by orders of
-magnitude) and kept inside the probe support. lambda follows the data: `smoothness` times the
-data term's own curvature (4 sum_j |P_j|^2 at a lit pixel), so it weighs alike at any photon count.
+magnitude). It is not cut to the probe support: the support steadies RAAR's probe while few frames
+are in, but every frame holds the probe's tails beyond it, and cutting them is an error in every
+frame (on the quality matrix's raster scan, 100 steps reach NRMSE 0.042 inside the support, 0.033
+without it). lambda follows the data: `smoothness` times the data term's own curvature
+(4 sum_j |P_j|^2 at a lit pixel) times the data's relative noise, sqrt(REFERENCE_PHOTONS / the
+photons per frame): the fewer the photons, the more the prior counts against them (on the quality
+matrix, a prior of fixed relative weight that suits 2e6 photons per frame was too weak for 1e5
+and too strong for 1e8).
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ import numpy as np
 import scipy.fft
 
 from services.reconstruction_worker.raar import StreamingRaar, exit_waves, object_sums
+
+REFERENCE_PHOTONS = 1e6
+"""Photons per frame at which `smoothness` is the prior's weight relative to the data."""
 
 
 class MaximumLikelihood:
@@ -33,6 +42,7 @@ class MaximumLikelihood:
         self.intensity = np.where(valid, intensity, 0).astype(np.float32)
         self.weight = (valid / (intensity + 1)).astype(np.float32)
         self._measured = max(np.count_nonzero(self.weight), 1)
+        self._photons = float(np.mean(np.sum(self.intensity, axis=(1, 2), dtype=np.float64)))
         self.reg: float | None = None
         """The prior's weight, set at the first step from the illumination (the module's docstring)."""
         self._previous: tuple[np.ndarray, np.ndarray] | None = None
@@ -70,9 +80,11 @@ class MaximumLikelihood:
         object_sums(grad_object, illumination, probes, self.classes, chi, self.corners)
         if self.reg is None:
             # The data term's curvature at an object pixel is about 4 sum_j |P_j|^2 (w I = 1): the
-            # prior weighs `smoothness` of its mean over the illuminated pixels.
+            # prior weighs `smoothness` of its mean over the illuminated pixels, scaled with the
+            # data's relative noise (the module's docstring).
             lit = illumination[illumination > 0.1 * illumination.max()]
-            self.reg = self.smoothness * 4 * float(lit.mean()) if lit.size else 0.0
+            noise = np.sqrt(REFERENCE_PHOTONS / max(self._photons, 1.0))
+            self.reg = self.smoothness * noise * 4 * float(lit.mean()) if lit.size else 0.0
         grad_object += self.reg * _laplacian_negative(s.object)
         if self.refine_probe:
             per_class = np.zeros(probes.shape, np.complex64)
@@ -80,8 +92,6 @@ class MaximumLikelihood:
             grad_probe = s.unshift(per_class)
         else:
             grad_probe = np.zeros_like(s.probe)
-        if s.support is not None:
-            grad_probe *= s.support
         # The probe's gradient in the object's units (PtyPy's preconditioner): a running ratio.
         if self.refine_probe:
             ratio = _norm2(grad_object) / max(_norm2(grad_probe), 1e-30)
@@ -110,10 +120,10 @@ class MaximumLikelihood:
         grad_o, grad_h = _gradients(s.object), _gradients(h_object)
         numerator += self.reg * sum(np.vdot(a, b).real for a, b in zip(grad_o, grad_h))
         denominator += self.reg * sum(_norm2(b) for b in grad_h)
-        if denominator <= 0:
+        step = -numerator / denominator if denominator > 0 else float("nan")
+        if not np.isfinite(step):  # no minimum along this direction: the next step starts from the gradient
             self._direction = None
             return
-        step = -numerator / denominator
         s.object = (s.object + np.complex64(step) * h_object).astype(np.complex64)
         if self.refine_probe:
             s.probe = (s.probe + np.complex64(step) * h_probe).astype(np.complex64)

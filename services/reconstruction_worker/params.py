@@ -9,15 +9,15 @@ from pydantic import BaseModel, ConfigDict, Field
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     beta: float = Field(0.8, gt=0, le=1, description="RAAR relaxation (1 = difference map)")
-    iterations: int = Field(40, ge=0, le=10000, description="iterations after the last frame")
+    iterations: int = Field(10, ge=0, le=10000, description="RAAR iterations after the last frame (the "
+                            "maximum-likelihood steps that follow need no more)")
     tolerance: float = Field(1e-5, ge=0, description="stop early when the exit-wave change is below this")
-    ml_iterations: int = Field(40, ge=0, le=10000, description="maximum-likelihood refinement steps after those "
-                               "(ml.py): on the quality matrix (bench/ptycho_quality.py) 40 took 9 of 10 scans from "
-                               "NRMSE 0.055-0.099 to 0.045-0.059 (a strongly defocused probe: 0.071 to 0.077), at "
-                               "about 0.6 s a step for 400 frames; 0 leaves them out")
-    ml_budget_s: float = Field(30.0, gt=0, description="the ML steps stop once they have taken this long: a "
-                               "1600-frame scan spends about 2.7 s a step on 2 cores (the result records how many ran)")
-    smoothness: float = Field(0.01, ge=0, description="the ML refinement's smoothness prior, relative to the data")
+    ml_iterations: int = Field(100, ge=0, le=10000, description="maximum-likelihood refinement steps after those "
+                               "(ml.py); 0 leaves them out")
+    ml_budget_s: float = Field(30.0, gt=0, description="the ML steps stop once they have taken this long (the "
+                               "result records how many ran)")
+    smoothness: float = Field(0.01, ge=0, description="the ML refinement's smoothness prior, relative to the "
+                              "data at 1e6 photons per frame (ml.py)")
     min_frames: int = Field(8, ge=1, description="frames needed before the first iteration")
     probe_fraction: float = Field(1.0, ge=0, le=1, description="refine the probe once this part of the scan is in")
     preview_interval_s: float = Field(3.0, gt=0)
