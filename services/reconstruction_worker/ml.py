@@ -13,13 +13,18 @@ as if it were signal. The probe's gradient is rescaled to the object's (the two 
 magnitude). It reaches past RAAR's probe support, to PROBE_REACH of the window: that support
 steadies RAAR's probe while few frames are in, but every frame holds the probe's tails beyond it,
 and cutting them is an error in every frame (on the quality matrix's raster scan, 100 steps reach
-NRMSE 0.042 inside RAAR's support, 0.034 inside PROBE_REACH, 0.033 with none; with none, a small
-scan's object drifted into a phase curvature and its score jumped from 0.05 to 0.5 between two
-steps). lambda follows the data: `smoothness` times the data term's own curvature
+NRMSE 0.042 inside RAAR's support, 0.034 inside PROBE_REACH, 0.033 with none; the bound keeps the
+probe off the frame's corners, where nothing holds it). lambda follows the data: `smoothness` times the data term's own curvature
 (4 sum_j |P_j|^2 at a lit pixel) times the data's relative noise, sqrt(REFERENCE_PHOTONS / the
 photons per frame): the fewer the photons, the more the prior counts against them (on the quality
 matrix, a prior of fixed relative weight that suits 2e6 photons per frame was too weak for 1e5
 and too strong for 1e8).
+
+Known weakness: on a small scan streamed slowly (100 frames of 64 px at 20 Hz, after some 1500
+RAAR iterations on the part of the scan that had come), the refinement sometimes curves the
+object's phase into a bowl that the data barely constrain (NRMSE 0.3-0.7 in about one run of
+three, with 40 steps as with 100, inside RAAR's support as inside PROBE_REACH); a prior three
+times stronger tames it at a price on every other scan.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ REFERENCE_PHOTONS = 1e6
 
 
 class MaximumLikelihood:
-    def __init__(self, solver: StreamingRaar, *, smoothness: float = 0.03, probe: bool = True) -> None:
+    def __init__(self, solver: StreamingRaar, *, smoothness: float = 0.01, probe: bool = True) -> None:
         self.solver = solver
         self.smoothness = smoothness
         self.refine_probe = probe
