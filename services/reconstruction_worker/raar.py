@@ -60,9 +60,8 @@ class StreamingRaar:
         self.probe = np.ascontiguousarray(probe if support is None else probe * support, np.complex64)
         count = len(self.corners)
         self.received = np.zeros(count, bool)
-        # The frames' data in the order they came (slot k holds frame order[k]): the frames received
-        # are always the first slots, so every iteration works on views, copying nothing.
-        self.order = np.zeros(count, np.int64)
+        # The frames' data in the order they came, one slot each: the frames received are always the
+        # first slots, so every iteration works on views, copying nothing.
         self._corners = np.zeros((count, 2), np.int64)
         self._classes = np.zeros(count, np.int64)
         self.amplitudes = np.zeros((count, n, n), np.float32)
@@ -93,7 +92,6 @@ class StreamingRaar:
         if self.received[index]:
             raise ValueError(f"frame {index} was already added")
         slot = self._frames
-        self.order[slot] = index
         self._corners[slot], self._classes[slot] = self.corners[index], self.classes[index]
         self.amplitudes[slot] = scipy.fft.ifftshift(np.sqrt(np.clip(intensity, 0, None)))
         self.valid[slot] = True if mask is None else scipy.fft.ifftshift(mask.astype(bool))
