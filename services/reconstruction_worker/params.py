@@ -9,8 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     beta: float = Field(0.8, gt=0, le=1, description="RAAR relaxation (1 = difference map)")
-    iterations: int = Field(10, ge=0, le=10000, description="RAAR iterations after the last frame (the "
-                            "maximum-likelihood steps that follow need no more)")
+    iterations: int = Field(40, ge=0, le=10000, description="RAAR iterations after the last frame")
     tolerance: float = Field(1e-5, ge=0, description="stop early when the exit-wave change is below this")
     ml_iterations: int = Field(100, ge=0, le=10000, description="maximum-likelihood refinement steps after those "
                                "(ml.py); 0 leaves them out")
