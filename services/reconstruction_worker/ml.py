@@ -10,21 +10,21 @@ is minimised over object and probe together by nonlinear conjugate gradients (Po
 step along the search direction the minimum of L's second-order expansion in the step length.
 Counts near zero weigh little error each, so the read noise of a dark detector region is not fitted
 as if it were signal. The probe's gradient is rescaled to the object's (the two differ by orders of
-magnitude). It reaches past RAAR's probe support, to PROBE_REACH of the window: that support
-steadies RAAR's probe while few frames are in, but every frame holds the probe's tails beyond it,
-and cutting them is an error in every frame (on the quality matrix's raster scan, 100 steps reach
-NRMSE 0.042 inside RAAR's support, 0.034 inside PROBE_REACH, 0.033 with none; the bound keeps the
-probe off the frame's corners, where nothing holds it). lambda follows the data: `smoothness` times the data term's own curvature
-(4 sum_j |P_j|^2 at a lit pixel) times the data's relative noise, sqrt(REFERENCE_PHOTONS / the
-photons per frame): the fewer the photons, the more the prior counts against them (on the quality
-matrix, a prior of fixed relative weight that suits 2e6 photons per frame was too weak for 1e5
-and too strong for 1e8).
+magnitude). It is not cut to RAAR's probe support: that support steadies RAAR's probe while few
+frames are in, but every frame holds the probe's tails beyond it, and cutting them is an error in
+every frame (on the quality matrix's raster scan, 100 steps reach NRMSE 0.042 inside RAAR's
+support, 0.034 inside 0.45 of the window, 0.033 with no bound). lambda follows the data:
+`smoothness` times the data term's own curvature (4 sum_j |P_j|^2 at a lit pixel) times the data's
+relative noise, sqrt(REFERENCE_PHOTONS / the photons per frame): the fewer the photons, the more
+the prior counts against them (on the quality matrix, a prior of fixed relative weight that suits
+2e6 photons per frame was too weak for 1e5 and too strong for 1e8).
 
 Known weakness: on a small scan streamed slowly (100 frames of 64 px at 20 Hz, after some 1500
 RAAR iterations on the part of the scan that had come), the refinement sometimes curves the
 object's phase into a bowl that the data barely constrain (NRMSE 0.3-0.7 in about one run of
-three, with 40 steps as with 100, inside RAAR's support as inside PROBE_REACH); a prior three
-times stronger tames it at a price on every other scan.
+three, with 40 steps as with 100, with the probe inside RAAR's support or not; and RAAR alone did
+it once in nine runs). A prior three times stronger made it rarer, not gone, and cost every other
+scan.
 """
 
 from __future__ import annotations
@@ -33,11 +33,8 @@ import numba
 import numpy as np
 import scipy.fft
 
-from libs.ptychography import optics
 from services.reconstruction_worker.raar import StreamingRaar, exit_waves, object_sums
 
-PROBE_REACH = 0.45
-"""The probe is refined out to this fraction of the window (RAAR's support: at most 0.4)."""
 REFERENCE_PHOTONS = 1e6
 """Photons per frame at which `smoothness` is the prior's weight relative to the data."""
 
@@ -47,8 +44,6 @@ class MaximumLikelihood:
         self.solver = solver
         self.smoothness = smoothness
         self.refine_probe = probe
-        n = solver.size
-        self.support = None if solver.support is None else optics.soft_support(n, PROBE_REACH * n)
         self.corners, self.classes, amplitudes, valid = solver.arrived()
         intensity = amplitudes**2
         self.intensity = np.where(valid, intensity, 0).astype(np.float32)
@@ -104,8 +99,6 @@ class MaximumLikelihood:
             grad_probe = s.unshift(per_class)
         else:
             grad_probe = np.zeros_like(s.probe)
-        if self.support is not None:
-            grad_probe *= self.support
         # The probe's gradient in the object's units (PtyPy's preconditioner): a running ratio.
         if self.refine_probe:
             ratio = _norm2(grad_object) / max(_norm2(grad_probe), 1e-30)
