@@ -33,7 +33,7 @@ import numba
 import numpy as np
 import scipy.fft
 
-from services.reconstruction_worker.raar import StreamingRaar, exit_waves, object_sums
+from services.reconstruction_worker.raar import StreamingRaar, exit_waves, gather, object_sums
 
 REFERENCE_PHOTONS = 1e6
 """Photons per frame at which `smoothness` is the prior's weight relative to the data."""
@@ -94,8 +94,8 @@ class MaximumLikelihood:
             self.reg = self.smoothness * noise * 4 * float(lit.mean()) if lit.size else 0.0
         grad_object += self.reg * _laplacian_negative(s.object)
         if self.refine_probe:
-            per_class = np.zeros(probes.shape, np.complex64)
-            _probe_sums(per_class, s.object, self.classes, chi, self.corners)
+            per_class, lit = np.zeros(probes.shape, np.complex64), np.zeros(probes.shape, np.complex64)
+            gather(per_class, lit, s.object, self.classes, chi, self.corners)  # the sums of conj(O_j) chi_j
             grad_probe = s.unshift(per_class)
         else:
             grad_probe = np.zeros_like(s.probe)
@@ -173,18 +173,6 @@ def _residual_gradient(chi, residual, waves, intensity, weight):
                 chi[k, i, j] = np.float32(2) * w * r * v
                 total += w * r * r
     return total
-
-
-@numba.njit(cache=True, fastmath=True, nogil=True)
-def _probe_sums(per_class, obj, classes, chi, corners):
-    """The probe's gradient per class: conj(O_j) chi_j summed over the class's frames."""
-    n = per_class.shape[1]
-    for k in range(chi.shape[0]):
-        y, x = corners[k, 0], corners[k, 1]
-        c = classes[k]
-        for i in range(n):
-            for j in range(n):
-                per_class[c, i, j] += obj[y + i, x + j].conjugate() * chi[k, i, j]
 
 
 @numba.njit(cache=True, fastmath=True, nogil=True)

@@ -173,7 +173,7 @@ class StreamingRaar:
         count = len(self.fractions)
         numerator = np.zeros((count, self.size, self.size), np.complex64)
         weight = np.zeros((count, self.size, self.size), np.complex64)
-        _gather(numerator, weight, self.object, classes, psi, corners)
+        gather(numerator, weight, self.object, classes, psi, corners)
         # Moved back by a Fourier shift, a sum of |O|^2 rings below zero at its edges: clipped, so
         # that no denominator comes near zero.
         numerator, weight = self.unshift(numerator), np.maximum(self.unshift(weight).real, 0)
@@ -234,7 +234,7 @@ def object_sums(numerator, weight, probes, classes, psi, corners):
 
 
 @numba.njit(cache=True, fastmath=True, nogil=True)
-def _gather(numerator, weight, obj, classes, psi, corners):
+def gather(numerator, weight, obj, classes, psi, corners):
     """Probe update sums per class: conj(O_j) psi_j and |O_j|^2 over the frames."""
     n = numerator.shape[1]
     for k in range(psi.shape[0]):
