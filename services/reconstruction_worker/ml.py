@@ -18,13 +18,6 @@ support, 0.034 inside 0.45 of the window, 0.033 with no bound). lambda follows t
 relative noise, sqrt(REFERENCE_PHOTONS / the photons per frame): the fewer the photons, the more
 the prior counts against them (on the quality matrix, a prior of fixed relative weight that suits
 2e6 photons per frame was too weak for 1e5 and too strong for 1e8).
-
-Known weakness: on a small scan streamed slowly (100 frames of 64 px at 20 Hz, after some 1500
-RAAR iterations on the part of the scan that had come), the refinement sometimes curves the
-object's phase into a bowl that the data barely constrain (NRMSE 0.3-0.7 in about one run of
-three, with 40 steps as with 100, with the probe inside RAAR's support or not; and RAAR alone did
-it once in nine runs). A prior three times stronger made it rarer, not gone, and cost every other
-scan.
 """
 
 from __future__ import annotations

@@ -164,10 +164,12 @@ class StreamingRaar:
         numerator = np.zeros_like(self.object)
         weight = np.zeros(self.object.shape, np.float32)
         object_sums(numerator, weight, probes, classes, psi, corners)
-        # Regularised towards the current object, not towards zero: where the probes that reached
-        # a pixel so far are faint, it keeps its value for the frames still to come.
+        # Regularised towards free space (a transmission of 1), not towards zero, nor towards the
+        # current object: where the probe is faint (the scan's edges, positions still to come), the
+        # latter adds each iteration's unconstrained exit wave to the last, and after the thousands of
+        # iterations of a slow scan those pixels reach tens, which then ruin the probe's update.
         regulariser = np.float32(1e-3) * weight.max()
-        self.object = (numerator + regulariser * self.object) / (weight + regulariser)
+        self.object = (numerator + regulariser) / (weight + regulariser)
 
     def _update_probe(self, psi: np.ndarray, corners: np.ndarray, classes: np.ndarray) -> None:
         count = len(self.fractions)
@@ -178,7 +180,13 @@ class StreamingRaar:
         # that no denominator comes near zero.
         numerator, weight = self.unshift(numerator), np.maximum(self.unshift(weight).real, 0)
         probe = numerator / (weight + np.float32(1e-3) * max(float(weight.max()), 1e-30))
-        self.probe = (probe if self.support is None else probe * self.support).astype(np.complex64)
+        probe = probe if self.support is None else probe * self.support
+        # Object and probe are known only up to a factor c (c O, P / c fit the data alike), which
+        # the alternating updates let drift until the illuminated object is far from the transmission
+        # of 1 around it. The probe keeps its power (the photon count scale_probe gave it); the next
+        # object update follows.
+        factor = np.sqrt(np.sum(np.abs(self.probe) ** 2) / max(float(np.sum(np.abs(probe) ** 2)), 1e-30))
+        self.probe = (probe * factor).astype(np.complex64)
 
 
 # --- fused loops: one pass over the exit waves each, instead of numpy's several -------------------

@@ -22,9 +22,9 @@ PINNED = ("stages.frame_worker.params.crop=256", "stages.frame_worker.params.siz
 FRAMES = 100
 
 
-def run_small(start_run, *args: str, pinned: bool = True, sets: tuple[str, ...] = ()):
+def run_small(start_run, *args: str, pinned: bool = True):
     return start_run(PIPELINE, "--simulate", "--frames", str(FRAMES), *args,
-                     overrides=(*free_endpoints(), SIMULATION, *(PINNED if pinned else ()), *sets))
+                     overrides=(*free_endpoints(), SIMULATION, *(PINNED if pinned else ())))
 
 
 def check_every_frame_used_once(run) -> tuple[dict, h5py.File]:
@@ -93,9 +93,7 @@ def test_small_scan_reconstructs_the_object_and_writes_the_cxi_layout(start_run)
 
 
 def test_a_frame_worker_killed_mid_scan_loses_no_frame_and_previews_are_published(start_run, subscriber):
-    # What is tested is that no frame is lost; RAAR's result is scored. The ML refinement after it
-    # sometimes curves this slowly streamed scan's phase (ml.py, known weakness): left out here.
-    run = run_small(start_run, "--rate", "20", sets=("stages.reconstruction_worker.params.ml_iterations=0",))
+    run = run_small(start_run, "--rate", "20")
     previews = subscriber(run.pipeline.handler.status, b"preview.")
     run.wait_ready(services=7)
     victim = wait_for(lambda: next((s for s in run.ctl("status").result["services"]
@@ -107,7 +105,7 @@ def test_a_frame_worker_killed_mid_scan_loses_no_frame_and_previews_are_publishe
     scan, f = check_every_frame_used_once(run)
     f.close()
     assert run.summary()["restarts"]["frame_worker.1"] >= 1
-    assert scan["nrmse"] <= 0.15
+    assert scan["nrmse"] <= 0.06  # 0.044 undisturbed
     received = {}
     while previews.poll(0):
         topic, body, *buffers = previews.recv_multipart()
