@@ -164,12 +164,15 @@ class StreamingRaar:
         numerator = np.zeros_like(self.object)
         weight = np.zeros(self.object.shape, np.float32)
         object_sums(numerator, weight, probes, classes, psi, corners)
-        # Regularised towards free space (a transmission of 1), not towards zero, nor towards the
-        # current object: where the probe is faint (the scan's edges, positions still to come), the
-        # latter adds each iteration's unconstrained exit wave to the last, and after the thousands of
-        # iterations of a slow scan those pixels reach tens, which then ruin the probe's update.
+        # Regularised towards the current object where some probe reaches (a pixel keeps its value
+        # for the frames still to come), towards free space (a transmission of 1) where next to none
+        # does: there, regularised towards itself, each iteration's unconstrained exit wave would add
+        # to the last, and after the thousands of iterations of a slow scan those pixels reach |O| of
+        # tens, which then ruin the probe's update. Towards 1 everywhere biases the scan's edges
+        # (NRMSE 0.16 instead of 0.095 on a fast raster scan).
         regulariser = np.float32(1e-3) * weight.max()
-        self.object = (numerator + regulariser) / (weight + regulariser)
+        prior = np.where(weight >= regulariser, self.object, np.complex64(1))
+        self.object = (numerator + regulariser * prior) / (weight + regulariser)
 
     def _update_probe(self, psi: np.ndarray, corners: np.ndarray, classes: np.ndarray) -> None:
         count = len(self.fractions)
@@ -182,9 +185,11 @@ class StreamingRaar:
         probe = numerator / (weight + np.float32(1e-3) * max(float(weight.max()), 1e-30))
         probe = probe if self.support is None else probe * self.support
         # Object and probe are known only up to a factor c (c O, P / c fit the data alike), which
-        # the alternating updates let drift until the illuminated object is far from the transmission
-        # of 1 around it. The probe keeps its power (the photon count scale_probe gave it); the next
-        # object update follows.
+        # the alternating updates let drift (4-fold in 30 iterations) until the illuminated object is
+        # far from the free space around it. The probe keeps its power (the photon count scale_probe
+        # gave it); the next object update follows. (Scaling the object by 1 / c as well, which
+        # keeps P O exactly, left the maximum-likelihood refinement after it worse: 0.015 against
+        # 0.013 in the tests' exact-model scan.)
         factor = np.sqrt(np.sum(np.abs(self.probe) ** 2) / max(float(np.sum(np.abs(probe) ** 2)), 1e-30))
         self.probe = (probe * factor).astype(np.complex64)
 
