@@ -233,3 +233,17 @@ def test_a_series_whose_header_never_came_has_a_master_of_its_frames_and_no_made
         assert not detector.pixel_mask[()].any()
         assert detector.pixel_mask.attrs["description"] == b"the detector sent no pixel mask"
     hdf5_110_reads(master)
+
+
+def test_the_cxi_mask_carries_every_eiger_bit_as_its_cxi_bit_and_flags_the_pixel_invalid():
+    """DECTRIS bits 0-4 (gap, dead, cold, hot, noisy) become CXI's missing, dead, bad, hot and noisy,
+    any other bit `bad`; every flagged pixel is `invalid` too, an unflagged one 0."""
+    from services.writer import cxi
+
+    eiger = np.array([0, 1, 2, 4, 8, 16, 1 | 8, 1 << 5, 1 << 31, 31 | 1 << 7], np.uint32)
+    expected = [0, cxi.CXI_MISSING, cxi.CXI_DEAD, cxi.CXI_BAD, cxi.CXI_HOT, cxi.CXI_NOISY,
+                cxi.CXI_MISSING | cxi.CXI_HOT, cxi.CXI_BAD, cxi.CXI_BAD,
+                cxi.CXI_MISSING | cxi.CXI_DEAD | cxi.CXI_BAD | cxi.CXI_HOT | cxi.CXI_NOISY]
+    mask = cxi.cxi_mask(eiger.reshape(2, 5))
+    assert mask.dtype == np.uint32
+    np.testing.assert_array_equal(mask.ravel(), [bits | (cxi.CXI_INVALID if bits else 0) for bits in expected])
