@@ -187,9 +187,7 @@ class StreamingRaar:
         # Object and probe are known only up to a factor c (c O, P / c fit the data alike), which
         # the alternating updates let drift (4-fold in 30 iterations) until the illuminated object is
         # far from the free space around it. The probe keeps its power (the photon count scale_probe
-        # gave it); the next object update follows. (Scaling the object by 1 / c as well, which
-        # keeps P O exactly, left the maximum-likelihood refinement after it worse: 0.015 against
-        # 0.013 in the tests' exact-model scan.)
+        # gave it); the next object update follows.
         factor = np.sqrt(np.sum(np.abs(self.probe) ** 2) / max(float(np.sum(np.abs(probe) ** 2)), 1e-30))
         self.probe = (probe * factor).astype(np.complex64)
 
