@@ -65,7 +65,8 @@ def run(name: str, params: dict, frames: int, directory: Path, pins: list[str]) 
                            *(arg for o in overrides for arg in ("--set", o))], env=env, capture_output=True, text=True)
     wall = time.monotonic() - started
     if done.returncode:
-        return {"scan": name, "failed": done.stdout[-2000:]}
+        output = (done.stdout + done.stderr)[-2000:]
+        return {"scan": name, "failed": output or f"exit status {done.returncode}, no output"}
     [scan] = json.loads((directory / "out" / "summary.json").read_text())["scans"]
     cxi = next(p for p in scan["outputs"] if p.endswith(".cxi"))
     with h5py.File(cxi, "r") as f:

@@ -33,7 +33,7 @@ REFERENCE_PHOTONS = 1e6
 
 
 class MaximumLikelihood:
-    def __init__(self, solver: StreamingRaar, *, smoothness: float = 0.01, probe: bool = True) -> None:
+    def __init__(self, solver: StreamingRaar, *, smoothness: float = 0.02, probe: bool = True) -> None:
         self.solver = solver
         self.smoothness = smoothness
         self.refine_probe = probe

@@ -15,7 +15,7 @@ class Params(BaseModel):
                                "(ml.py); 0 leaves them out")
     ml_budget_s: float = Field(30.0, gt=0, description="the ML steps stop once they have taken this long (the "
                                "result records how many ran)")
-    smoothness: float = Field(0.01, ge=0, description="the ML refinement's smoothness prior, relative to the "
+    smoothness: float = Field(0.02, ge=0, description="the ML refinement's smoothness prior, relative to the "
                               "data at 1e6 photons per frame (ml.py)")
     min_frames: int = Field(8, ge=1, description="frames needed before the first iteration")
     probe_fraction: float = Field(1.0, ge=0, le=1, description="refine the probe once this part of the scan is in")
