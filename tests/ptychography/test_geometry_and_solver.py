@@ -138,6 +138,29 @@ def test_maximum_likelihood_refines_a_raar_start():
     assert last < first and after < 0.6 * before
 
 
+def test_maximum_likelihood_does_not_depend_on_the_object_probe_scale_the_data_leave_free():
+    """c O and P / c fit the data alike: from either, the refinement must end at the same image (the
+    conjugate gradient once weighed the probe's part by the fourth power of c)."""
+    scan = small_scan(count=36, jitter=0.3)
+    frames, centres = model_frames(scan, whole=False)
+    noisy = np.random.default_rng(3).poisson(frames).astype(np.float32)
+    mask = illuminated(confined_probe(scan), (centres - scan.size / 2).astype(int), scan.object.shape, fraction=0.3)
+    n = scan.size
+    start = optics.zone_plate_probe(scan.probe_model, energy_ev=scan.energy_ev, size=n, pixel_m=scan.pixel_m)
+    results = []
+    for c in (1.0, 3.0):
+        solver = StreamingRaar(centres_px=centres, probe=start, support=optics.soft_support(n, n / 4))
+        for index, frame in enumerate(noisy):
+            solver.add(index, frame)
+        solver.scale_probe()
+        solver.iterate(10)
+        solver.object, solver.probe = solver.object * np.complex64(c), solver.probe / np.complex64(c)
+        MaximumLikelihood(solver).iterate(20)
+        results.append(score(solver.object, scan.object, mask).nrmse)
+    print(f"NRMSE after 20 ML steps from the same RAAR result at scale 1 and 3: {results[0]:.5f}, {results[1]:.5f}")
+    assert results[1] == pytest.approx(results[0], rel=0.01)
+
+
 def test_maximum_likelihood_fits_the_probe_beyond_the_support_raar_keeps_it_in():
     """The support steadies RAAR's start, but the probe's tails beyond it are in every frame: the
     refinement fits them (cut to the support, the probe could not change where the support is 0)."""
