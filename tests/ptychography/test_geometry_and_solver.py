@@ -80,18 +80,38 @@ def test_sub_pixel_positions_beat_rounding():
     assert kept < 0.6 * rounded
 
 
+def noisy_scan(count: int, seed: int):
+    """A small jittered scan's Poisson frames of the exact model, its positions and the region scored."""
+    scan = small_scan(count=count, jitter=0.3)
+    frames, centres = model_frames(scan, whole=False)
+    noisy = np.random.default_rng(seed).poisson(frames).astype(np.float32)
+    mask = illuminated(confined_probe(scan), (centres - scan.size / 2).astype(int), scan.object.shape, fraction=0.3)
+    return scan, noisy, centres, mask
+
+
+def zone_plate_start(scan) -> np.ndarray:
+    return optics.zone_plate_probe(scan.probe_model, energy_ev=scan.energy_ev, size=scan.size, pixel_m=scan.pixel_m)
+
+
+def raar_start(scan, noisy, centres, *, support_radius: float, iterations: int) -> StreamingRaar:
+    """RAAR from the zone-plate model, every frame in, as the reconstruction stage starts."""
+    solver = StreamingRaar(centres_px=centres, probe=zone_plate_start(scan),
+                           support=optics.soft_support(scan.size, support_radius))
+    for index, frame in enumerate(noisy):
+        solver.add(index, frame)
+    solver.scale_probe()
+    solver.iterate(iterations)
+    return solver
+
+
 def test_a_slowly_streamed_scan_ends_as_good_as_a_fast_one():
     """A slow scan gives the solver thousands of iterations on the part that has come. Where the
     probe is faint (the edges, positions still to come) nothing constrains the object: it must stay
     free space there, not grow iteration by iteration until it ruins the probe's refinement (the
     failure mode: edges at |O| of 40-60, the probe collapsing onto them in the first iterations with
     all frames in). And the object-probe scale must not drift."""
-    scan = small_scan(count=64, jitter=0.3)
-    frames, centres = model_frames(scan, whole=False)
-    noisy = np.random.default_rng(2).poisson(frames).astype(np.float32)
-    n = scan.size
-    mask = illuminated(confined_probe(scan), (centres - n / 2).astype(int), scan.object.shape, fraction=0.3)
-    start = optics.zone_plate_probe(scan.probe_model, energy_ev=scan.energy_ev, size=n, pixel_m=scan.pixel_m)
+    scan, noisy, centres, mask = noisy_scan(64, seed=2)
+    n, start = scan.size, zone_plate_start(scan)
 
     def streamed(iterations_per_frame: int) -> tuple[StreamingRaar, float]:
         solver = StreamingRaar(centres_px=centres, probe=start, support=optics.soft_support(n, n / 4))
@@ -118,17 +138,8 @@ def test_a_slowly_streamed_scan_ends_as_good_as_a_fast_one():
 
 
 def test_maximum_likelihood_refines_a_raar_start():
-    scan = small_scan(count=64, jitter=0.3)
-    frames, centres = model_frames(scan, whole=False)
-    noisy = np.random.default_rng(1).poisson(frames).astype(np.float32)
-    mask = illuminated(confined_probe(scan), (centres - scan.size / 2).astype(int), scan.object.shape, fraction=0.3)
-    n = scan.size
-    start = optics.zone_plate_probe(scan.probe_model, energy_ev=scan.energy_ev, size=n, pixel_m=scan.pixel_m)
-    solver = StreamingRaar(centres_px=centres, probe=start, support=optics.soft_support(n, n / 4))
-    for index, frame in enumerate(noisy):
-        solver.add(index, frame)
-    solver.scale_probe()
-    solver.iterate(15)
+    scan, noisy, centres, mask = noisy_scan(64, seed=1)
+    solver = raar_start(scan, noisy, centres, support_radius=scan.size / 4, iterations=15)
     before = score(solver.object, scan.object, mask).nrmse
     refinement = MaximumLikelihood(solver)
     first = refinement.iterate(1)
@@ -141,19 +152,10 @@ def test_maximum_likelihood_refines_a_raar_start():
 def test_maximum_likelihood_does_not_depend_on_the_object_probe_scale_the_data_leave_free():
     """c O and P / c fit the data alike: from either, the refinement must end at the same image (the
     conjugate gradient once weighed the probe's part by the fourth power of c)."""
-    scan = small_scan(count=36, jitter=0.3)
-    frames, centres = model_frames(scan, whole=False)
-    noisy = np.random.default_rng(3).poisson(frames).astype(np.float32)
-    mask = illuminated(confined_probe(scan), (centres - scan.size / 2).astype(int), scan.object.shape, fraction=0.3)
-    n = scan.size
-    start = optics.zone_plate_probe(scan.probe_model, energy_ev=scan.energy_ev, size=n, pixel_m=scan.pixel_m)
+    scan, noisy, centres, mask = noisy_scan(36, seed=3)
     results = []
     for c in (1.0, 3.0):
-        solver = StreamingRaar(centres_px=centres, probe=start, support=optics.soft_support(n, n / 4))
-        for index, frame in enumerate(noisy):
-            solver.add(index, frame)
-        solver.scale_probe()
-        solver.iterate(10)
+        solver = raar_start(scan, noisy, centres, support_radius=scan.size / 4, iterations=10)
         solver.object, solver.probe = solver.object * np.complex64(c), solver.probe / np.complex64(c)
         MaximumLikelihood(solver).iterate(20)
         results.append(score(solver.object, scan.object, mask).nrmse)
@@ -164,18 +166,10 @@ def test_maximum_likelihood_does_not_depend_on_the_object_probe_scale_the_data_l
 def test_maximum_likelihood_fits_the_probe_beyond_the_support_raar_keeps_it_in():
     """The support steadies RAAR's start, but the probe's tails beyond it are in every frame: the
     refinement fits them (cut to the support, the probe could not change where the support is 0)."""
-    scan = small_scan(count=64, jitter=0.3)
-    frames, centres = model_frames(scan, whole=False)
-    noisy = np.random.default_rng(1).poisson(frames).astype(np.float32)
-    n = scan.size
-    support = optics.soft_support(n, n / 5.5)  # inside the truth's n / 4.5
-    mask = illuminated(confined_probe(scan), (centres - n / 2).astype(int), scan.object.shape, fraction=0.3)
-    start = optics.zone_plate_probe(scan.probe_model, energy_ev=scan.energy_ev, size=n, pixel_m=scan.pixel_m)
-    solver = StreamingRaar(centres_px=centres, probe=start, support=support)
-    for index, frame in enumerate(noisy):
-        solver.add(index, frame)
-    solver.scale_probe()
-    solver.iterate(15)
+    scan, noisy, centres, mask = noisy_scan(64, seed=1)
+    # A support inside the truth's n / 4.5:
+    solver = raar_start(scan, noisy, centres, support_radius=scan.size / 5.5, iterations=15)
+    support = solver.support
     before, probe = score(solver.object, scan.object, mask).nrmse, solver.probe.copy()
     MaximumLikelihood(solver, smoothness=0.01).iterate(30)  # exact model data: a light prior
     after = score(solver.object, scan.object, mask).nrmse
