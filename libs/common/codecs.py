@@ -16,6 +16,7 @@ Decoding is single-threaded (`OMP_NUM_THREADS=1` unless set otherwise).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import struct
@@ -49,16 +50,26 @@ def _header(blob: np.ndarray, expected: int, itemsize: int, what: str) -> int:
 
 
 def warm() -> None:
-    """Load the compiled block walk now (about half a second from numba's cache), not at the first frame."""
-    check(compress(np.zeros((8, 8), np.uint16)), "bslz4", (8, 8), "<u2")
+    """Load the compiled block walk now (about half a second from numba's cache, more to compile it
+    where there is none), not at the first frame: for read-only blobs (bytes) and for writable ones
+    (received `zmq.Frame`s), which numba compiles apart."""
+    blob = compress(np.zeros((8, 8), np.uint16))
+    for each in (blob, bytearray(blob)):
+        check(each, "bslz4", (8, 8), "<u2")
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(shape: tuple[int, ...], dtype: str) -> tuple[int, int]:
+    """(bytes, bytes per element) of a frame of that shape and dtype: the same for every frame of a series."""
+    itemsize = np.dtype(dtype).itemsize
+    return math.prod(shape) * itemsize, itemsize
 
 
 def check(blob: memoryview | bytes, compression: str, shape: tuple[int, ...], dtype: str) -> None:
     """Raise FrameError unless `blob` is a complete `compression` blob of that shape and dtype."""
     from libs.common.block_walk import walk  # numba, only in the processes that check blobs
     data = np.frombuffer(blob, np.uint8)
-    itemsize = np.dtype(dtype).itemsize
-    expected = math.prod(shape) * itemsize
+    expected, itemsize = _layout(tuple(shape), dtype)
     if compression == "bslz4":
         block = _header(data, expected, itemsize, "bslz4")
         elements, per_block = expected // itemsize, block // itemsize

@@ -56,7 +56,7 @@ MAX_BATCH = 64
 """Frames in one message at most."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Item:
     key: FrameKey
     parts: list[Any]

@@ -161,7 +161,7 @@ class Service(Hooks):
         Stages whose edge takes only `darks` or `data` (pipeline `frames`) get only those frames,
         told apart by the frame number and the scan's `n_dark`."""
         parent = parent or self._current
-        family = tuple({parent, *parents} - {None})
+        family = tuple({parent, *parents} - {None}) if parents else (parent,) if parent else ()
         blobs = frame.encode()  # on the worker thread when the hook runs there
         self._effect(partial(self._send_frame, frame, blobs, family))
 
@@ -507,8 +507,8 @@ class Service(Hooks):
 
     def count(self, name: str, n: int = 1) -> None:
         """Add to a counter of the scan and of the lifetime totals."""
-        setattr(self.counters, name, getattr(self.counters, name) + n)
-        setattr(self.totals, name, getattr(self.totals, name) + n)
+        self.counters.add(name, n)
+        self.totals.add(name, n)
 
     def _new_epoch(self, epoch: int) -> int:
         dropped = self.outlet.drop_before(epoch) + self._hook(self.on_abort)

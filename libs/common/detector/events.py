@@ -152,7 +152,10 @@ def parse_json(part: Any, what: str) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=64)
 def _spec(name: str, shape: tuple, dtype: str, compression: str) -> ArraySpec:
-    """The spec of a kind of image; a detector sends thousands of the same kind, so it is cached."""
+    """The spec of a kind of image, checked once: a detector sends thousands of the same kind."""
+    if len(shape) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 1 << 16
+                                  for n in shape):
+        raise StreamError(f"image shape {list(shape)!r} is not two sizes between 1 and 65536")
     try:
         dt = np.dtype(dtype)
     except TypeError:
@@ -164,8 +167,7 @@ def _spec(name: str, shape: tuple, dtype: str, compression: str) -> ArraySpec:
 
 def checked_blob(name: str, blob: Any, shape: Any, dtype: Any, compression: str) -> tuple[ArraySpec, Any]:
     """Validate a pixel blob against what its message declares and give it a spec."""
-    if not isinstance(shape, (list, tuple)) or len(shape) != 2 or not all(
-            isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 1 << 16 for n in shape):
+    if not isinstance(shape, (list, tuple)) or not all(type(n) is int for n in shape):
         raise StreamError(f"image shape {shape!r} is not two sizes between 1 and 65536")
     if not isinstance(dtype, str):
         raise StreamError(f"image type {dtype!r} is not a pixel type")

@@ -13,6 +13,7 @@ from typing import Iterator
 
 import h5py
 import hdf5plugin  # noqa: F401 - registers the filters read_direct_chunk's fallback may need
+import msgspec
 import numpy as np
 from scipy.constants import electron_volt
 
@@ -80,6 +81,6 @@ def replay_events(path: str | Path, dataset: str = "") -> Iterator[Event]:
                     yield Image(series=series, frame=int(number), blobs=[(spec, chunk)])
                     continue
             pixels = np.ascontiguousarray(dset[index])
-            plain = spec.model_copy(update={"compression": "none"})
+            plain = msgspec.structs.replace(spec, compression="none")
             yield Image(series=series, frame=int(number), blobs=[(plain, pixels.tobytes())])
         yield SeriesEnd(series=series)

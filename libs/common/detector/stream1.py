@@ -6,6 +6,7 @@ with or without an appendix, all decode. Shapes on the wire are [x, y]; numpy's 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from typing import Any
@@ -48,25 +49,18 @@ def _image(first: dict[str, Any], parts: list[Any]) -> Image:
     if len(parts) < 3:
         raise StreamError(f"dimage-1.0 message of {len(parts)} parts; needs dimage_d-1.0 and the pixels")
     frame = first.get("frame")
-    if not isinstance(frame, int) or isinstance(frame, bool) or frame < 0:
+    if type(frame) is not int or frame < 0:
         raise StreamError(f"dimage-1.0 frame {frame!r} is not a frame number")
     described = parse_json(view(parts[1]), "part 1 (dimage_d-1.0)")
     if described.get("htype") != "dimage_d-1.0":
         raise StreamError(f"part 1 has htype {described.get('htype')!r}, not dimage_d-1.0")
-    encoding = described.get("encoding")
-    if encoding not in ENCODINGS:
-        raise StreamError(f"encoding {encoding!r} is not one of {sorted(ENCODINGS)}")
-    compression, element = ENCODINGS[encoding]
     dtype = described.get("type")
-    if dtype not in TYPES:
-        raise StreamError(f"pixel type {dtype!r} is not one of {sorted(TYPES)}")
-    if element is not None and element != np.dtype(dtype).itemsize:
-        raise StreamError(f"encoding {encoding} does not fit {dtype} pixels")
+    compression = _compression(described.get("encoding"), dtype)
     blob = view(parts[2])
     if described.get("size", len(blob)) != len(blob):
         raise StreamError(f"dimage_d-1.0 says {described.get('size')} bytes, part 2 has {len(blob)}")
     shape = described.get("shape")
-    yx = list(reversed(shape)) if isinstance(shape, list) else shape
+    yx = shape[::-1] if isinstance(shape, list) else shape
     if compression == "lz4":
         if not isinstance(yx, list) or not all(isinstance(n, int) and n > 0 for n in yx) or len(yx) != 2:
             raise StreamError(f"image shape {shape!r} is not two sizes")
@@ -80,6 +74,26 @@ def _image(first: dict[str, Any], parts: list[Any]) -> Image:
         else:
             meta["appendix"] = json_safe(extra)
     return Image(series=_series(first), frame=frame, blobs=[spec], meta=meta)
+
+
+def _compression(encoding: Any, dtype: Any) -> str:
+    """The compression of an image's `encoding` of `dtype` pixels (StreamError if they do not fit)."""
+    if not isinstance(encoding, str) or not isinstance(dtype, str):
+        raise StreamError(f"encoding {encoding!r} of pixel type {dtype!r}: both must be strings")
+    return _known_compression(encoding, dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _known_compression(encoding: str, dtype: str) -> str:
+    """Checked once per kind of image, not per image."""
+    if encoding not in ENCODINGS:
+        raise StreamError(f"encoding {encoding!r} is not one of {sorted(ENCODINGS)}")
+    compression, element = ENCODINGS[encoding]
+    if dtype not in TYPES:
+        raise StreamError(f"pixel type {dtype!r} is not one of {sorted(TYPES)}")
+    if element is not None and element != np.dtype(dtype).itemsize:
+        raise StreamError(f"encoding {encoding} does not fit {dtype} pixels")
+    return compression
 
 
 ARRAYS = {"dflatfield-1.0": "flatfield", "dpixelmask-1.0": "pixel_mask", "dcountrate_table-1.0": None}
