@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -31,3 +34,13 @@ def test_damaged_blobs_are_refused_with_the_reason(compression):
             codecs.decompress(damaged, compression, (100, 90), "<u2")
     with pytest.raises(FrameError, match="header says"):
         codecs.check(blob, compression, (100, 91), "<u2")
+
+
+def test_warm_compiles_the_block_walk_for_every_kind_of_blob_a_receiver_checks():
+    """bytes (a replayed file's blobs) and writable buffers (received zmq.Frames) are two numba
+    signatures: either one left for the first frame costs that frame half a second or more. In a
+    fresh process, as a receiver starts (this one may have compiled both already)."""
+    probe = ("from libs.common import codecs; codecs.warm(); from libs.common.block_walk import walk; "
+             "print(sorted({s[0].mutable for s in walk.signatures}))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[False, True]"
