@@ -11,6 +11,7 @@ from typing import Any, Callable
 import zmq
 
 _NOBLOCK, _RCVMORE, _SNDMORE = int(zmq.NOBLOCK), int(zmq.RCVMORE), int(zmq.SNDMORE)
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 """As plain ints: pyzmq's flag enums cost a few microseconds per part in arithmetic, as much as
 the rest of receiving a small frame (thousands of messages a second on the data path)."""
 
@@ -54,7 +55,7 @@ def drain(socket: zmq.Socket, handle: Callable[[list[Any]], None], *, copy: bool
 
 def readable(socket: zmq.Socket) -> bool:
     """Whether a message waits on `socket` (cheaper than a poll, between frames)."""
-    return bool(socket.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+    return bool(socket.get(_EVENTS) & _POLLIN)
 
 
 def stop_on_signals(stop: Callable[[], None]) -> None:
