@@ -13,8 +13,9 @@ receiver's host); every frame and record made from it carries it on (`Frame.repl
 its arrival to its result on disk (the writer's `latency` preview). Across hosts that difference
 relies on their clocks being synchronized (NTP or PTP): a skew shows as latency, or below zero.
 A frame without it (a header, a record not made from one frame, a stage of an earlier version)
-travels exactly as before, without the key. A reader of a version before it refuses a frame that carries it (the header, like every
-contract here, forbids keys it does not know): the processes of one pipeline run one version.
+travels exactly as before, without the key. A reader of a version before it refuses a frame that
+carries it (the header, like every contract here, forbids keys it does not know): the processes of
+one pipeline run one version.
 
 Buffers are never pickled or copied into the header: they go out with `copy=False` and come back as
 `zmq.Frame`s whose memory numpy views directly. Compressed blobs (`bslz4`, `lz4`) travel as they
@@ -43,12 +44,12 @@ FrameKey = tuple[int, int]
 def _itemsize(dtype: str) -> int:
     """The bytes of one element of a numeric dtype (ValueError for any other)."""
     try:
-        kind, itemsize = np.dtype(dtype).kind, np.dtype(dtype).itemsize
+        dt = np.dtype(dtype)
     except TypeError:
         raise ValueError(f"{dtype!r} is not a numpy dtype") from None
-    if kind not in "biufc":
+    if dt.kind not in "biufc":
         raise ValueError(f"{dtype!r} is not a numeric dtype")
-    return itemsize
+    return dt.itemsize
 
 
 class ArraySpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
