@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections import Counter
 import sys
 from pathlib import Path
 
@@ -31,3 +32,18 @@ def wait_up(handler: HandlerConfig, processes: int) -> list[dict]:
             return []
         return services if sum(s["state"] == "up" for s in services) == processes else []
     return wait_for(up, 60, "the pipeline to start")
+
+
+def cpu_by_thread(pid: int) -> Counter[str]:
+    """User and system CPU seconds of a process so far by kind of thread: `main` (the event loop),
+    `zmq_io` (ZeroMQ's I/O threads) and `other` (the hooks thread, ZeroMQ's reaper, numba's)."""
+    seconds: Counter[str] = Counter()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:  # the thread ended
+            continue
+        name, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        kind = "main" if int(tid) == pid else "zmq_io" if name.startswith("ZMQbg/IO") else "other"
+        seconds[kind] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return seconds

@@ -13,7 +13,9 @@ The pipeline is the one of pipelines/raw.toml (its writer's credit and flush int
 2. Simulated 4 Mpx uint16 frames, bitshuffle/LZ4-compressed, through the same pipeline.
 
 Time runs from the first message sent to the `scan_finished` event (every frame flushed and
-acknowledged), so the pipeline's figure includes its shutdown of the scan.
+acknowledged), so the pipeline's figure includes its shutdown of the scan. Each process's CPU per
+frame comes with its split by thread (event loop, ZeroMQ I/O, the rest: the writer's hooks):
+where a frame's cost lies.
 
     python bench/ingest.py [--frames 5000] [--frames-4m 500] [--dir /dev/shm]
 
@@ -173,6 +175,7 @@ def pipeline(header: list[bytes], images: list[list[bytes]], end: bytes, directo
     try:
         pids = {s["stage"]: s["pid"] for s in harness.wait_up(handler, 2)}
         cpu = {stage: cpu_seconds(pid) for stage, pid in pids.items()}
+        threads = {stage: harness.cpu_by_thread(pid) for stage, pid in pids.items()}
         started = time.perf_counter()
         push.send_multipart(header)
         for parts in images:
@@ -182,13 +185,16 @@ def pipeline(header: list[bytes], images: list[list[bytes]], end: bytes, directo
         elapsed = time.perf_counter() - started
         cpu = {f"{stage}_cpu_us_per_frame": round((cpu_seconds(pid) - cpu[stage]) / len(images) * 1e6, 1)
                for stage, pid in pids.items()}
+        threads = {f"{stage}_cpu_us_per_frame_by_thread": {
+            kind: round(seconds / len(images) * 1e6, 1)
+            for kind, seconds in (harness.cpu_by_thread(pid) - threads[stage]).items()} for stage, pid in pids.items()}
     finally:
         feed.close()
         push.close(linger=0)
         context.term()
         run.wait(60)
     summary = finished["summary"]
-    return {**figures(images, elapsed), **cpu, "frames_written": summary["frames_written"],
+    return {**figures(images, elapsed), **cpu, **threads, "frames_written": summary["frames_written"],
             "frames_lost": summary["frames_lost"], "frames_rejected": summary["frames_rejected"]}
 
 
