@@ -20,6 +20,7 @@ sinks) or `produce` (sources), plus the scan hooks it needs. The runtime owns th
 from __future__ import annotations
 
 import base64
+import gc
 import logging
 import os
 import socket as net
@@ -283,6 +284,10 @@ class Service(Hooks):
 
     def run(self) -> int:
         stop_on_signals(self.stop)
+        # What the process holds by now (modules, numba's compiler, the service) lives as long as it
+        # does: the cyclic collector need not walk it again at every full collection, which the
+        # thousands of small objects a second made per frame set off.
+        gc.freeze()
         logger.info("%s starting: stage %s, commands at %s, data out at %s, handler %s",
                     self.name, self.stage, self.command_endpoint, self.outlet.endpoint, self._link.endpoint)
         try:
