@@ -22,11 +22,9 @@ the prior counts against them (on the quality matrix, a prior of fixed relative 
 
 from __future__ import annotations
 
-import numba
 import numpy as np
-import scipy.fft
 
-from services.reconstruction_worker.raar import StreamingRaar, exit_waves, gather, object_sums
+from services.reconstruction_worker.raar import StreamingRaar
 
 REFERENCE_PHOTONS = 1e6
 """Photons per frame at which `smoothness` is the prior's weight relative to the data."""
@@ -37,27 +35,28 @@ class MaximumLikelihood:
         self.solver = solver
         self.smoothness = smoothness
         self.refine_probe = probe
+        self.xp = xp = solver.device.xp
         self.corners, self.classes, amplitudes, valid = solver.arrived()
         intensity = amplitudes**2
-        self.intensity = np.where(valid, intensity, 0).astype(np.float32)
+        self.intensity = xp.where(valid, intensity, 0).astype(np.float32)
         self.weight = (valid / (intensity + 1)).astype(np.float32)
-        self._measured = max(np.count_nonzero(self.weight), 1)
-        self._photons = float(np.mean(np.sum(self.intensity, axis=(1, 2), dtype=np.float64)))
+        self._measured = max(int(xp.count_nonzero(self.weight)), 1)
+        self._photons = float(self.intensity.astype(np.float64).sum(axis=(1, 2)).mean())
         self.reg: float | None = None
         """The prior's weight, set at the first step from the illumination (the module's docstring)."""
-        self._previous: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._previous: tuple | None = None
         """The last step's object gradient, probe gradient and preconditioned probe gradient."""
-        self._direction: tuple[np.ndarray, np.ndarray] | None = None
+        self._direction: tuple | None = None
         self._probe_scale: float | None = None
         self.error = float("nan")
         # One set of frame-sized buffers for every step: each is a scan's worth of exit waves, and
         # memory handed out afresh costs more here than the arithmetic done in it.
         shape = self.intensity.shape
-        self._waves = np.empty(shape, np.complex64)
-        self._chi = np.empty(shape, np.complex64)
+        self._waves = xp.empty(shape, np.complex64)
+        self._chi = xp.empty(shape, np.complex64)
         """The gradient's exit waves, then the first derivative of the waves along the direction."""
-        self._second = np.empty(shape, np.complex64)
-        self._residual = np.empty(shape, np.float32)
+        self._second = xp.empty(shape, np.complex64)
+        self._residual = xp.empty(shape, np.float32)
 
     def iterate(self, count: int = 1) -> float:
         """`count` conjugate-gradient steps; the data term of L per measured pixel after the last."""
@@ -65,20 +64,21 @@ class MaximumLikelihood:
             self._step()
         return self.error
 
-    def _fft(self, a: np.ndarray) -> np.ndarray:
-        return scipy.fft.fft2(a, norm="ortho", workers=self.solver.workers, overwrite_x=True)
+    def _fft(self, a):
+        return self.solver.device.fft2(a, ortho=True, workers=self.solver.workers, overwrite=True)
 
     def _step(self) -> None:
-        s = self.solver
+        s, xp = self.solver, self.xp
+        k = s.device.kernels
         probes = s.shifted_probes()
-        exit_waves(self._waves, probes, self.classes, s.object, self.corners)
+        k.exit_waves(self._waves, probes, self.classes, s.object, self.corners)
         waves = self._fft(self._waves)
         residual = self._residual
-        self.error = _residual_gradient(self._chi, residual, waves, self.intensity, self.weight) / self._measured
-        chi = scipy.fft.ifft2(self._chi, norm="ortho", workers=s.workers, overwrite_x=True)
-        grad_object = np.zeros_like(s.object)
-        illumination = np.zeros(s.object.shape, np.float32)
-        object_sums(grad_object, illumination, probes, self.classes, chi, self.corners)
+        self.error = k.residual_gradient(self._chi, residual, waves, self.intensity, self.weight) / self._measured
+        chi = s.device.ifft2(self._chi, ortho=True, workers=s.workers, overwrite=True)
+        grad_object = xp.zeros_like(s.object)
+        illumination = xp.zeros(s.object.shape, np.float32)
+        k.object_sums(grad_object, illumination, probes, self.classes, chi, self.corners)
         if self.reg is None:
             # The data term's curvature at an object pixel is about 4 sum_j |P_j|^2 (w I = 1): the
             # prior weighs `smoothness` of its mean over the illuminated pixels, scaled with the
@@ -88,11 +88,11 @@ class MaximumLikelihood:
             self.reg = self.smoothness * noise * 4 * float(lit.mean()) if lit.size else 0.0
         grad_object += self.reg * _laplacian_negative(s.object)
         if self.refine_probe:
-            per_class, lit = np.zeros(probes.shape, np.complex64), np.zeros(probes.shape, np.complex64)
-            gather(per_class, lit, s.object, self.classes, chi, self.corners)  # the sums of conj(O_j) chi_j
+            per_class, lit = xp.zeros(probes.shape, np.complex64), xp.zeros(probes.shape, np.complex64)
+            k.gather(per_class, lit, s.object, self.classes, chi, self.corners)  # the sums of conj(O_j) chi_j
             grad_probe = s.unshift(per_class)
         else:
-            grad_probe = np.zeros_like(s.probe)
+            grad_probe = xp.zeros_like(s.probe)
         # The probe's gradient in the object's units (PtyPy's preconditioner): a running ratio.
         # Polak-Ribiere then takes the preconditioned gradient against the plain one, for the probe
         # as for the object: the preconditioned one against itself weighs the probe's part by the
@@ -109,9 +109,8 @@ class MaximumLikelihood:
             beta = 0.0
         else:
             old_o, old_p, old_preconditioned = self._previous
-            beta = (np.vdot(grad_object, grad_object - old_o).real
-                    + np.vdot(preconditioned, grad_probe - old_p).real) \
-                / max(_norm2(old_o) + np.vdot(old_preconditioned, old_p).real, 1e-30)
+            beta = (_dot(grad_object, grad_object - old_o) + _dot(preconditioned, grad_probe - old_p)) \
+                / max(_norm2(old_o) + _dot(old_preconditioned, old_p), 1e-30)
             beta = max(0.0, beta)
         self._previous = (grad_object, grad_probe, preconditioned)
         if self._direction is None or beta == 0.0:
@@ -123,10 +122,10 @@ class MaximumLikelihood:
 
         # The step: the minimum of L's expansion to second order along (h_object, h_probe).
         first, second = chi, self._second
-        _directional_waves(first, second, probes, s.shifted(h_probe), self.classes, s.object, h_object, self.corners)
-        numerator, denominator = _step_sums(waves, self._fft(first), self._fft(second), residual, self.weight)
+        k.directional_waves(first, second, probes, s.shifted(h_probe), self.classes, s.object, h_object, self.corners)
+        numerator, denominator = k.step_sums(waves, self._fft(first), self._fft(second), residual, self.weight)
         grad_o, grad_h = _gradients(s.object), _gradients(h_object)
-        numerator += self.reg * sum(np.vdot(a, b).real for a, b in zip(grad_o, grad_h))
+        numerator += self.reg * sum(_dot(a, b) for a, b in zip(grad_o, grad_h))
         denominator += self.reg * sum(_norm2(b) for b in grad_h)
         step = -numerator / denominator if denominator > 0 else float("nan")
         if not np.isfinite(step):  # no minimum along this direction: the next step starts from the gradient
@@ -138,15 +137,20 @@ class MaximumLikelihood:
         s.iterations += 1
 
 
-def _norm2(a: np.ndarray) -> float:
-    return float(np.vdot(a, a).real)
+def _dot(a, b) -> float:
+    """Re <a, b>. Here and below NumPy hands CuPy's arrays to CuPy (__array_function__)."""
+    return float(np.vdot(a, b).real)
 
 
-def _gradients(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _norm2(a) -> float:
+    return _dot(a, a)
+
+
+def _gradients(a) -> tuple:
     return np.diff(a, axis=0), np.diff(a, axis=1)
 
 
-def _laplacian_negative(a: np.ndarray) -> np.ndarray:
+def _laplacian_negative(a):
     """d/dO* of sum |grad O|^2: the negative discrete Laplacian (zero flux at the edges)."""
     out = np.zeros_like(a)
     dy, dx = _gradients(a)
@@ -155,55 +159,3 @@ def _laplacian_negative(a: np.ndarray) -> np.ndarray:
     out[:, :-1] -= dx
     out[:, 1:] += dx
     return out
-
-
-# --- fused loops over the frames: one pass each, into the buffers above -------------------------
-
-
-@numba.njit(cache=True, fastmath=True, nogil=True)
-def _residual_gradient(chi, residual, waves, intensity, weight):
-    """residual = |waves|^2 - I and chi = 2 w residual waves (dL/dwaves*); returns the data term."""
-    total = 0.0
-    for k in range(waves.shape[0]):
-        for i in range(waves.shape[1]):
-            for j in range(waves.shape[2]):
-                v = waves[k, i, j]
-                r = v.real * v.real + v.imag * v.imag - intensity[k, i, j]
-                w = weight[k, i, j]
-                residual[k, i, j] = r
-                chi[k, i, j] = np.float32(2) * w * r * v
-                total += w * r * r
-    return total
-
-
-@numba.njit(cache=True, fastmath=True, nogil=True)
-def _directional_waves(first, second, probes, h_probes, classes, obj, h_obj, corners):
-    """The exit waves' derivatives along (h_object, h_probe): h_P O + P h_O and h_P h_O."""
-    n = probes.shape[1]
-    for k in range(first.shape[0]):
-        y, x = corners[k, 0], corners[k, 1]
-        c = classes[k]
-        for i in range(n):
-            for j in range(n):
-                o, h = obj[y + i, x + j], h_obj[y + i, x + j]
-                hp = h_probes[c, i, j]
-                first[k, i, j] = hp * o + probes[c, i, j] * h
-                second[k, i, j] = hp * h
-
-
-@numba.njit(cache=True, fastmath=True, nogil=True)
-def _step_sums(waves, first, second, residual, weight):
-    """L's first and second derivative in the step length (data term): sum w r d1 and
-    sum w (d1^2 + 2 r d2), with d1 = 2 Re(conj(waves) first), d2 = |first|^2 + 2 Re(conj(waves) second)."""
-    numerator = 0.0
-    denominator = 0.0
-    for k in range(waves.shape[0]):
-        for i in range(waves.shape[1]):
-            for j in range(waves.shape[2]):
-                v, a, b = waves[k, i, j], first[k, i, j], second[k, i, j]
-                d1 = np.float32(2) * (v.real * a.real + v.imag * a.imag)
-                d2 = a.real * a.real + a.imag * a.imag + np.float32(2) * (v.real * b.real + v.imag * b.imag)
-                w, r = weight[k, i, j], residual[k, i, j]
-                numerator += w * r * d1
-                denominator += w * (d1 * d1 + np.float32(2) * r * d2)
-    return numerator, denominator

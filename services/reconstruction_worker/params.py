@@ -3,6 +3,8 @@ so that every process can check every stage's parameters (libs/common/stages.py)
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -21,6 +23,8 @@ class Params(BaseModel):
     probe_fraction: float = Field(1.0, ge=0, le=1, description="refine the probe once this part of the scan is in")
     preview_interval_s: float = Field(3.0, gt=0)
     idle_s: float = Field(30.0, gt=0, description="finish with the frames received after this long without one")
+    device: Literal["auto", "cpu", "gpu"] = Field("auto", description="where the solver runs: a CUDA GPU through "
+                                                 "CuPy when one is found (auto), or always the CPU, or only a GPU")
     threads: int = Field(0, ge=0, le=64, description="FFT threads; 0: one while frames arrive (the other stages "
                          "need the cores), every core once the last is in")
     checkpoint_interval_s: float = Field(0.5, gt=0, le=60, description="frames are saved (then acknowledged) "

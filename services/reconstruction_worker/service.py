@@ -41,6 +41,7 @@ from libs.common.frames import Frame
 from libs.common.messages import ScanDescription
 from libs.common.runtime import Service as Runtime, Token
 from libs.ptychography import optics
+from services.reconstruction_worker import device
 from services.reconstruction_worker.ml import MaximumLikelihood
 from services.reconstruction_worker.params import Params
 from services.reconstruction_worker.raar import StreamingRaar
@@ -135,13 +136,14 @@ class Engine(threading.Thread):
     def snapshot(self) -> tuple[np.ndarray, np.ndarray, int, float]:
         with self.lock:
             s = self.solver
-            return s.object.copy(), s.probe.copy(), s.iterations, s.error
+            return *s.host(), s.iterations, s.error
 
     def state(self) -> tuple[dict[str, np.ndarray], dict]:
         """What a successor needs to iterate on from here: the object, the probe and the counts."""
         with self.lock:
             s = self.solver
-            return ({"object": s.object.copy(), "probe": s.probe.copy()},
+            obj, probe = s.host()
+            return ({"object": obj, "probe": probe},
                     {"iterations": s.iterations, "after_last": self.after_last, "scaled": self.scaled,
                      "frames": s.frames})
 
@@ -156,6 +158,12 @@ class Service(Runtime):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self._early: list[tuple[Token, Frame]] = []
+        try:
+            self._device = device.select(self.params.device)
+        except device.NoGpu as exc:
+            raise SystemExit(f"reconstruction: device = \"gpu\" but {exc}; or set "
+                             "stages.<stage>.params.device = \"auto\" to run on the CPU where there is no GPU") from None
+        logger.info("the solver runs on the %s", self._device.name)
 
     def on_scan_start(self, scan: ScanDescription) -> None:
         self._stop_engine()
@@ -332,13 +340,11 @@ class Service(Runtime):
         self._initial_probe = probe * support
         self._pixel_m = pixel
         solver = StreamingRaar(centres_px=np.asarray(self.scan.positions_m) / pixel, probe=probe, support=support,
-                               workers=self.params.threads or 1)
+                               workers=self.params.threads or 1, device=self._device)
         scaled, after_last = False, 0
         if state is not None and state[0]["object"].shape == solver.object.shape:
             arrays, saved = state
-            solver.object = arrays["object"].astype(np.complex64)
-            solver.probe = arrays["probe"].astype(np.complex64)
-            solver.iterations = int(saved["iterations"])
+            solver.restore(arrays["object"], arrays["probe"], int(saved["iterations"]))
             scaled, after_last = bool(saved["scaled"]), int(saved["after_last"])
         for index, data, mask in batches:
             solver.add(index, data, mask)  # its exit wave from the restored object and probe

@@ -11,6 +11,7 @@ import pytest
 from libs.common.messages import ProbeModel
 from libs.ptychography import geometry, optics
 from libs.ptychography.quality import illuminated, score
+from services.reconstruction_worker.device import CPU, Device
 from services.reconstruction_worker.ml import MaximumLikelihood
 from services.reconstruction_worker.params import Params
 from services.reconstruction_worker.raar import StreamingRaar
@@ -93,10 +94,10 @@ def zone_plate_start(scan) -> np.ndarray:
     return optics.zone_plate_probe(scan.probe_model, energy_ev=scan.energy_ev, size=scan.size, pixel_m=scan.pixel_m)
 
 
-def raar_start(scan, noisy, centres, *, support_radius: float, iterations: int) -> StreamingRaar:
+def raar_start(scan, noisy, centres, *, support_radius: float, iterations: int, device: Device = CPU) -> StreamingRaar:
     """RAAR from the zone-plate model, every frame in, as the reconstruction stage starts."""
     solver = StreamingRaar(centres_px=centres, probe=zone_plate_start(scan),
-                           support=optics.soft_support(scan.size, support_radius))
+                           support=optics.soft_support(scan.size, support_radius), device=device)
     for index, frame in enumerate(noisy):
         solver.add(index, frame)
     solver.scale_probe()
