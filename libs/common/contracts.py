@@ -258,7 +258,7 @@ class Reconstruction(Meta):
         {"kind": "reconstruction", "pixel_size_m": 1.2e-08, "iterations": 160, "ml_iterations": 0,
          "iterations_after_last_frame": 60,
          "error": 0.0021, "frames_used": 1600, "beta": 0.9, "seconds_after_last_frame": 14.2,
-         "seconds_per_iteration_after_last_frame": 0.2367}
+         "seconds_per_iteration_after_last_frame": 0.2367, "device": "cpu"}
     """
 
     label = "reconstruction result"
@@ -272,6 +272,7 @@ class Reconstruction(Meta):
     beta: float
     seconds_after_last_frame: float
     seconds_per_iteration_after_last_frame: float
+    device: str = Field("cpu", description="where the solver ran: cpu, or gpu and the GPU's name")
 
 
 class ProcessingRecord(Meta):

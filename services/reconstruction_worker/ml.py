@@ -131,9 +131,9 @@ class MaximumLikelihood:
         if not np.isfinite(step):  # no minimum along this direction: the next step starts from the gradient
             self._direction = None
             return
-        s.object = (s.object + np.complex64(step) * h_object).astype(np.complex64)
+        s.object = (s.object + h_object * np.complex64(step)).astype(np.complex64)
         if self.refine_probe:
-            s.probe = (s.probe + np.complex64(step) * h_probe).astype(np.complex64)
+            s.probe = (s.probe + h_probe * np.complex64(step)).astype(np.complex64)
         s.iterations += 1
 
 

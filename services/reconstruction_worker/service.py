@@ -428,7 +428,8 @@ class Service(Runtime):
                 ml_iterations=engine.ml_done,
                 error=error, frames_used=solver.frames, beta=self.params.beta,
                 seconds_after_last_frame=round(after_last_s, 3),
-                seconds_per_iteration_after_last_frame=round(after_last_s / max(engine.after_last, 1), 4))
+                seconds_per_iteration_after_last_frame=round(after_last_s / max(engine.after_last, 1), 4),
+                device=self._device.name)
             self.emit(Frame.from_arrays(
                 scan_id=self.scan.scan_id, epoch=self.epoch, frame=self.scan.n_dark + self._total, origin=self.name,
                 arrays={"object": obj, "probe": probe, "initial_probe": self._initial_probe,

@@ -61,7 +61,7 @@ class Kernels:
 
     def mix(self, reflected, data, obj, probes, classes, corners, beta) -> float:
         model = probes[classes] * obj.ravel()[self._windows(corners, probes.shape[1], obj.shape[1])]
-        new = beta * (model - reflected) + data
+        new = (model - reflected) * beta + data  # the device array first: CuPy, not NumPy, does the product
         delta = new - (2 * data - reflected)
         reflected[...] = new
         return float((delta.real**2 + delta.imag**2).sum())

@@ -162,7 +162,7 @@ class PtychoFile(ScanFile):
             f", then {meta.ml_iterations} steps of regularised maximum likelihood" if meta.ml_iterations else "")
         for key in ("iterations", "iterations_after_last_frame", "ml_iterations", "error", "frames_used",
                     "seconds_after_last_frame",
-                    "seconds_per_iteration_after_last_frame"):
+                    "seconds_per_iteration_after_last_frame", "device"):
             process[key] = getattr(meta, key)
         source = entry["instrument_1"].require_group("source_1")
         if "probe" in source:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from scipy.constants import electron_volt
 
+from services.reconstruction_worker import device
 from tests.conftest import REPO, free_endpoints, wait_for
 from tests.field_tools import hdf5_110_reads, ptypy_view, validate_cxi
 
@@ -88,6 +89,7 @@ def test_small_scan_reconstructs_the_object_and_writes_the_cxi_layout(start_run)
         assert image["data"].dtype == np.complex64
         np.testing.assert_allclose(image["image_size"][()], np.array(image["data"].shape) * pixel, rtol=1e-6)
         assert image["process_1/final_illumination"].shape == (128, 128)
+        assert image["process_1/device"].asstr()[()] == device.select("auto").name  # a GPU wherever there is one
         assert f["entry_1/instrument_1/source_1/probe"].shape == (128, 128)
         assert image["x_pixel_size"][()] == pytest.approx(pixel, rel=1e-6)  # the crop is the simulated window
 
