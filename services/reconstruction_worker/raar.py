@@ -143,9 +143,12 @@ class StreamingRaar:
         self.probe = self.probe * np.float32(np.sqrt(photons / float((abs(self.probe) ** 2).sum())))
         self.restart()
 
-    def restart(self) -> None:
+    def restart(self, *, free_space: bool = False) -> None:
         """Exit waves from the current object and probe: RAAR starts afresh from its estimate,
-        dropping what its exit waves accumulated while only part of the scan was in."""
+        dropping what its exit waves accumulated while only part of the scan was in. `free_space`:
+        from an object of 1 (and the current probe) instead of the estimate."""
+        if free_space:
+            self.object = self.device.xp.ones_like(self.object)
         self._restart(0)
 
     def _restart(self, first_slot: int) -> None:

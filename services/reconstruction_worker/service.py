@@ -4,7 +4,8 @@ The solver runs in a thread of its own, so the event loop keeps taking frames, c
 heartbeats while an iteration (about a second for 1600 frames of 128 x 128) is under way. Frames
 are handed over as they come and join between iterations. Once every frame of the scan is in
 (or none has come for `idle_s`: frames rejected upstream never will), the solver restarts from
-its estimate and `iterations` more are run, with probe refinement (fewer if the exit-wave change
+free space (the image streamed so far was the live preview) and `iterations` more are run, with
+probe refinement (fewer if the exit-wave change
 falls below `tolerance`), then `ml_iterations` of maximum-likelihood refinement (ml.py), then the
 object and probe go to the writer as one result frame.
 
@@ -90,7 +91,12 @@ class Engine(threading.Thread):
             if complete and self.completed_at is None:
                 self.completed_at = time.monotonic()
                 with self.lock:
-                    solver.restart()
+                    # From free space, not from the streamed image: that was fitted to part of the
+                    # scan with the model probe held fixed, and is a worse start (the demo scan's
+                    # frames, replayed: 40 RAAR + 42 ML steps reach NRMSE 0.034 from free space,
+                    # 0.055 from the image of 22 iterations while they came). A successor that
+                    # resumes after the last frame keeps its predecessor's image.
+                    solver.restart(free_space=self.after_last == 0)
                     if not params.threads:  # nothing else is left to do on this host's cores
                         solver.workers = os.cpu_count() or 1
             if complete and (self.after_last >= params.iterations or solver.error < params.tolerance):

@@ -16,6 +16,7 @@ from services.reconstruction_worker.ml import MaximumLikelihood
 from services.reconstruction_worker.params import Params
 from services.reconstruction_worker.raar import StreamingRaar
 from services.reconstruction_worker.service import Engine
+from tests.conftest import wait_for
 from tests.ptychography.test_science import confined_probe, model_frames, small_scan
 
 SCAN = dict(energy_ev=800.0, distance_m=0.08, pixel_m=25e-6)
@@ -189,3 +190,34 @@ def test_maximum_likelihood_steps_stop_at_their_time_budget(budget_s, steps):
     engine = Engine(solver, Params(ml_iterations=5, ml_budget_s=budget_s), total=len(frames))
     engine._refine()
     assert engine.ml_done == steps
+
+
+def test_after_the_last_frame_the_solver_starts_again_from_free_space():
+    """The image streamed while frames come is the live preview; fitted to part of the scan with the
+    model probe held, it is a worse start than free space (the demo scan's frames: NRMSE 0.055
+    against 0.034 after the same 40 RAAR and 42 ML steps). A successor that resumes after the
+    last frame keeps its predecessor's image."""
+    scan, noisy, centres, _ = noisy_scan(36, seed=5)
+
+    def engine(after_last: int) -> tuple[Engine, StreamingRaar]:
+        solver = StreamingRaar(centres_px=centres, probe=zone_plate_start(scan),
+                               support=optics.soft_support(scan.size, scan.size / 4))
+        return Engine(solver, Params(iterations=0, ml_iterations=0), total=len(noisy), after_last=after_last), solver
+
+    streaming, solver = engine(after_last=0)
+    for index, frame in enumerate(noisy[:-1]):
+        streaming.inbox.put((index, frame, None))
+    streaming.start()
+    wait_for(lambda: solver.iterations >= 20, 60, "iterations on the frames that came")
+    assert np.abs(solver.host()[0] - 1).max() > 0.1, "the streamed image is an image"
+    streaming.inbox.put((len(noisy) - 1, noisy[-1], None))
+    streaming.join(60)
+    assert streaming.failure is None and not streaming.is_alive()
+    np.testing.assert_array_equal(solver.host()[0], 1)  # no iterations asked for after the last frame
+
+    resumed, solver = engine(after_last=1)
+    solver.restore(np.full(solver.object.shape, 0.5), solver.probe, iterations=30)
+    for index, frame in enumerate(noisy):
+        resumed.inbox.put((index, frame, None))
+    resumed.run()
+    np.testing.assert_array_equal(solver.host()[0], np.complex64(0.5))
