@@ -74,7 +74,8 @@ def run_pipeline(frames: int, size: int, directory: Path, ml: int | None, where:
         geometry = str(f["entry_1/instrument_1/detector_1/data"].attrs.get("geometry", ""))
     score = score_reconstruction(cxi, Path(scan["truth"]))
     after = float(process["seconds_after_last_frame"])
-    return {"device": process.get("device", "cpu"), "frames": frames, "darks": 20, "raw_shape": [8 * size, 8 * size], "geometry": geometry,
+    return {"device": process.get("device", "cpu"), "frames": frames, "darks": 20,
+            "raw_shape": [8 * size, 8 * size], "geometry": geometry,
             "scan_start_to_image_s": scan["wall_s"],
             "end_to_end_rate_hz": round(frames / scan["wall_s"], 2),
             "frames_into_solver_hz": round(frames / max(scan["wall_s"] - after, 1e-9), 1),
@@ -116,14 +117,16 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=1600)
     parser.add_argument("--size", type=int, default=128, help="the simulated optics' scale (see libs/simulation)")
     parser.add_argument("--ml", type=int, help="maximum-likelihood steps after RAAR (default: the pipeline's)")
-    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto", help="where the pipeline's solver runs")
+    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                        help="where the pipeline's solver runs")
     args = parser.parse_args()
-    devices = [device.CPU] + ([device.select("auto")] if device.select("auto") is not device.CPU else [])
+    found = device.select("auto")
+    devices = [device.CPU] if found is device.CPU else [device.CPU, found]
     with tempfile.TemporaryDirectory() as tmp:
         pipeline = run_pipeline(args.frames, args.size, Path(tmp), args.ml, args.device)
         cxi = Path(pipeline.pop("cxi"))
         single = {d.name: single_process_iteration(cxi, d) for d in devices}
-    alone = single["cpu" if pipeline["device"] == "cpu" else devices[-1].name]["raar"]
+    alone = single.get(pipeline["device"], single["cpu"])["raar"]
     pipeline["single_process_s_per_iteration_per_frame"] = alone
     pipeline["single_process_s_per_frame"] = single
     result = {

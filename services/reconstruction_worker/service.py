@@ -5,9 +5,9 @@ heartbeats while an iteration (about a second for 1600 frames of 128 x 128) is u
 are handed over as they come and join between iterations. Once every frame of the scan is in
 (or none has come for `idle_s`: frames rejected upstream never will), the solver restarts from
 free space (the image streamed so far was the live preview) and `iterations` more are run, with
-probe refinement (fewer if the exit-wave change
-falls below `tolerance`), then `ml_iterations` of maximum-likelihood refinement (ml.py), then the
-object and probe go to the writer as one result frame.
+probe refinement (fewer if the exit-wave change falls below `tolerance`), then `ml_iterations` of
+maximum-likelihood refinement (ml.py), then the object and probe go to the writer as one result
+frame. The solver runs where `device` says (device.py): a GPU when there is one.
 
 The process keeps the scan from ending until then: it holds the last frame it received
 unacknowledged and sends the result as that frame's child, so the handler's end-of-scan (which
