@@ -41,7 +41,7 @@ class MaximumLikelihood:
         self.intensity = xp.where(valid, intensity, 0).astype(np.float32)
         self.weight = (valid / (intensity + 1)).astype(np.float32)
         self._measured = max(int(xp.count_nonzero(self.weight)), 1)
-        self._photons = float(self.intensity.astype(np.float64).sum(axis=(1, 2)).mean())
+        self._photons = float(self.intensity.sum(axis=(1, 2), dtype=np.float64).mean())
         self.reg: float | None = None
         """The prior's weight, set at the first step from the illumination (the module's docstring)."""
         self._previous: tuple | None = None

@@ -139,7 +139,7 @@ class StreamingRaar:
     def scale_probe(self) -> None:
         """Give the probe the mean photon count of the frames received (Parseval)."""
         amplitudes = self.arrived()[2]
-        photons = float((amplitudes.astype(np.float64) ** 2).sum(axis=(1, 2)).mean())
+        photons = float(self.device.xp.square(amplitudes, dtype=np.float64).sum(axis=(1, 2)).mean())
         self.probe = self.probe * np.float32(np.sqrt(photons / float((abs(self.probe) ** 2).sum())))
         self.restart()
 
