@@ -158,8 +158,23 @@ class Page:
         self.page.goto(self.printed)  # the line `surveyor run` prints
 
     def npy(self, path: str) -> np.ndarray:
+        return self.served(path)[1]
+
+    def served(self, path: str) -> tuple[int, np.ndarray]:
+        """A preview array as the API serves it, with the seq of the preview it belongs to."""
         with urllib.request.urlopen(self.url + path, timeout=5) as response:
-            return np.load(io.BytesIO(response.read()))
+            return int(response.headers["X-Preview-Seq"]), np.load(io.BytesIO(response.read()))
+
+    def drawn_as_served(self, stage: str, name: str, arrays: tuple[str, ...],
+                        drawn: str) -> tuple[dict[str, Any], list[np.ndarray], dict[str, Any]] | None:
+        """The preview, its arrays as served and what the page drew from it (`drawn`: a script giving an
+        object with the `seq` it was drawn from), once all three are of one preview; None meanwhile."""
+        preview = self.preview(stage, name)
+        served = [self.served(f"/api/previews/{stage}/{name}/{array}.npy") for array in arrays]
+        shown = self.js(drawn)
+        if preview and shown and {seq for seq, _ in served} | {shown["seq"]} == {preview["seq"]}:
+            return preview, [array for _, array in served], shown
+        return None
 
     def preview(self, stage: str, name: str) -> dict[str, Any] | None:
         return next((p for p in self.get("/api/previews")["previews"] if (p["stage"], p["name"]) == (stage, name)),
@@ -390,24 +405,22 @@ def test_crystallography_page_plots_the_hit_rate_reconfigures_the_peak_finder_an
     wait_for(lambda: any(s["scan_id"] == "web_sx" and s["state"] == "aborted" for s in page.get("/api/scans")["scans"]),
              10, "the scan aborted in the API")
     wait_for(lambda: "aborted" in page.text('#scans-body tr[data-scan="web_sx"]'), 10, "aborted in the scans table")
-    # Once the previews stop, the plotted hit rate is the writer's history as the API serves it.
-    preview = next(p for p in page.get("/api/previews")["previews"] if p["name"] == "crystallography")
-    with urllib.request.urlopen(f"{page.url}/api/previews/{preview['stage']}/crystallography/hit_rate.npy") as body:
-        history = np.load(io.BytesIO(body.read()))
-    wait_for(lambda: page.js("() => surveyor.state.previews.get('writer/crystallography').seq") == preview["seq"], 10,
-             "the page on the newest preview")
-    assert page.js("() => surveyor.state.hitRate.y") == pytest.approx(list(100 * history.astype(float)), abs=1e-3)
-    assert page.js("() => surveyor.state.hitRate.y.at(-1)") == pytest.approx(100 * preview["meta"]["hit_rate"], abs=0.01)
+    # The plotted hit rate is the writer's history as the API serves it.
+    preview, (history,), drawn = wait_for(
+        lambda: page.drawn_as_served("writer", "crystallography", ("hit_rate",), "() => surveyor.state.hitRate"),
+        10, "the page on the newest preview's hit rate")
+    assert drawn["y"] == pytest.approx(list(100 * history.astype(float)), abs=1e-3)
+    assert drawn["y"][-1] == pytest.approx(100 * preview["meta"]["hit_rate"], abs=0.01)
     # Peaks per frame: the writer's, by frame number.
-    frames, peaks = (page.npy(f"/api/previews/writer/crystallography/{name}.npy") for name in ("n_peaks_frames", "n_peaks"))
-    assert page.js("() => [surveyor.state.peaks.x, surveyor.state.peaks.y]") == \
-        [list(pair) for pair in zip(*sorted(zip(frames.tolist(), peaks.tolist())))]
+    _, (frames, peaks), drawn = wait_for(
+        lambda: page.drawn_as_served("writer", "crystallography", ("n_peaks_frames", "n_peaks"),
+                                     "() => surveyor.state.peaks"), 10, "the page on the newest peaks per frame")
+    assert [drawn["x"], drawn["y"]] == [list(pair) for pair in zip(*sorted(zip(frames.tolist(), peaks.tolist())))]
     # The latest hit's circles: one per peak the API serves, where the peak is, drawn on the overlay.
-    hit = page.preview("writer", "latest_hit")
-    wait_for(lambda: page.js("() => surveyor.state.latestHit.seq") == hit["seq"]
-             and page.js("() => surveyor.state.latestHit.rect") is not None, 10, "the page on the newest hit")
-    shown = page.js("() => surveyor.state.latestHit")
-    positions = page.npy("/api/previews/writer/latest_hit/peaks.npy")
+    hit, (positions,), shown = wait_for(
+        lambda: page.drawn_as_served("writer", "latest_hit", ("peaks",),
+                                     "() => surveyor.state.latestHit?.rect && surveyor.state.latestHit"),
+        10, "the page on the newest hit")
     assert len(shown["circles"]) == len(positions) == hit["meta"]["n_peaks"] > 0
     rect, binning = shown["rect"], hit["meta"]["binning"]
     for (x, y, _), (ss, fs) in zip(shown["circles"], positions.tolist(), strict=True):

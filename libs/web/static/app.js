@@ -83,7 +83,7 @@ const state = {
   summaries: [],           // from scan_finished events
   scanRate: {scanId: null, points: []},
   errors: store.get("errors", {}),  // scan_id -> [[iterations, error], ...]
-  hitRate: {x: [], y: [], times: [], scanId: null},  // times: when each of its previews came
+  hitRate: {x: [], y: [], times: [], scanId: null, seq: null},  // times: when each of its previews came
   latency: new Map(),      // stage -> {scanId, time, seq, counts, edges, meta}: each writer's histogram
   latencyMarks: [],        // [{stage, p50, p95}]: where the quantile lines were drawn (canvas x)
   peaks: {x: [], y: [], seq: null},   // peaks per frame: frame numbers, peak counts
@@ -567,11 +567,12 @@ function showImage(img, url, preview, query = "") {
   next.src = `${url}?${query ? `${query}&` : ""}t=${preview.time}`;  // t: a new URL for each preview
 }
 
-/** A preview array's numbers (its .npy), or null when it cannot be had. */
+/** A preview array's numbers (its .npy), or null when they cannot be had or belong to a newer preview
+ * than `p` (one that came meanwhile: its own notice draws it, so what is drawn stays one preview's). */
 async function fetchArray(p, array) {
   try {
     const response = await fetch(previewURL(p, array, "npy"), {cache: "no-store"});
-    if (!response.ok) return null;
+    if (!response.ok || response.headers.get("X-Preview-Seq") !== String(p.seq)) return null;
     return parseNpy(await response.arrayBuffer());
   } catch {
     return null;
@@ -643,20 +644,15 @@ async function onCrystallography(p) {
   $("sx-meta").textContent = `scan ${p.scan_id} · ${fmt(m.frames)} frames · ${fmt(m.hits)} hits · ` +
     `hit rate ${fmt(100 * (m.hit_rate ?? NaN), 1)} % · ${clock(p.time)}`;
   if (!(p.arrays || []).some((a) => a.name === "hit_rate")) return;
-  let history;
-  try {
-    const response = await fetch(previewURL(p, "hit_rate", "npy"), {cache: "no-store"});
-    if (!response.ok) return;
-    history = parseNpy(await response.arrayBuffer()).data;
-  } catch {
-    return;
-  }
+  const history = (await fetchArray(p, "hit_rate"))?.data;
+  if (!history) return;
   // One sample per preview, the newest at the preview's time; the spacing is the previews' own.
   const hr = state.hitRate;
   if (hr.scanId !== p.scan_id) Object.assign(hr, {scanId: p.scan_id, times: []});
   hr.times.push(p.time);
   const gaps = hr.times.slice(1).map((t, i) => t - hr.times[i]).filter((g) => g > 0).sort((a, b) => a - b);
   const step = typeof m.preview_interval_s === "number" ? m.preview_interval_s : gaps.length ? gaps[gaps.length >> 1] : 1;
+  hr.seq = p.seq;
   hr.y = Array.from(history, (v) => 100 * v);
   hr.x = hr.y.map((_, i) => p.time - (hr.y.length - 1 - i) * step);
   plotSeries("hitRate", $("plot-hitrate"), [hr.x, hr.y],
