@@ -11,7 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     beta: float = Field(0.8, gt=0, le=1, description="RAAR relaxation (1 = difference map)")
-    iterations: int = Field(40, ge=0, le=10000, description="RAAR iterations after the last frame")
+    iterations: int = Field(10, ge=0, le=10000, description="RAAR iterations after the last frame, from free "
+                            "space: the start for ML, which does the rest (on the quality matrix 10 and 40 end "
+                            "within 0.0007 NRMSE of each other after ML; RAAR alone levels off by 10)")
     tolerance: float = Field(1e-5, ge=0, description="stop early when the exit-wave change is below this")
     ml_iterations: int = Field(100, ge=0, le=10000, description="maximum-likelihood refinement steps after those "
                                "(ml.py); 0 leaves them out")

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 PTYCHO = REPO / "pipelines" / "ptychography.toml"
 SX = REPO / "pipelines" / "crystallography.toml"
 SMALL = ("stages.frame_worker.params.crop=256", "stages.frame_worker.params.size=64")
-UNDISTURBED_NRMSE = {(100, 40): 0.034, (160, 10): 0.026, (144, 10): 0.028}
+UNDISTURBED_NRMSE = {(100, 40): 0.033, (160, 10): 0.026, (144, 10): 0.028}
 """(frames, darks) -> NRMSE of the scan run undisturbed (`surveyor run pipelines/ptychography.toml
 --simulate --frames F` with these overrides), measured: it varies by about 3 % between runs; a run
 with a kill must come within 10 % of it."""
