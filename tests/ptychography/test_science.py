@@ -95,9 +95,17 @@ def test_cleaning_turns_adu_into_binned_photons_around_the_centre_and_masks_bad_
     clean, mask = clean_frame(raw, dark=np.rint(dark), bad=bad, centre=centre, adu_per_photon=7, params=params)
     expected = photons.copy()
     expected[2, 2] = expected[52, 52] = 0
-    np.testing.assert_allclose(clean, bin_downsample(expected, 4), atol=1e-3)
+    np.testing.assert_allclose(clean, expected.reshape(16, 4, 16, 4).sum(axis=(1, 3)), atol=1e-3)
     assert mask.dtype == np.uint8 and mask.shape == (16, 16)
     assert set(zip(*np.nonzero(mask == 0), strict=True)) == {(0, 0), (13, 13)}
+
+
+@pytest.mark.parametrize("factor", [1, 2, 3, 4])
+def test_binning_sums_each_block(factor):
+    image = rng.random((12 * factor, 12 * factor)).astype(np.float32)
+    blocks = [[image[i:i + factor, j:j + factor].sum() for j in range(0, 12 * factor, factor)]
+              for i in range(0, 12 * factor, factor)]
+    np.testing.assert_allclose(bin_downsample(image, factor), blocks, rtol=1e-6)
 
 
 def test_cleaning_masks_what_lies_beyond_the_detector_edge():
