@@ -125,8 +125,9 @@ def test_twenty_clients_do_not_change_the_pipelines_rate(tmp_path):
             wait_for(lambda: all(b.status and b.polls for b in crowd.browsers) or crowd.failure, 30,
                      "every client served")
             rates["crowded"].append(rate(f"crowded_{turn}"))
-            wait_for(lambda: all(_saw_finished(b, f"crowded_{turn}") for b in crowd.browsers) or crowd.failure,
-                     10, "every client told the scan finished")
+            # A scan is under a second and a status comes at least every 2 s: a second one is waited for.
+            wait_for(lambda: all(_saw_finished(b, f"crowded_{turn}") and b.status >= 2 for b in crowd.browsers)
+                     or crowd.failure, 10, "every client told the scan finished and sent a status again")
             crowd.close()
     finally:
         for crowd in crowds:
