@@ -340,6 +340,26 @@ def test_crystallography_page_plots_the_hit_rate_reconfigures_the_peak_finder_an
     wait_for(lambda: page.js(PLOT_PIXELS, ["plot-hitrate", [30, 132, 73]]) > 50, 10, "the hit-rate line drawn")
     wait_for(lambda: page.drawn("img-virtual_powder"), 10, "the virtual powder drawn")
     assert page.js("() => surveyor.state.hitRate.y.every((v) => v >= 0 && v <= 100)")
+    # An array the API says is a newer preview's than the notice the page acts on is not drawn under
+    # that notice's meta (the newer one's own notice draws it).
+    claim_newer = [True]
+
+    def as_newer(route) -> None:
+        if not claim_newer[0]:
+            route.continue_()
+            return
+        response = route.fetch()
+        route.fulfill(response=response, headers={**response.headers, "x-preview-seq": str(10**9)})
+
+    noticed = "() => surveyor.state.previews.get('writer/crystallography').seq"
+    page.page.route("**/api/previews/writer/crystallography/hit_rate.npy", as_newer)
+    before = page.js(noticed)  # a fetch already under way may still draw one of these
+    # Previews are shown one after another: once a second new one is noticed, the first was handled.
+    first = wait_for(lambda: (seq := page.js(noticed)) > before and seq, 15, "a new preview noticed")
+    wait_for(lambda: page.js(noticed) > first, 15, "another new preview noticed")
+    assert page.js("() => surveyor.state.hitRate.seq") <= before
+    claim_newer[0] = False
+    wait_for(lambda: page.js("() => surveyor.state.hitRate.seq") > before, 15, "the hit rate drawn again")
     # Resolution rings on the powder, where the writer's geometry puts them.
     rings = wait_for(lambda: page.js("() => surveyor.state.rings"), 10, "resolution rings drawn")
     geometry = page.preview("writer", "crystallography")["meta"]["geometry"]
